@@ -1,0 +1,520 @@
+//! The config file: rules that say which AMIs get which tags and are shared with whom.
+//!
+//! Format: TOML. It has comments (a sharing policy deserves its reasons written beside it), no
+//! indentation traps, and the parser reports the line and column of a bad value, which is what makes the
+//! error messages below point at the mistake. Every value that AWS would reject later (a bare `o-…` id, a
+//! malformed ARN, an 11-digit account) is rejected here, with the expected form; unknown keys are errors,
+//! so a typo never silently disables a rule.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::Path;
+
+use globset::{GlobBuilder, GlobMatcher};
+use serde::{Deserialize, Serialize};
+
+use crate::targets::{AccountId, LaunchPermission, OrganizationArn, OrganizationalUnitArn};
+
+/// Environment variable naming the config file in the deployed function and for the CLI.
+pub const CONFIG_PATH_ENV: &str = "AMI_SHARE_CONFIG";
+/// Where the SAM template's config layer puts the file (layers are unpacked under /opt).
+pub const DEFAULT_CONFIG_PATH: &str = "/opt/ami-share.toml";
+
+/// A config that failed to load: where, and what is wrong, in words an operator can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is invalid: {message}")]
+    Invalid { path: String, message: String },
+}
+
+/// The whole validated config. Built only by [`Config::parse`], so holding one means it is valid.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(rename = "rule", default)]
+    pub rules: Vec<Rule>,
+}
+
+/// One rule: a selector and the effects on the AMIs it selects.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Names the rule in logs, plans and errors. Unique in the file.
+    pub name: String,
+    /// Which AMIs the rule selects; every given criterion must hold. No criteria: every AMI.
+    #[serde(default, rename = "match")]
+    pub selector: Selector,
+    /// Tags to put on the AMI.
+    #[serde(default)]
+    pub tags: BTreeMap<TagKey, TagValue>,
+    /// Whether `tags` also go on the AMI's EBS snapshots (tags are per resource in EC2).
+    #[serde(default = "yes")]
+    pub tag_snapshots: bool,
+    /// Whom to grant launch permission.
+    #[serde(default)]
+    pub share: ShareTargets,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The criteria of a rule. Empty lists mean "any".
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Selector {
+    /// Globs on the AMI name (`*`, `?`, `[a-z]`, `{a,b}`); any one must match.
+    #[serde(default)]
+    pub name: Vec<Glob>,
+    /// Tags the AMI must carry; each value is a glob (`"*"`: any value).
+    #[serde(default)]
+    pub tags: BTreeMap<TagKey, Glob>,
+    /// The API call that made the AMI; any one must match.
+    #[serde(default)]
+    pub created_by: Vec<CreatedBy>,
+    /// The account that owns the AMI (the account the event came from); any one must match.
+    #[serde(default)]
+    pub accounts: Vec<AccountId>,
+}
+
+/// How an AMI came to be. Known from the CloudTrail event, or, for a state-change event, from the image
+/// itself (`SourceInstanceId` is set by CreateImage, `SourceImageId` by CopyImage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum CreatedBy {
+    CreateImage,
+    CopyImage,
+    RegisterImage,
+}
+
+impl fmt::Display for CreatedBy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::CreateImage => "CreateImage",
+            Self::CopyImage => "CopyImage",
+            Self::RegisterImage => "RegisterImage",
+        })
+    }
+}
+
+/// Whom a rule shares with.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShareTargets {
+    #[serde(default)]
+    pub organizations: Vec<OrganizationArn>,
+    #[serde(default)]
+    pub organizational_units: Vec<OrganizationalUnitArn>,
+    #[serde(default)]
+    pub accounts: Vec<AccountId>,
+}
+
+impl ShareTargets {
+    pub fn is_empty(&self) -> bool {
+        self.organizations.is_empty()
+            && self.organizational_units.is_empty()
+            && self.accounts.is_empty()
+    }
+
+    pub fn launch_permissions(&self) -> impl Iterator<Item = LaunchPermission> + '_ {
+        let orgs = self
+            .organizations
+            .iter()
+            .cloned()
+            .map(LaunchPermission::Organization);
+        let ous = self
+            .organizational_units
+            .iter()
+            .cloned()
+            .map(LaunchPermission::OrganizationalUnit);
+        let accounts = self.accounts.iter().cloned().map(LaunchPermission::Account);
+        orgs.chain(ous).chain(accounts)
+    }
+}
+
+/// A compiled glob, kept with its source text for messages.
+#[derive(Clone, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Glob {
+    text: String,
+    matcher: GlobMatcher,
+}
+
+impl Glob {
+    pub fn is_match(&self, candidate: &str) -> bool {
+        self.matcher.is_match(candidate)
+    }
+}
+
+impl fmt::Debug for Glob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Glob({:?})", self.text)
+    }
+}
+
+impl TryFrom<String> for Glob {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        // AMI names may contain '/', and it is an ordinary character there: `*` must cross it.
+        let glob = GlobBuilder::new(&text)
+            .literal_separator(false)
+            .backslash_escape(true)
+            .build()
+            .map_err(|e| {
+                format!("{text:?} is not a valid glob ({}); expected a pattern with *, ?, [a-z] or {{a,b}}", e.kind())
+            })?;
+        Ok(Self {
+            matcher: glob.compile_matcher(),
+            text,
+        })
+    }
+}
+
+/// A tag key AWS will accept on an AMI: 1–128 characters, not starting with the reserved `aws:`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TagKey(String);
+
+impl TagKey {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for TagKey {
+    type Error = String;
+    fn try_from(key: String) -> Result<Self, String> {
+        let len = key.chars().count();
+        if !(1..=128).contains(&len) {
+            return Err(format!(
+                "tag key {key:?} has {len} characters; expected 1 to 128"
+            ));
+        }
+        if key.to_ascii_lowercase().starts_with("aws:") {
+            return Err(format!(
+                "tag key {key:?} starts with \"aws:\", which AWS reserves; expected a key of your own"
+            ));
+        }
+        Ok(Self(key))
+    }
+}
+
+impl From<TagKey> for String {
+    fn from(key: TagKey) -> String {
+        key.0
+    }
+}
+
+/// A tag value AWS will accept: at most 256 characters.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TagValue(String);
+
+impl TagValue {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for TagValue {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, String> {
+        let len = value.chars().count();
+        if len > 256 {
+            return Err(format!(
+                "tag value {:?}… has {len} characters; expected at most 256",
+                value.chars().take(20).collect::<String>()
+            ));
+        }
+        Ok(Self(value))
+    }
+}
+
+impl From<TagValue> for String {
+    fn from(value: TagValue) -> String {
+        value.0
+    }
+}
+
+/// EC2 allows 50 user tags per resource.
+const MAX_TAGS_PER_RESOURCE: usize = 50;
+
+impl Config {
+    /// Reads and validates the file named by `AMI_SHARE_CONFIG`, or [`DEFAULT_CONFIG_PATH`].
+    pub fn load_from_env() -> Result<Self, ConfigError> {
+        let path =
+            std::env::var(CONFIG_PATH_ENV).unwrap_or_else(|_| DEFAULT_CONFIG_PATH.to_string());
+        Self::load(Path::new(&path))
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::Invalid {
+            path: path.display().to_string(),
+            message,
+        })
+    }
+
+    /// Parses and validates config text. The error is a readable, possibly multi-line message.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that span rules or need the whole rule (what serde cannot see field by field).
+    fn validate(&self) -> Result<(), String> {
+        if self.rules.is_empty() {
+            return Err(
+                "no rules: add at least one [[rule]] table (see README, \"Config\")".into(),
+            );
+        }
+        let mut names = BTreeSet::new();
+        let mut problems = Vec::new();
+        for (index, rule) in self.rules.iter().enumerate() {
+            let at = format!("rule #{} ({:?})", index + 1, rule.name);
+            if rule.name.trim().is_empty() {
+                problems.push(format!(
+                    "rule #{}: name is empty; expected a short unique name",
+                    index + 1
+                ));
+            } else if !names.insert(rule.name.as_str()) {
+                problems.push(format!(
+                    "{at}: name is used by an earlier rule; expected unique names"
+                ));
+            }
+            if rule.tags.is_empty() && rule.share.is_empty() {
+                problems.push(format!(
+                    "{at}: the rule does nothing; expected `tags` and/or at least one of share.organizations, share.organizational_units, share.accounts"
+                ));
+            }
+            if rule.tags.len() > MAX_TAGS_PER_RESOURCE {
+                problems.push(format!(
+                    "{at}: {} tags; EC2 allows at most {MAX_TAGS_PER_RESOURCE} per resource",
+                    rule.tags.len()
+                ));
+            }
+            let duplicates = duplicates(rule.share.launch_permissions());
+            if !duplicates.is_empty() {
+                problems.push(format!(
+                    "{at}: share lists {} more than once",
+                    duplicates.join(", ")
+                ));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("\n"))
+        }
+    }
+}
+
+fn duplicates(items: impl Iterator<Item = LaunchPermission>) -> Vec<String> {
+    let mut seen = BTreeSet::new();
+    let mut repeated = BTreeSet::new();
+    for item in items {
+        if !seen.insert(item.clone()) {
+            repeated.insert(item.to_string());
+        }
+    }
+    repeated.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ORG: &str = "arn:aws:organizations::123456789012:organization/o-a1b2c3d4e5";
+    const OU: &str = "arn:aws:organizations::123456789012:ou/o-a1b2c3d4e5/ou-ab12-cd34ef56";
+
+    fn error_of(text: &str) -> String {
+        match Config::parse(text) {
+            Ok(c) => panic!("accepted: {c:?}"),
+            Err(e) => e,
+        }
+    }
+
+    fn assert_error(text: &str, expected: &[&str]) {
+        let e = error_of(text);
+        for part in expected {
+            assert!(e.contains(part), "error lacks {part:?}:\n{e}");
+        }
+    }
+
+    #[test]
+    fn the_example_config_in_the_repository_is_valid() {
+        let text = include_str!("../config/ami-share.toml");
+        let config = Config::parse(text).unwrap_or_else(|e| panic!("{e}"));
+        assert!(config.rules.len() >= 2);
+    }
+
+    #[test]
+    fn a_full_rule_parses() {
+        let config = Config::parse(&format!(
+            r#"
+            [[rule]]
+            name = "golden"
+            tag_snapshots = false
+            match.name = ["golden-*", "base/{{al2023,ubuntu}}-*"]
+            match.tags = {{ stage = "release", team = "*" }}
+            match.created_by = ["CreateImage", "CopyImage"]
+            match.accounts = ["111122223333"]
+            tags = {{ "ami-share:shared" = "true" }}
+            share.organizations = ["{ORG}"]
+            share.organizational_units = ["{OU}"]
+            share.accounts = ["444455556666"]
+            "#
+        ))
+        .unwrap();
+        let rule = &config.rules[0];
+        assert_eq!(rule.name, "golden");
+        assert!(!rule.tag_snapshots);
+        assert!(rule.selector.name[1].is_match("base/ubuntu-24.04"));
+        assert_eq!(
+            rule.selector.created_by,
+            [CreatedBy::CreateImage, CreatedBy::CopyImage]
+        );
+        assert_eq!(rule.share.launch_permissions().count(), 3);
+    }
+
+    #[test]
+    fn a_bare_org_id_is_refused_naming_line_value_and_form() {
+        assert_error(
+            "[[rule]]\nname = \"r\"\nshare.organizations = [\"o-a1b2c3d4e5\"]\n",
+            &[
+                "line 3",
+                "organizations",
+                "\"o-a1b2c3d4e5\"",
+                "bare organization id",
+                "arn:aws:organizations::123456789012:organization/o-",
+            ],
+        );
+    }
+
+    #[test]
+    fn a_bare_ou_id_is_refused() {
+        assert_error(
+            "[[rule]]\nname = \"r\"\nshare.organizational_units = [\"ou-ab12-cd34ef56\"]\n",
+            &["line 3", "organizational_units", "bare OU id", ":ou/o-"],
+        );
+    }
+
+    #[test]
+    fn a_malformed_arn_is_refused() {
+        assert_error(
+            "[[rule]]\nname = \"r\"\nshare.organizations = [\"arn:aws:organizations::123456789012:account/o-a1b2c3d4e5\"]\n",
+            &[
+                "line 3",
+                "does not start with \"organization/\"",
+                "expected arn:",
+            ],
+        );
+    }
+
+    #[test]
+    fn an_account_that_is_not_twelve_digits_is_refused() {
+        assert_error(
+            "[[rule]]\nname = \"r\"\nshare.accounts = [\"12345678901\"]\n",
+            &["line 3", "\"12345678901\"", "11 characters", "12-digit"],
+        );
+        // An unquoted number is a TOML integer: the message must still say what to write.
+        assert_error(
+            "[[rule]]\nname = \"r\"\nshare.accounts = [123456789012]\n",
+            &["line 3", "string"],
+        );
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused_with_the_known_ones() {
+        assert_error(
+            "[[rule]]\nname = \"r\"\ntags = { a = \"b\" }\nshare.organisations = [\"x\"]\n",
+            &["line 4", "unknown field `organisations`", "organizations"],
+        );
+        assert_error(
+            "[[rules]]\nname = \"r\"\n",
+            &["unknown field `rules`", "rule"],
+        );
+        assert_error(
+            "[[rule]]\nname = \"r\"\ntags = { a = \"b\" }\nmatch.created_by = [\"CreateSnapshot\"]\n",
+            &[
+                "line 4",
+                "CreateSnapshot",
+                "CreateImage",
+                "CopyImage",
+                "RegisterImage",
+            ],
+        );
+    }
+
+    #[test]
+    fn an_empty_rule_is_refused() {
+        assert_error(
+            "[[rule]]\nname = \"does-nothing\"\nmatch.name = [\"x-*\"]\n",
+            &[
+                "rule #1 (\"does-nothing\")",
+                "does nothing",
+                "share.organizations",
+            ],
+        );
+        assert_error("", &["no rules"]);
+        assert_error(
+            "[[rule]]\nname = \"\"\ntags = { a = \"b\" }\n",
+            &["rule #1", "name is empty"],
+        );
+        assert_error(
+            "[[rule]]\ntags = { a = \"b\" }\n",
+            &["missing field `name`"],
+        );
+    }
+
+    #[test]
+    fn duplicate_names_and_targets_are_refused() {
+        assert_error(
+            "[[rule]]\nname = \"a\"\ntags = { a = \"b\" }\n[[rule]]\nname = \"a\"\ntags = { a = \"b\" }\n",
+            &["rule #2 (\"a\")", "used by an earlier rule"],
+        );
+        assert_error(
+            "[[rule]]\nname = \"a\"\nshare.accounts = [\"111122223333\", \"111122223333\"]\n",
+            &["account 111122223333", "more than once"],
+        );
+    }
+
+    #[test]
+    fn bad_tags_and_globs_are_refused() {
+        assert_error(
+            "[[rule]]\nname = \"a\"\ntags = { \"aws:x\" = \"b\" }\n",
+            &["line 3", "reserves"],
+        );
+        let long = "v".repeat(257);
+        assert_error(
+            &format!("[[rule]]\nname = \"a\"\ntags = {{ k = \"{long}\" }}\n"),
+            &["257 characters", "at most 256"],
+        );
+        assert_error(
+            "[[rule]]\nname = \"a\"\ntags = { k = \"v\" }\nmatch.name = [\"golden-[\"]\n",
+            &["line 4", "\"golden-[\" is not a valid glob"],
+        );
+        let many: String = (0..51).map(|i| format!("k{i} = \"v\", ")).collect();
+        assert_error(
+            &format!(
+                "[[rule]]\nname = \"a\"\ntags = {{ {} }}\n",
+                many.trim_end_matches(", ")
+            ),
+            &["51 tags", "at most 50"],
+        );
+    }
+
+    #[test]
+    fn every_problem_of_a_file_is_reported_at_once() {
+        let e = error_of("[[rule]]\nname = \"a\"\n[[rule]]\nname = \"a\"\ntags = { k = \"v\" }\n");
+        assert!(e.contains("rule #1") && e.contains("rule #2"), "{e}");
+    }
+}

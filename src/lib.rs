@@ -1,0 +1,22 @@
+//! ami-share: tag, share and distribute Amazon Machine Images across an AWS Organization.
+//!
+//! One flow, two faces (the Lambda `ami-share-lambda` and the operator CLI `ami-share`):
+//!
+//! ```text
+//! event JSON ─trigger::parse─▶ ImageEvent ─▶ reconcile: describe image (aws) ─▶ rules::desired_for
+//!                                             ─▶ extra reads (aws) ─▶ plan::plan ─▶ apply (aws) ─▶ Outcome
+//! ```
+//!
+//! `config`, `targets`, `trigger`, `rules`, `plan` and `observed` are pure (no I/O, no SDK types);
+//! every AWS call is in `aws`.
+
+pub mod aws;
+pub mod config;
+pub mod handler;
+pub mod logging;
+pub mod observed;
+pub mod plan;
+pub mod reconcile;
+pub mod rules;
+pub mod targets;
+pub mod trigger;

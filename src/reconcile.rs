@@ -1,0 +1,244 @@
+//! The flow: observe the image → select rules → plan → apply, with one [`Outcome`] record of it all.
+//!
+//! Reads are made only when the plan can use them, independent reads and writes run concurrently, and
+//! nothing is written that is already there. The outcome always says what was done, even when a write
+//! failed half-way, so the summary log is a faithful record.
+
+use futures::future::join_all;
+use serde::Serialize;
+
+use crate::aws::{AwsError, Ec2, ImageLookup};
+use crate::config::{Config, CreatedBy};
+use crate::observed::ObservedImage;
+use crate::plan::{Action, Plan, plan, reads_needed};
+use crate::rules::{ImageFacts, desired_for};
+use crate::trigger::{EventKind, ImageEvent};
+
+/// Whether to make the planned calls, or only report them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Apply,
+    DryRun,
+}
+
+/// Everything one reconciliation did and decided: the summary record of an event.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Outcome {
+    pub image_id: String,
+    pub region: String,
+    /// How the image was made, if known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<CreatedBy>,
+    /// Rules that selected the image.
+    pub rules: Vec<String>,
+    /// The plan's actions that were carried out (in dry-run mode: none).
+    pub done: Vec<Action>,
+    /// The plan's actions not carried out: dry-run, or their call failed.
+    pub not_done: Vec<Action>,
+    /// Work left for later, and why.
+    pub deferred: Vec<String>,
+    /// Why nothing was done at all, when that is the case.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
+    /// Tag keys rules disagreed on.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub conflicts: Vec<String>,
+    /// AWS calls that failed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<AwsError>,
+}
+
+impl Outcome {
+    fn new(image_id: &str, region: &str) -> Self {
+        Self {
+            image_id: image_id.to_string(),
+            region: region.to_string(),
+            ..Self::default()
+        }
+    }
+
+    fn skipped(mut self, reason: String) -> Self {
+        self.skipped = Some(reason);
+        self
+    }
+
+    fn failed(mut self, error: AwsError) -> Self {
+        self.failures.push(error);
+        self
+    }
+
+    /// Whether any call failed: the event was not fully handled.
+    pub fn has_failures(&self) -> bool {
+        !self.failures.is_empty()
+    }
+
+    /// Whether every failure may succeed on a retry.
+    pub fn retryable(&self) -> bool {
+        self.failures.iter().all(|f| f.retryable)
+    }
+
+    /// The plan this reconciliation made (done and not done).
+    pub fn plan(&self) -> Plan {
+        Plan {
+            actions: self.done.iter().chain(&self.not_done).cloned().collect(),
+            deferred: self.deferred.clone(),
+        }
+    }
+
+    /// One line for a person: what happened to the image and why.
+    pub fn headline(&self) -> String {
+        let subject = format!("{} in {}", self.image_id, self.region);
+        if let Some(reason) = &self.skipped {
+            return format!("{subject}: skipped: {reason}");
+        }
+        let mut parts = vec![format!("rules [{}]", self.rules.join(", "))];
+        if self.done.is_empty() && self.not_done.is_empty() {
+            parts.push("already as configured, nothing to do".into());
+        }
+        parts.extend(self.done.iter().map(|a| format!("done: {a}")));
+        parts.extend(self.not_done.iter().map(|a| format!("not done: {a}")));
+        parts.extend(self.deferred.iter().map(|d| format!("deferred: {d}")));
+        parts.extend(self.failures.iter().map(|f| format!("failed: {f}")));
+        format!("{subject}: {}", parts.join("; "))
+    }
+}
+
+/// Reconciles the image an event names. `home_region` is used when the event names none.
+pub async fn reconcile(
+    event: &ImageEvent,
+    home_region: &str,
+    config: &Config,
+    ec2: &impl Ec2,
+    mode: Mode,
+) -> Outcome {
+    let region = event.image.region.as_deref().unwrap_or(home_region);
+    let image_id = event.image.image_id.as_str();
+    let outcome = Outcome::new(image_id, region);
+
+    // A terminal state reported by the event needs no look: there is nothing left to tag or share.
+    if let EventKind::StateChange { state } = &event.kind
+        && matches!(state.as_str(), "failed" | "deregistered" | "disabled")
+    {
+        return outcome.skipped(format!("the state-change event reports the image {state}"));
+    }
+
+    let image = match ec2.describe_image(region, image_id).await {
+        Ok(ImageLookup::Owned(image)) => image,
+        Ok(ImageLookup::NotOwned { owner_id }) => {
+            return outcome.skipped(format!(
+                "owned by account {owner_id}, not this one: only the owner can tag or share an AMI"
+            ));
+        }
+        Ok(ImageLookup::NotFound) => {
+            return outcome.skipped(format!(
+                "no such image in {region} (deregistered, or the event names another region)"
+            ));
+        }
+        Err(e) => return outcome.failed(e),
+    };
+    let created_by = match &event.kind {
+        EventKind::ApiCall(created_by) => Some(*created_by),
+        EventKind::StateChange { .. } | EventKind::Direct => image.created_by_hint,
+    };
+    reconcile_image(image, created_by, config, ec2, mode, outcome).await
+}
+
+/// Selects, observes what the plan needs, plans and (in [`Mode::Apply`]) applies, for a described image.
+pub async fn reconcile_image(
+    mut image: ObservedImage,
+    created_by: Option<CreatedBy>,
+    config: &Config,
+    ec2: &impl Ec2,
+    mode: Mode,
+    mut outcome: Outcome,
+) -> Outcome {
+    outcome.created_by = created_by;
+    let facts = ImageFacts {
+        name: image.name.as_deref(),
+        tags: &image.tags,
+        owner_id: &image.owner_id,
+        created_by,
+    };
+    let desired = desired_for(config, &facts);
+    if desired.is_empty() {
+        let name = image.name.as_deref().unwrap_or("(no name)");
+        return outcome.skipped(format!("no rule selects it (name {name:?})"));
+    }
+    outcome.rules = desired.rules.clone();
+    outcome.conflicts = desired.conflicts.clone();
+
+    let reads = reads_needed(&desired, &image);
+    let snapshot_ids: Vec<String> = image
+        .snapshots
+        .iter()
+        .map(|s| s.snapshot_id.clone())
+        .collect();
+    let region = image.region.clone();
+    let (permissions, snapshot_tags) = futures::join!(
+        async {
+            match reads.launch_permissions {
+                true => Some(
+                    ec2.describe_launch_permissions(&region, &image.image_id)
+                        .await,
+                ),
+                false => None,
+            }
+        },
+        async {
+            match reads.snapshot_tags {
+                true => Some(ec2.describe_snapshot_tags(&region, &snapshot_ids).await),
+                false => None,
+            }
+        }
+    );
+    match permissions.transpose() {
+        Ok(permissions) => image.launch_permissions = permissions,
+        Err(e) => return outcome.failed(e),
+    }
+    match snapshot_tags.transpose() {
+        Ok(Some(mut by_id)) => {
+            for snapshot in &mut image.snapshots {
+                snapshot.tags = Some(by_id.remove(&snapshot.snapshot_id).unwrap_or_default());
+            }
+        }
+        Ok(None) => {}
+        Err(e) => return outcome.failed(e),
+    }
+
+    let plan = plan(&desired, &image);
+    outcome.deferred = plan.deferred;
+    if mode == Mode::DryRun {
+        outcome.not_done = plan.actions;
+        return outcome;
+    }
+    // Tagging and sharing are independent: run them together.
+    let results = join_all(plan.actions.iter().map(|action| apply(ec2, action))).await;
+    for (action, result) in plan.actions.into_iter().zip(results) {
+        match result {
+            Ok(()) => outcome.done.push(action),
+            Err(e) => {
+                outcome.not_done.push(action);
+                outcome.failures.push(e);
+            }
+        }
+    }
+    outcome
+}
+
+async fn apply(ec2: &impl Ec2, action: &Action) -> Result<(), AwsError> {
+    match action {
+        Action::CreateTags {
+            region,
+            resources,
+            tags,
+        } => ec2.create_tags(region, resources, tags).await,
+        Action::AddLaunchPermissions {
+            region,
+            image_id,
+            permissions,
+        } => {
+            ec2.add_launch_permissions(region, image_id, permissions)
+                .await
+        }
+    }
+}

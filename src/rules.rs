@@ -1,0 +1,289 @@
+//! Rule selection: which rules select an image, and what they want for it together.
+//!
+//! Pure. Rules are evaluated against the image as observed (its name, its tags before ami-share acts, its
+//! owner, how it was made). Effects of all selecting rules are united: tags merge, launch permissions add
+//! up. When two rules want different values for one tag key, the rule written first wins and the conflict
+//! is reported (in the plan and the log), so the outcome never depends on anything but the file.
+
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+
+use crate::config::{Config, CreatedBy, Rule};
+use crate::observed::Tags;
+use crate::targets::LaunchPermission;
+
+/// The facts about an image that rules can select on.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageFacts<'a> {
+    pub name: Option<&'a str>,
+    pub tags: &'a Tags,
+    pub owner_id: &'a str,
+    pub created_by: Option<CreatedBy>,
+}
+
+/// What the selecting rules want for one image.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Desired {
+    /// Names of the rules that selected the image, in file order.
+    pub rules: Vec<String>,
+    pub image_tags: Tags,
+    pub snapshot_tags: Tags,
+    pub launch_permissions: BTreeSet<LaunchPermission>,
+    /// Tag keys two rules disagree on, described for the operator.
+    pub conflicts: Vec<String>,
+}
+
+impl Desired {
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+}
+
+/// Whether `rule` selects the image.
+pub fn selects(rule: &Rule, image: &ImageFacts) -> bool {
+    let s = &rule.selector;
+    let name_ok = s.name.is_empty()
+        || image
+            .name
+            .is_some_and(|name| s.name.iter().any(|glob| glob.is_match(name)));
+    let tags_ok = s.tags.iter().all(|(key, glob)| {
+        image
+            .tags
+            .get(key.as_str())
+            .is_some_and(|value| glob.is_match(value))
+    });
+    let created_ok = s.created_by.is_empty()
+        || image
+            .created_by
+            .is_some_and(|created| s.created_by.contains(&created));
+    let account_ok =
+        s.accounts.is_empty() || s.accounts.iter().any(|a| a.as_str() == image.owner_id);
+    name_ok && tags_ok && created_ok && account_ok
+}
+
+/// Unites the effects of every rule that selects the image.
+pub fn desired_for(config: &Config, image: &ImageFacts) -> Desired {
+    let mut desired = Desired::default();
+    // Which rule set each key first, to name both rules in a conflict.
+    let mut owner_of_key: Tags = Tags::new();
+    for rule in config.rules.iter().filter(|rule| selects(rule, image)) {
+        desired.rules.push(rule.name.clone());
+        for (key, value) in &rule.tags {
+            let (key, value) = (key.as_str(), value.as_str());
+            match desired.image_tags.get(key) {
+                Some(existing) if existing != value => desired.conflicts.push(format!(
+                    "tag {key:?}: rule {:?} wants {value:?}, rule {:?} (first in the file, applied) wants {existing:?}",
+                    rule.name, owner_of_key[key]
+                )),
+                Some(_) => {}
+                None => {
+                    desired.image_tags.insert(key.to_string(), value.to_string());
+                    owner_of_key.insert(key.to_string(), rule.name.clone());
+                }
+            }
+        }
+        desired
+            .launch_permissions
+            .extend(rule.share.launch_permissions());
+    }
+    // Snapshot tags: the winning value of each key, for keys of rules that tag snapshots.
+    for rule in config
+        .rules
+        .iter()
+        .filter(|rule| rule.tag_snapshots && selects(rule, image))
+    {
+        for key in rule.tags.keys() {
+            let key = key.as_str();
+            desired
+                .snapshot_tags
+                .insert(key.to_string(), desired.image_tags[key].clone());
+        }
+    }
+    desired
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ORG: &str = "arn:aws:organizations::123456789012:organization/o-a1b2c3d4e5";
+    const OU: &str = "arn:aws:organizations::123456789012:ou/o-a1b2c3d4e5/ou-ab12-cd34ef56";
+
+    fn config(text: &str) -> Config {
+        Config::parse(text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn tags(pairs: &[(&str, &str)]) -> Tags {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn facts<'a>(name: &'a str, tags: &'a Tags) -> ImageFacts<'a> {
+        ImageFacts {
+            name: Some(name),
+            tags,
+            owner_id: "123456789012",
+            created_by: Some(CreatedBy::CreateImage),
+        }
+    }
+
+    fn rule(selector: &str) -> Config {
+        config(&format!(
+            "[[rule]]\nname = \"r\"\ntags = {{ k = \"v\" }}\n{selector}\n"
+        ))
+    }
+
+    #[test]
+    fn a_rule_without_criteria_selects_every_image() {
+        let c = rule("");
+        let none = Tags::new();
+        assert!(selects(&c.rules[0], &facts("anything", &none)));
+        let nameless = ImageFacts {
+            name: None,
+            ..facts("", &none)
+        };
+        assert!(selects(&c.rules[0], &nameless));
+    }
+
+    #[test]
+    fn name_globs_any_of() {
+        let c = rule("match.name = [\"golden-*\", \"base/{al2023,ubuntu}-?\"]");
+        let none = Tags::new();
+        let r = &c.rules[0];
+        assert!(selects(r, &facts("golden-al2023", &none)));
+        assert!(selects(r, &facts("base/ubuntu-1", &none)));
+        assert!(!selects(r, &facts("base/debian-1", &none)));
+        assert!(!selects(r, &facts("base/ubuntu-12", &none)));
+        assert!(
+            !selects(r, &facts("my-golden-x", &none)),
+            "globs are anchored"
+        );
+        let nameless = ImageFacts {
+            name: None,
+            ..facts("", &none)
+        };
+        assert!(!selects(r, &nameless), "a name criterion needs a name");
+    }
+
+    #[test]
+    fn name_globs_cross_slashes() {
+        let c = rule("match.name = [\"ubuntu/*\"]");
+        let none = Tags::new();
+        assert!(selects(
+            &c.rules[0],
+            &facts("ubuntu/images/hvm-ssd/noble-24.04", &none)
+        ));
+    }
+
+    #[test]
+    fn required_tags_all_of_with_value_globs() {
+        let c = rule("match.tags = { stage = \"release\", team = \"*\" }");
+        let r = &c.rules[0];
+        assert!(selects(
+            r,
+            &facts("x", &tags(&[("stage", "release"), ("team", "data")]))
+        ));
+        assert!(
+            !selects(r, &facts("x", &tags(&[("stage", "release")]))),
+            "team missing"
+        );
+        assert!(!selects(
+            r,
+            &facts("x", &tags(&[("stage", "dev"), ("team", "a")]))
+        ));
+        assert!(
+            selects(r, &facts("x", &tags(&[("stage", "release"), ("team", "")]))),
+            "* matches empty"
+        );
+    }
+
+    #[test]
+    fn created_by_and_accounts() {
+        let c = rule("match.created_by = [\"CopyImage\"]\nmatch.accounts = [\"123456789012\"]");
+        let none = Tags::new();
+        let r = &c.rules[0];
+        let copied = ImageFacts {
+            created_by: Some(CreatedBy::CopyImage),
+            ..facts("x", &none)
+        };
+        assert!(selects(r, &copied));
+        assert!(!selects(r, &facts("x", &none)), "CreateImage");
+        let unknown = ImageFacts {
+            created_by: None,
+            ..copied
+        };
+        assert!(
+            !selects(r, &unknown),
+            "unknown origin does not satisfy a created_by criterion"
+        );
+        let other_owner = ImageFacts {
+            owner_id: "210987654321",
+            ..copied
+        };
+        assert!(!selects(r, &other_owner));
+    }
+
+    #[test]
+    fn effects_of_several_rules_are_united() {
+        let c = config(&format!(
+            r#"
+            [[rule]]
+            name = "org"
+            tags = {{ a = "1" }}
+            share.organizations = ["{ORG}"]
+            [[rule]]
+            name = "ou"
+            match.name = ["golden-*"]
+            tags = {{ b = "2" }}
+            tag_snapshots = false
+            share.organizational_units = ["{OU}"]
+            share.accounts = ["210987654321"]
+            [[rule]]
+            name = "never"
+            match.name = ["nothing"]
+            tags = {{ c = "3" }}
+            "#
+        ));
+        let none = Tags::new();
+        let d = desired_for(&c, &facts("golden-1", &none));
+        assert_eq!(d.rules, ["org", "ou"]);
+        assert_eq!(d.image_tags, tags(&[("a", "1"), ("b", "2")]));
+        assert_eq!(d.snapshot_tags, tags(&[("a", "1")]));
+        assert_eq!(d.launch_permissions.len(), 3);
+        assert!(d.conflicts.is_empty());
+        assert!(desired_for(&c, &facts("other", &none)).rules == ["org"]);
+    }
+
+    #[test]
+    fn tag_conflicts_go_to_the_first_rule_and_are_reported() {
+        let c = config(
+            "[[rule]]\nname = \"first\"\ntags = { team = \"platform\" }\n[[rule]]\nname = \"second\"\ntags = { team = \"data\", x = \"y\" }\n",
+        );
+        let none = Tags::new();
+        let d = desired_for(&c, &facts("any", &none));
+        assert_eq!(d.image_tags, tags(&[("team", "platform"), ("x", "y")]));
+        assert_eq!(d.snapshot_tags, d.image_tags);
+        assert_eq!(d.conflicts.len(), 1);
+        assert!(
+            d.conflicts[0].contains("\"second\" wants \"data\""),
+            "{}",
+            d.conflicts[0]
+        );
+        assert!(d.conflicts[0].contains("\"first\""), "{}", d.conflicts[0]);
+    }
+
+    #[test]
+    fn the_same_target_in_two_rules_is_granted_once() {
+        let c = config(&format!(
+            "[[rule]]\nname = \"a\"\nshare.organizations = [\"{ORG}\"]\n[[rule]]\nname = \"b\"\nshare.organizations = [\"{ORG}\"]\n"
+        ));
+        let none = Tags::new();
+        assert_eq!(
+            desired_for(&c, &facts("x", &none)).launch_permissions.len(),
+            1
+        );
+    }
+}

@@ -1,0 +1,361 @@
+//! Event intake: an EventBridge event in, the image it is about (or why it is skipped) out.
+//!
+//! Two kinds are understood, both from `source: aws.ec2`:
+//! - "AWS API Call via CloudTrail" for CreateImage / CopyImage / RegisterImage: the new image id is in
+//!   `detail.responseElements.imageId`; a failed call (`detail.errorCode`) made no image and is skipped;
+//! - "EC2 AMI State Change": `detail.ImageId` and `detail.State`.
+//!
+//! The envelope is `aws_lambda_events`' `EventBridgeEvent`. The details use types of our own that read only
+//! what ami-share needs: the crate's CloudTrail type makes fields such as `userAgent` mandatory, and a
+//! CloudTrail record that lacks one (they do, e.g. for calls made by AWS services) must not be refused.
+
+use aws_lambda_events::event::eventbridge::EventBridgeEvent;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::config::CreatedBy;
+
+pub const CLOUDTRAIL_DETAIL_TYPE: &str = "AWS API Call via CloudTrail";
+pub const STATE_CHANGE_DETAIL_TYPE: &str = "EC2 AMI State Change";
+const EXPECTED: &str = "an EventBridge event from source \"aws.ec2\" with detail-type \"AWS API Call via CloudTrail\" (eventName CreateImage, CopyImage or RegisterImage) or \"EC2 AMI State Change\"";
+
+/// An image in a region. AMIs are regional: the id alone does not find one.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ImageRef {
+    /// `None` when the event did not say; the caller uses its own region.
+    pub region: Option<String>,
+    pub image_id: String,
+}
+
+/// What the event says happened to the image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventKind {
+    /// A successful CloudTrail-recorded call that made the image.
+    ApiCall(CreatedBy),
+    /// The image reached `state` (available, failed, deregistered, disabled, …).
+    StateChange { state: String },
+    /// Named directly by an operator or a sweep, not by an event.
+    Direct,
+}
+
+/// An event that names an image ami-share should reconcile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageEvent {
+    pub image: ImageRef,
+    pub kind: EventKind,
+    /// The account the event comes from (the envelope's `account`).
+    pub account: Option<String>,
+    /// The EventBridge event id, for logs.
+    pub event_id: Option<String>,
+}
+
+/// The outcome of reading an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trigger {
+    /// Reconcile this image.
+    Image(ImageEvent),
+    /// A well-formed event that calls for no work, and why (e.g. a failed CreateImage call).
+    Ignore { reason: String },
+}
+
+/// An event ami-share cannot use. Says what was found and what was expected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unsupported event: {problem}; expected {EXPECTED}")]
+pub struct TriggerError {
+    pub problem: String,
+}
+
+fn unsupported(problem: impl Into<String>) -> TriggerError {
+    TriggerError {
+        problem: problem.into(),
+    }
+}
+
+/// The parts of a CloudTrail record ami-share reads.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ApiCallDetail {
+    event_name: Option<String>,
+    event_source: Option<String>,
+    error_code: Option<String>,
+    error_message: Option<String>,
+    response_elements: Option<Value>,
+    aws_region: Option<String>,
+}
+
+/// The detail of an "EC2 AMI State Change" event.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct StateChangeDetail {
+    image_id: Option<String>,
+    state: Option<String>,
+}
+
+/// Reads one EventBridge event.
+pub fn parse(event: Value) -> Result<Trigger, TriggerError> {
+    if !event.is_object() {
+        return Err(unsupported(format!(
+            "the payload is JSON {}, not an object",
+            json_kind(&event)
+        )));
+    }
+    let envelope: EventBridgeEvent<Value> = serde_json::from_value(event)
+        .map_err(|e| unsupported(format!("not an EventBridge envelope ({e})")))?;
+    if envelope.source != "aws.ec2" {
+        return Err(unsupported(format!("source is {:?}", envelope.source)));
+    }
+    match envelope.detail_type.as_str() {
+        CLOUDTRAIL_DETAIL_TYPE => parse_api_call(&envelope),
+        STATE_CHANGE_DETAIL_TYPE => parse_state_change(&envelope),
+        other => Err(unsupported(format!("detail-type is {other:?}"))),
+    }
+}
+
+fn parse_api_call(envelope: &EventBridgeEvent<Value>) -> Result<Trigger, TriggerError> {
+    let detail: ApiCallDetail = serde_json::from_value(envelope.detail.clone())
+        .map_err(|e| unsupported(format!("the CloudTrail detail is malformed ({e})")))?;
+    let name = detail.event_name.as_deref().unwrap_or_default();
+    let created_by = match name {
+        "CreateImage" => CreatedBy::CreateImage,
+        "CopyImage" => CreatedBy::CopyImage,
+        "RegisterImage" => CreatedBy::RegisterImage,
+        "" => return Err(unsupported("the CloudTrail detail has no eventName")),
+        other => return Err(unsupported(format!("CloudTrail eventName is {other:?}"))),
+    };
+    if let Some(source) = detail.event_source.as_deref()
+        && source != "ec2.amazonaws.com"
+    {
+        return Err(unsupported(format!("CloudTrail eventSource is {source:?}")));
+    }
+    if let Some(code) = detail.error_code {
+        let message = detail.error_message.unwrap_or_default();
+        return Ok(Trigger::Ignore {
+            reason: format!("{name} failed ({code}: {message}); it made no image"),
+        });
+    }
+    let image_id = detail
+        .response_elements
+        .as_ref()
+        .and_then(|r| r.get("imageId"))
+        .and_then(Value::as_str)
+        .ok_or_else(|| {
+            unsupported(format!(
+                "{name} event without errorCode has no detail.responseElements.imageId"
+            ))
+        })?;
+    let region = envelope.region.clone().or(detail.aws_region);
+    image_event(envelope, image_id, region, EventKind::ApiCall(created_by))
+}
+
+fn parse_state_change(envelope: &EventBridgeEvent<Value>) -> Result<Trigger, TriggerError> {
+    let detail: StateChangeDetail = serde_json::from_value(envelope.detail.clone())
+        .map_err(|e| unsupported(format!("the AMI state change detail is malformed ({e})")))?;
+    let image_id = detail
+        .image_id
+        .ok_or_else(|| unsupported("the AMI state change has no detail.ImageId"))?;
+    let state = detail
+        .state
+        .ok_or_else(|| unsupported("the AMI state change has no detail.State"))?;
+    let kind = EventKind::StateChange { state };
+    image_event(envelope, &image_id, envelope.region.clone(), kind)
+}
+
+fn image_event(
+    envelope: &EventBridgeEvent<Value>,
+    image_id: &str,
+    region: Option<String>,
+    kind: EventKind,
+) -> Result<Trigger, TriggerError> {
+    if !is_image_id(image_id) {
+        return Err(unsupported(format!(
+            "{image_id:?} is not an image id (ami- and 8 or 17 hex digits)"
+        )));
+    }
+    Ok(Trigger::Image(ImageEvent {
+        image: ImageRef {
+            region,
+            image_id: image_id.to_string(),
+        },
+        kind,
+        account: envelope.account.clone(),
+        event_id: envelope.id.clone(),
+    }))
+}
+
+fn is_image_id(id: &str) -> bool {
+    id.strip_prefix("ami-").is_some_and(|hex| {
+        matches!(hex.len(), 8 | 17) && hex.bytes().all(|b| b.is_ascii_hexdigit())
+    })
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sample(name: &str) -> Value {
+        let path = format!("{}/events/{name}", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        serde_json::from_str(&text).unwrap()
+    }
+
+    fn image_event(trigger: Trigger) -> ImageEvent {
+        match trigger {
+            Trigger::Image(e) => e,
+            other => panic!("expected an image event, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_sample_event_parses() {
+        let dir = format!("{}/events", env!("CARGO_MANIFEST_DIR"));
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "json") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                let value: Value = serde_json::from_str(&text).unwrap();
+                parse(value).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 5, "only {seen} samples");
+    }
+
+    #[test]
+    fn create_image_sample() {
+        let e = image_event(parse(sample("create-image.json")).unwrap());
+        assert_eq!(e.kind, EventKind::ApiCall(CreatedBy::CreateImage));
+        assert_eq!(e.image.image_id, "ami-0a1b2c3d4e5f67890");
+        assert_eq!(e.image.region.as_deref(), Some("us-east-1"));
+        assert_eq!(e.account.as_deref(), Some("123456789012"));
+    }
+
+    #[test]
+    fn copy_and_register_samples() {
+        let e = image_event(parse(sample("copy-image.json")).unwrap());
+        assert_eq!(e.kind, EventKind::ApiCall(CreatedBy::CopyImage));
+        assert_eq!(e.image.region.as_deref(), Some("eu-west-1"));
+        let e = image_event(parse(sample("register-image.json")).unwrap());
+        assert_eq!(e.kind, EventKind::ApiCall(CreatedBy::RegisterImage));
+    }
+
+    #[test]
+    fn state_change_sample() {
+        let e = image_event(parse(sample("ami-state-available.json")).unwrap());
+        assert_eq!(
+            e.kind,
+            EventKind::StateChange {
+                state: "available".into()
+            }
+        );
+        assert_eq!(e.image.image_id, "ami-0a1b2c3d4e5f67890");
+    }
+
+    #[test]
+    fn a_failed_call_is_ignored_with_its_error() {
+        match parse(sample("create-image-failed.json")).unwrap() {
+            Trigger::Ignore { reason } => {
+                assert!(reason.contains("CreateImage failed"), "{reason}");
+                assert!(reason.contains("InvalidAMIName.Duplicate"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_cloudtrail_record_missing_optional_fields_still_parses() {
+        // No userAgent, sourceIPAddress, eventVersion, eventType: the aws_lambda_events type would refuse it.
+        let event = json!({
+            "detail-type": "AWS API Call via CloudTrail", "source": "aws.ec2", "region": "us-west-2",
+            "detail": {"eventName": "CopyImage", "responseElements": {"imageId": "ami-12345678"}}
+        });
+        let e = image_event(parse(event).unwrap());
+        assert_eq!(e.image.image_id, "ami-12345678");
+        assert_eq!(e.account, None);
+    }
+
+    #[test]
+    fn region_falls_back_to_the_cloudtrail_region() {
+        let event = json!({
+            "detail-type": "AWS API Call via CloudTrail", "source": "aws.ec2",
+            "detail": {"eventName": "CreateImage", "awsRegion": "ap-south-1", "responseElements": {"imageId": "ami-12345678"}}
+        });
+        assert_eq!(
+            image_event(parse(event).unwrap()).image.region.as_deref(),
+            Some("ap-south-1")
+        );
+    }
+
+    #[test]
+    fn unsupported_events_say_what_was_found_and_expected() {
+        let cases = [
+            (json!([1, 2]), "JSON array"),
+            (json!("CreateImage"), "JSON string"),
+            (json!({"hello": "world"}), "not an EventBridge envelope"),
+            (
+                json!({"detail-type": "Object Created", "source": "aws.s3", "detail": {}}),
+                "source is \"aws.s3\"",
+            ),
+            (
+                json!({"detail-type": "EC2 Instance State-change Notification", "source": "aws.ec2", "detail": {}}),
+                "detail-type is \"EC2 Instance State-change Notification\"",
+            ),
+            (
+                json!({"detail-type": CLOUDTRAIL_DETAIL_TYPE, "source": "aws.ec2", "detail": {"eventName": "RunInstances"}}),
+                "eventName is \"RunInstances\"",
+            ),
+            (
+                json!({"detail-type": CLOUDTRAIL_DETAIL_TYPE, "source": "aws.ec2", "detail": {"eventName": "CreateImage"}}),
+                "has no detail.responseElements.imageId",
+            ),
+            (
+                json!({"detail-type": CLOUDTRAIL_DETAIL_TYPE, "source": "aws.ec2", "detail": {}}),
+                "no eventName",
+            ),
+            (
+                json!({"detail-type": CLOUDTRAIL_DETAIL_TYPE, "source": "aws.ec2", "detail": "x"}),
+                "CloudTrail detail is malformed",
+            ),
+            (
+                json!({"detail-type": STATE_CHANGE_DETAIL_TYPE, "source": "aws.ec2", "detail": {"State": "available"}}),
+                "no detail.ImageId",
+            ),
+            (
+                json!({"detail-type": STATE_CHANGE_DETAIL_TYPE, "source": "aws.ec2", "detail": {"ImageId": "ami-12345678"}}),
+                "no detail.State",
+            ),
+            (
+                json!({"detail-type": STATE_CHANGE_DETAIL_TYPE, "source": "aws.ec2", "detail": {"ImageId": "snap-12345678", "State": "available"}}),
+                "not an image id",
+            ),
+        ];
+        for (event, expected) in cases {
+            let e = parse(event.clone())
+                .expect_err(&event.to_string())
+                .to_string();
+            assert!(e.contains(expected), "{event}: {e}");
+            assert!(e.contains("expected an EventBridge event"), "{e}");
+        }
+    }
+
+    #[test]
+    fn image_ids_have_eight_or_seventeen_hex_digits() {
+        assert!(is_image_id("ami-12345678"));
+        assert!(is_image_id("ami-0a1b2c3d4e5f67890"));
+        assert!(!is_image_id("ami-1234567"));
+        assert!(!is_image_id("ami-0a1b2c3d4e5f6789z"));
+        assert!(!is_image_id("AMI-12345678"));
+    }
+}
