@@ -1,0 +1,308 @@
+//! Test support: the emulator (tests/emulator.py, moto with its AWS-fidelity fixes) started per test on a
+//! free loopback port, SDK clients aimed at it, and fixtures (organization, OUs, images).
+#![allow(dead_code)]
+
+pub mod runtime_api;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use ami_share::observed::Tags;
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_ec2::config::Credentials;
+use aws_sdk_ec2::types::{LaunchPermission, Tag};
+use serde_json::{Value, json};
+
+pub const ACCOUNT: &str = "123456789012";
+pub const REGION: &str = "us-east-1";
+
+pub fn repo_path(relative: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+/// The Python with the pinned test requirements: `AMI_SHARE_PYTHON`, else the repository's `.venv`.
+fn python() -> PathBuf {
+    if let Some(python) = std::env::var_os("AMI_SHARE_PYTHON") {
+        return python.into();
+    }
+    let venv = repo_path(".venv/bin/python");
+    assert!(
+        venv.exists(),
+        "{} is missing: run scripts/test (it creates the virtualenv with the pinned emulator)",
+        venv.display()
+    );
+    venv
+}
+
+/// A running emulator. Dropping it stops the process.
+pub struct Emulator {
+    pub endpoint: String,
+    child: Child,
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Emulator {
+    pub fn start() -> Self {
+        let mut child = Command::new(python())
+            .arg(repo_path("tests/emulator.py"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start tests/emulator.py");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("read the emulator's endpoint");
+        let started: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("emulator printed {line:?} instead of its endpoint: {e}"));
+        Self {
+            endpoint: started["endpoint"].as_str().unwrap().to_string(),
+            child,
+        }
+    }
+
+    /// Environment for a process (the Lambda binary, the CLI) that should talk to this emulator.
+    pub fn aws_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+            ("AWS_REGION", REGION.into()),
+            ("AWS_ACCESS_KEY_ID", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+            ("AWS_EC2_METADATA_DISABLED", "true".into()),
+        ]
+    }
+
+    pub async fn sdk_config(&self) -> SdkConfig {
+        aws_config::defaults(BehaviorVersion::latest())
+            .endpoint_url(&self.endpoint)
+            .region(Region::new(REGION))
+            .credentials_provider(Credentials::new("testing", "testing", None, None, "tests"))
+            .load()
+            .await
+    }
+
+    pub async fn ec2(&self) -> aws_sdk_ec2::Client {
+        aws_sdk_ec2::Client::new(&self.sdk_config().await)
+    }
+
+    /// Calls a test control endpoint of tests/emulator.py (`None` body: GET).
+    pub fn control(&self, what: &str, body: Option<Value>) -> Value {
+        let address = self.endpoint.trim_start_matches("http://");
+        let mut stream = TcpStream::connect(address).expect("connect to the emulator");
+        let (method, body) = match body {
+            Some(body) => ("POST", body.to_string()),
+            None => ("GET", String::new()),
+        };
+        write!(
+            stream,
+            "{method} /_ami_share/{what} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(
+            head.starts_with("HTTP/1.1 200"),
+            "control {what} failed: {head}\n{body}"
+        );
+        serde_json::from_str(body).unwrap()
+    }
+
+    /// Creates the organization (once) and the named OUs under its root.
+    pub fn organization(&self, ous: &[&str]) -> Value {
+        self.control("organization", Some(json!({ "ous": ous })))
+    }
+
+    pub fn set_image_state(&self, region: &str, image_id: &str, state: &str) {
+        self.control(
+            "image-state",
+            Some(json!({"region": region, "image_id": image_id, "state": state})),
+        );
+    }
+
+    pub fn set_image_owner(&self, region: &str, image_id: &str, owner_id: &str) {
+        self.control(
+            "image-owner",
+            Some(json!({"region": region, "image_id": image_id, "owner_id": owner_id})),
+        );
+    }
+
+    /// Every AWS request served so far, as "service:Action" (e.g. "ec2:CreateTags").
+    pub fn requests(&self) -> Vec<String> {
+        self.control("requests", None)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                format!(
+                    "{}:{}",
+                    r["service"].as_str().unwrap_or("?"),
+                    r["action"].as_str().unwrap_or("?")
+                )
+            })
+            .collect()
+    }
+
+    /// The requests after the first `since`, keeping only calls that change something.
+    pub fn mutating_requests_since(&self, since: usize) -> Vec<String> {
+        self.requests()
+            .into_iter()
+            .skip(since)
+            .filter(|r| is_mutating(r))
+            .collect()
+    }
+}
+
+/// Reads are Describe*/Get*/List*; everything else changes state.
+pub fn is_mutating(request: &str) -> bool {
+    let action = request.split_once(':').map(|(_, a)| a).unwrap_or(request);
+    !["Describe", "Get", "List"]
+        .iter()
+        .any(|p| action.starts_with(p))
+}
+
+/// Makes an AMI by CreateImage from a fresh instance, with the given tags. Returns (image id, snapshot ids).
+pub async fn create_image(
+    ec2: &aws_sdk_ec2::Client,
+    name: &str,
+    tags: &[(&str, &str)],
+) -> (String, Vec<String>) {
+    // ami-12c6146b is one of the images moto ships in us-east-1.
+    let run = ec2
+        .run_instances()
+        .image_id("ami-12c6146b")
+        .min_count(1)
+        .max_count(1)
+        .send()
+        .await
+        .expect("RunInstances");
+    let instance_id = run.instances()[0].instance_id().unwrap().to_string();
+    let image_id = ec2
+        .create_image()
+        .instance_id(instance_id)
+        .name(name)
+        .send()
+        .await
+        .expect("CreateImage")
+        .image_id()
+        .unwrap()
+        .to_string();
+    if !tags.is_empty() {
+        ec2.create_tags()
+            .resources(&image_id)
+            .set_tags(Some(
+                tags.iter()
+                    .map(|(k, v)| Tag::builder().key(*k).value(*v).build())
+                    .collect(),
+            ))
+            .send()
+            .await
+            .expect("CreateTags");
+    }
+    let snapshots = image_snapshots(ec2, &image_id).await;
+    (image_id, snapshots)
+}
+
+pub async fn image_snapshots(ec2: &aws_sdk_ec2::Client, image_id: &str) -> Vec<String> {
+    let images = ec2
+        .describe_images()
+        .image_ids(image_id)
+        .send()
+        .await
+        .expect("DescribeImages");
+    images.images()[0]
+        .block_device_mappings()
+        .iter()
+        .filter_map(|m| m.ebs()?.snapshot_id().map(str::to_string))
+        .collect()
+}
+
+pub async fn image_tags(ec2: &aws_sdk_ec2::Client, image_id: &str) -> Tags {
+    let images = ec2
+        .describe_images()
+        .image_ids(image_id)
+        .send()
+        .await
+        .expect("DescribeImages");
+    images.images()[0]
+        .tags()
+        .iter()
+        .map(|t| (t.key().unwrap().to_string(), t.value().unwrap().to_string()))
+        .collect()
+}
+
+pub async fn snapshot_tags(ec2: &aws_sdk_ec2::Client, snapshot_id: &str) -> Tags {
+    let snapshots = ec2
+        .describe_snapshots()
+        .snapshot_ids(snapshot_id)
+        .send()
+        .await
+        .expect("DescribeSnapshots");
+    snapshots.snapshots()[0]
+        .tags()
+        .iter()
+        .map(|t| (t.key().unwrap().to_string(), t.value().unwrap().to_string()))
+        .collect()
+}
+
+/// Launch permissions as "kind=value" strings, e.g. "org=arn:…", "ou=arn:…", "account=…", "group=all".
+pub async fn launch_permissions(ec2: &aws_sdk_ec2::Client, image_id: &str) -> BTreeSet<String> {
+    let output = ec2
+        .describe_image_attribute()
+        .image_id(image_id)
+        .attribute(aws_sdk_ec2::types::ImageAttributeName::LaunchPermission)
+        .send()
+        .await
+        .expect("DescribeImageAttribute");
+    output
+        .launch_permissions()
+        .iter()
+        .map(describe_permission)
+        .collect()
+}
+
+fn describe_permission(p: &LaunchPermission) -> String {
+    if let Some(arn) = p.organization_arn() {
+        format!("org={arn}")
+    } else if let Some(arn) = p.organizational_unit_arn() {
+        format!("ou={arn}")
+    } else if let Some(id) = p.user_id() {
+        format!("account={id}")
+    } else {
+        format!("group={:?}", p.group())
+    }
+}
+
+/// A sample event from events/ with its image id (and region) replaced.
+pub fn sample_event(file: &str, image_id: &str, region: &str) -> Value {
+    let text = std::fs::read_to_string(repo_path(&format!("events/{file}"))).unwrap();
+    let mut event: Value = serde_json::from_str(&text).unwrap();
+    event["region"] = json!(region);
+    let detail = &mut event["detail"];
+    if detail.get("ImageId").is_some() {
+        detail["ImageId"] = json!(image_id);
+        event["resources"] = json!([format!("arn:aws:ec2:{region}::image/{image_id}")]);
+    } else {
+        detail["awsRegion"] = json!(region);
+        detail["responseElements"]["imageId"] = json!(image_id);
+    }
+    event
+}
+
+pub fn tags(pairs: &[(&str, &str)]) -> Tags {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}

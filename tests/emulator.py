@@ -1,0 +1,217 @@
+#!/usr/bin/env python3
+"""The AWS emulator for ami-share's tests and demo: moto, in this process, with its gaps closed.
+
+Starts moto's ThreadedMotoServer on a free loopback port and prints one JSON line to stdout:
+    {"endpoint": "http://127.0.0.1:PORT"}
+then serves until stdin closes (the test that started it ended) or SIGTERM/SIGINT.
+
+Running moto in this process (not as `moto_server`) lets us adjust its backend where it differs from AWS on
+the paths ami-share depends on. Each fix below is small, named after the AWS behaviour it reproduces, and
+shown by a test in tests/emulator_fidelity.rs. A test that passes only because moto is lax proves nothing.
+
+Test-only control endpoints (never part of any AWS API), under /_ami_share/:
+    POST /_ami_share/organization {"ous": ["eng", ...]}  create the organization (once) and OUs under the root
+    POST /_ami_share/image-state  {"region", "image_id", "state"}      set an image's state (e.g. "pending")
+    POST /_ami_share/image-owner  {"region", "image_id", "owner_id"}   make an image another account's
+    GET  /_ami_share/requests                                           every AWS request served so far
+"""
+
+import io
+import json
+import re
+import signal
+import sys
+import threading
+import urllib.parse
+
+from moto.ec2.exceptions import EC2ClientError, UnvailableAMIIdError
+from moto.ec2.models import ec2_backends
+from moto.ec2.models.amis import AmiBackend
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+from werkzeug.serving import WSGIRequestHandler, make_server
+
+ACCOUNT = "123456789012"
+
+# --- AWS-fidelity fixes ------------------------------------------------------------------------------
+
+
+class InvalidParameter(EC2ClientError):
+    def __init__(self, message):
+        super().__init__("InvalidParameter", message)
+
+
+class InvalidAMIAttributeItemValue(EC2ClientError):
+    def __init__(self, message):
+        super().__init__("InvalidAMIAttributeItemValue", message)
+
+
+ORG_ID = r"o-[a-z0-9]{10,32}"
+OU_ID = r"ou-[0-9a-z]{4,32}-[a-z0-9]{8,32}"
+ARN_HEAD = r"arn:aws(?:-cn|-us-gov)?:organizations::\d{12}:"
+ORG_ARN = re.compile(f"^{ARN_HEAD}organization/{ORG_ID}$")
+OU_ARN = re.compile(f"^{ARN_HEAD}ou/{ORG_ID}/{OU_ID}$")
+
+
+def check_organization_targets(permissions):
+    """AWS: launch permissions name organizations and OUs by full ARN. A bare o-/ou- id or a non-ARN is an
+    InvalidParameter; an ARN of the wrong form is an InvalidAMIAttributeItemValue. moto accepts anything."""
+    for perm in permissions:
+        for key, pattern in (("OrganizationArn", ORG_ARN), ("OrganizationalUnitArn", OU_ARN)):
+            value = perm.get(key)
+            if value is None:
+                continue
+            if not value.startswith("arn:"):
+                raise InvalidParameter(f"Invalid {key} '{value}'. Specify the full ARN, not an ID.")
+            if not pattern.match(value):
+                raise InvalidAMIAttributeItemValue(
+                    f'Invalid attribute item value "{value}" for {key} item type.'
+                )
+
+
+_modify_image_attribute = AmiBackend.modify_image_attribute
+
+
+def modify_image_attribute(self, ami_id, launch_permissions_to_add, launch_permissions_to_remove):
+    """AWS refuses to change launch permissions of an image that is not available (moto's images are always
+    available, so it never had to), and validates organization/OU ARNs."""
+    ami = self.describe_images(ami_ids=[ami_id])[0]
+    if ami.state != "available":
+        raise UnvailableAMIIdError(ami_id)
+    check_organization_targets(launch_permissions_to_add)
+    check_organization_targets(launch_permissions_to_remove)
+    return _modify_image_attribute(self, ami_id, launch_permissions_to_add, launch_permissions_to_remove)
+
+
+_describe_images = AmiBackend.describe_images
+
+
+def describe_images(self, ami_ids=None, filters=None, exec_users=None, owners=None):
+    """AWS applies Owners together with ImageIds; moto ignores Owners (and filters) when ImageIds are given."""
+    images = _describe_images(self, ami_ids=ami_ids, filters=filters, exec_users=exec_users, owners=owners)
+    if ami_ids and owners:
+        owners = [self.account_id if o == "self" else o for o in owners]
+        images = [i for i in images if i.owner_id in owners or i.owner_alias in owners]
+    return images
+
+
+_copy_image = AmiBackend.copy_image
+
+
+def copy_image(self, source_image_id, source_region, name=None, description=None):
+    """AWS records SourceImageId and SourceImageRegion on a copy (DescribeImages shows them); moto does not."""
+    ami = _copy_image(self, source_image_id, source_region, name, description)
+    ami.source_image_id = source_image_id
+    ami.source_image_region = source_region
+    return ami
+
+
+AmiBackend.modify_image_attribute = modify_image_attribute
+AmiBackend.describe_images = describe_images
+AmiBackend.copy_image = copy_image
+
+# --- test control and request log --------------------------------------------------------------------
+
+CREDENTIAL_SCOPE = re.compile(r"Credential=[^/]+/\d{8}/([^/]+)/([^/]+)/aws4_request")
+
+
+class Emulator:
+    def __init__(self):
+        self.requests = []
+        self.lock = threading.Lock()
+        self.endpoint = None
+        self.moto = DomainDispatcherApplication(create_backend_app)
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path.startswith("/_ami_share/"):
+            return self.control(environ, start_response, path[len("/_ami_share/"):])
+        self.record(environ)
+        return self.moto(environ, start_response)
+
+    def record(self, environ):
+        """Log the service, region and operation of an AWS request (query protocol: Action in the body;
+        JSON protocol: X-Amz-Target), then hand the body back untouched."""
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        body = environ["wsgi.input"].read(length) if length else b""
+        environ["wsgi.input"] = io.BytesIO(body)
+        scope = CREDENTIAL_SCOPE.search(environ.get("HTTP_AUTHORIZATION", ""))
+        region, service = scope.groups() if scope else (None, None)
+        target = environ.get("HTTP_X_AMZ_TARGET")
+        if target:
+            action = target.split(".")[-1]
+        else:
+            form = urllib.parse.parse_qs(body.decode("utf-8", "replace"))
+            action = (form.get("Action") or [None])[0]
+        with self.lock:
+            self.requests.append({"service": service, "region": region, "action": action})
+
+    def control(self, environ, start_response, what):
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            args = json.loads(environ["wsgi.input"].read(length) or b"{}")
+            result = getattr(self, "control_" + what.replace("-", "_"))(**args)
+            status, body = "200 OK", result
+        except Exception as e:  # a test's mistake: answer it, don't crash the emulator
+            status, body = "400 Bad Request", {"error": f"{type(e).__name__}: {e}"}
+        data = json.dumps(body).encode()
+        start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+        return [data]
+
+    def control_requests(self):
+        with self.lock:
+            return list(self.requests)
+
+    def control_image_state(self, region, image_id, state):
+        ec2_backends[ACCOUNT][region].amis[image_id].state = state
+        return {"image_id": image_id, "state": state}
+
+    def control_image_owner(self, region, image_id, owner_id):
+        ec2_backends[ACCOUNT][region].amis[image_id].owner_id = owner_id
+        return {"image_id": image_id, "owner_id": owner_id}
+
+    def control_organization(self, ous=()):
+        import boto3
+
+        org = boto3.client(
+            "organizations",
+            region_name="us-east-1",
+            endpoint_url=self.endpoint,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        try:
+            organization = org.describe_organization()["Organization"]
+        except org.exceptions.AWSOrganizationsNotInUseException:
+            organization = org.create_organization(FeatureSet="ALL")["Organization"]
+        root = org.list_roots()["Roots"][0]
+        units = {}
+        for name in ous:
+            unit = org.create_organizational_unit(ParentId=root["Id"], Name=name)["OrganizationalUnit"]
+            units[name] = {"id": unit["Id"], "arn": unit["Arn"]}
+        return {"id": organization["Id"], "arn": organization["Arn"], "root_id": root["Id"], "ous": units}
+
+
+class QuietRequestHandler(WSGIRequestHandler):
+    def log_request(self, *args, **kwargs):
+        pass
+
+
+def main():
+    emulator = Emulator()
+    server = make_server("127.0.0.1", 0, emulator, threaded=True, request_handler=QuietRequestHandler)
+    host, port = server.server_address[:2]
+    emulator.endpoint = f"http://{host}:{port}"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    print(json.dumps({"endpoint": emulator.endpoint}), flush=True)
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    # The parent holds our stdin: when it ends (or crashes), stdin closes and we stop with it.
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    stop.wait()
+    server.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,399 @@
+//! The handler against the emulator: sample events in, tags and launch permissions checked with describe
+//! calls, mutating calls counted from the emulator's request log.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use ami_share::aws::sdk::SdkEc2;
+use ami_share::config::Config;
+use ami_share::handler::Handler;
+use common::*;
+use serde_json::{Value, json};
+
+struct Setup {
+    emulator: Emulator,
+    ec2: aws_sdk_ec2::Client,
+    handler: Handler<SdkEc2>,
+    org_arn: String,
+    eng_ou_arn: String,
+    data_ou_arn: String,
+}
+
+const PARTNER: &str = "210987654321";
+
+/// An emulator with an organization (OUs eng and data) and a handler whose config shares golden images
+/// with the organization and data previews with the data OU and a partner account.
+async fn setup() -> Setup {
+    let emulator = Emulator::start();
+    let org = emulator.organization(&["eng", "data"]);
+    let org_arn = org["arn"].as_str().unwrap().to_string();
+    let eng_ou_arn = org["ous"]["eng"]["arn"].as_str().unwrap().to_string();
+    let data_ou_arn = org["ous"]["data"]["arn"].as_str().unwrap().to_string();
+    let config = Config::parse(&format!(
+        r#"
+        [[rule]]
+        name = "golden"
+        match.name = ["golden-*"]
+        match.tags = {{ stage = "release" }}
+        tags = {{ "ami-share:distributed" = "org", "cost-center" = "platform" }}
+        share.organizations = ["{org_arn}"]
+        share.organizational_units = ["{eng_ou_arn}"]
+
+        [[rule]]
+        name = "data-previews"
+        match.name = ["data-*", "golden-data-*"]
+        tags = {{ team = "data" }}
+        tag_snapshots = false
+        share.organizational_units = ["{data_ou_arn}"]
+        share.accounts = ["{PARTNER}"]
+
+        [[rule]]
+        name = "copies-only"
+        match.name = ["copied-*"]
+        match.created_by = ["CopyImage"]
+        tags = {{ copied = "yes" }}
+        "#
+    ))
+    .unwrap();
+    let ec2 = emulator.ec2().await;
+    let handler = Handler::new(config, SdkEc2::new(emulator.sdk_config().await), REGION);
+    Setup {
+        emulator,
+        ec2,
+        handler,
+        org_arn,
+        eng_ou_arn,
+        data_ou_arn,
+    }
+}
+
+fn perms(entries: &[String]) -> BTreeSet<String> {
+    entries.iter().cloned().collect()
+}
+
+#[tokio::test]
+async fn create_image_event_tags_and_shares_exactly_as_configured() {
+    let s = setup().await;
+    let (image, snapshots) = create_image(&s.ec2, "golden-al2023-1", &[("stage", "release")]).await;
+    assert_eq!(snapshots.len(), 1);
+
+    let answer = s
+        .handler
+        .handle(sample_event("create-image.json", &image, REGION))
+        .await
+        .unwrap();
+
+    assert_eq!(answer["status"], "done", "{answer:#}");
+    assert_eq!(answer["outcome"]["rules"], json!(["golden"]));
+    assert_eq!(
+        image_tags(&s.ec2, &image).await,
+        tags(&[
+            ("stage", "release"),
+            ("ami-share:distributed", "org"),
+            ("cost-center", "platform")
+        ])
+    );
+    assert_eq!(
+        snapshot_tags(&s.ec2, &snapshots[0]).await,
+        tags(&[
+            ("ami-share:distributed", "org"),
+            ("cost-center", "platform")
+        ])
+    );
+    assert_eq!(
+        launch_permissions(&s.ec2, &image).await,
+        perms(&[format!("org={}", s.org_arn), format!("ou={}", s.eng_ou_arn)])
+    );
+}
+
+#[tokio::test]
+async fn the_fewest_calls_are_made_and_a_duplicate_event_makes_no_mutating_call() {
+    let s = setup().await;
+    let (image, _) = create_image(&s.ec2, "golden-al2023-2", &[("stage", "release")]).await;
+    let event = sample_event("create-image.json", &image, REGION);
+
+    let before = s.emulator.requests().len();
+    s.handler.handle(event.clone()).await.unwrap();
+    let mut first = s.emulator.mutating_requests_since(before);
+    first.sort();
+    assert_eq!(
+        first,
+        ["ec2:CreateTags", "ec2:ModifyImageAttribute"],
+        "one CreateTags for image and snapshot, one ModifyImageAttribute for all targets"
+    );
+
+    let tags_after_first = image_tags(&s.ec2, &image).await;
+    let perms_after_first = launch_permissions(&s.ec2, &image).await;
+    let before = s.emulator.requests().len();
+    let answer = s.handler.handle(event).await.unwrap();
+    assert_eq!(
+        s.emulator.mutating_requests_since(before),
+        Vec::<String>::new()
+    );
+    assert_eq!(answer["outcome"]["done"], json!([]), "{answer:#}");
+    assert_eq!(image_tags(&s.ec2, &image).await, tags_after_first);
+    assert_eq!(launch_permissions(&s.ec2, &image).await, perms_after_first);
+}
+
+#[tokio::test]
+async fn a_non_matching_ami_is_untouched() {
+    let s = setup().await;
+    // Named like a golden image but without the required stage=release tag.
+    let (image, snapshots) = create_image(&s.ec2, "golden-al2023-3", &[("stage", "dev")]).await;
+    let (scratch, _) = create_image(&s.ec2, "scratch-build", &[]).await;
+
+    let before = s.emulator.requests().len();
+    for id in [&image, &scratch] {
+        let answer = s
+            .handler
+            .handle(sample_event("create-image.json", id, REGION))
+            .await
+            .unwrap();
+        assert_eq!(answer["status"], "skipped", "{answer:#}");
+        let reason = answer["outcome"]["skipped"].as_str().unwrap();
+        assert!(reason.contains("no rule selects it"), "{reason}");
+    }
+    assert_eq!(
+        s.emulator.mutating_requests_since(before),
+        Vec::<String>::new()
+    );
+    assert_eq!(image_tags(&s.ec2, &image).await, tags(&[("stage", "dev")]));
+    assert_eq!(snapshot_tags(&s.ec2, &snapshots[0]).await, tags(&[]));
+    assert!(launch_permissions(&s.ec2, &image).await.is_empty());
+    assert!(launch_permissions(&s.ec2, &scratch).await.is_empty());
+}
+
+#[tokio::test]
+async fn several_matching_rules_are_united() {
+    let s = setup().await;
+    let (image, snapshots) =
+        create_image(&s.ec2, "golden-data-spark", &[("stage", "release")]).await;
+    let answer = s
+        .handler
+        .handle(sample_event("create-image.json", &image, REGION))
+        .await
+        .unwrap();
+    assert_eq!(
+        answer["outcome"]["rules"],
+        json!(["golden", "data-previews"])
+    );
+    assert_eq!(
+        image_tags(&s.ec2, &image).await,
+        tags(&[
+            ("stage", "release"),
+            ("ami-share:distributed", "org"),
+            ("cost-center", "platform"),
+            ("team", "data")
+        ])
+    );
+    // data-previews does not tag snapshots.
+    assert_eq!(
+        snapshot_tags(&s.ec2, &snapshots[0]).await,
+        tags(&[
+            ("ami-share:distributed", "org"),
+            ("cost-center", "platform")
+        ])
+    );
+    assert_eq!(
+        launch_permissions(&s.ec2, &image).await,
+        perms(&[
+            format!("org={}", s.org_arn),
+            format!("ou={}", s.eng_ou_arn),
+            format!("ou={}", s.data_ou_arn),
+            format!("account={PARTNER}"),
+        ])
+    );
+}
+
+#[tokio::test]
+async fn a_pending_image_is_tagged_at_once_and_shared_when_available() {
+    let s = setup().await;
+    let (image, _) = create_image(&s.ec2, "golden-al2023-4", &[("stage", "release")]).await;
+    // AWS: an image is pending for minutes after CreateImage (moto's never are: tests/emulator.py can).
+    s.emulator.set_image_state(REGION, &image, "pending");
+
+    let before = s.emulator.requests().len();
+    let answer = s
+        .handler
+        .handle(sample_event("create-image.json", &image, REGION))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.emulator.mutating_requests_since(before),
+        ["ec2:CreateTags"]
+    );
+    let deferred = answer["outcome"]["deferred"][0].as_str().unwrap();
+    assert!(
+        deferred.contains("waits until it is available"),
+        "{deferred}"
+    );
+    assert_eq!(image_tags(&s.ec2, &image).await["cost-center"], "platform");
+    assert!(launch_permissions(&s.ec2, &image).await.is_empty());
+
+    // A duplicate CloudTrail event while still pending changes nothing.
+    let before = s.emulator.requests().len();
+    s.handler
+        .handle(sample_event("create-image.json", &image, REGION))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.emulator.mutating_requests_since(before),
+        Vec::<String>::new()
+    );
+
+    s.emulator.set_image_state(REGION, &image, "available");
+    let before = s.emulator.requests().len();
+    let answer = s
+        .handler
+        .handle(sample_event("ami-state-available.json", &image, REGION))
+        .await
+        .unwrap();
+    assert_eq!(answer["status"], "done", "{answer:#}");
+    assert_eq!(
+        s.emulator.mutating_requests_since(before),
+        ["ec2:ModifyImageAttribute"]
+    );
+    assert_eq!(
+        launch_permissions(&s.ec2, &image).await,
+        perms(&[format!("org={}", s.org_arn), format!("ou={}", s.eng_ou_arn)])
+    );
+}
+
+#[tokio::test]
+async fn a_state_change_that_arrives_first_does_the_whole_job_and_the_late_api_call_event_nothing()
+{
+    let s = setup().await;
+    let (image, _) = create_image(&s.ec2, "golden-al2023-5", &[("stage", "release")]).await;
+    s.handler
+        .handle(sample_event("ami-state-available.json", &image, REGION))
+        .await
+        .unwrap();
+    assert_eq!(launch_permissions(&s.ec2, &image).await.len(), 2);
+    let before = s.emulator.requests().len();
+    s.handler
+        .handle(sample_event("create-image.json", &image, REGION))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.emulator.mutating_requests_since(before),
+        Vec::<String>::new()
+    );
+}
+
+#[tokio::test]
+async fn created_by_is_read_from_the_image_when_the_event_does_not_say() {
+    let s = setup().await;
+    let (source, _) = create_image(&s.ec2, "copied-base", &[]).await;
+    let copy = s
+        .ec2
+        .copy_image()
+        .source_image_id(&source)
+        .source_region(REGION)
+        .name("copied-base")
+        .send()
+        .await
+        .unwrap()
+        .image_id()
+        .unwrap()
+        .to_string();
+    // The state-change event carries no operation: the copy's SourceImageId says CopyImage.
+    let answer = s
+        .handler
+        .handle(sample_event("ami-state-available.json", &copy, REGION))
+        .await
+        .unwrap();
+    assert_eq!(answer["outcome"]["created_by"], "CopyImage", "{answer:#}");
+    assert_eq!(image_tags(&s.ec2, &copy).await, tags(&[("copied", "yes")]));
+    // The source was made by CreateImage: the copies-only rule does not select it.
+    let answer = s
+        .handler
+        .handle(sample_event("ami-state-available.json", &source, REGION))
+        .await
+        .unwrap();
+    assert_eq!(answer["status"], "skipped", "{answer:#}");
+    assert_eq!(answer["outcome"]["created_by"], "CreateImage");
+}
+
+#[tokio::test]
+async fn images_of_other_accounts_and_missing_images_are_skipped_with_the_reason() {
+    let s = setup().await;
+    let (image, _) = create_image(&s.ec2, "golden-al2023-6", &[("stage", "release")]).await;
+    s.emulator.set_image_owner(REGION, &image, PARTNER);
+    let before = s.emulator.requests().len();
+    let answer = s
+        .handler
+        .handle(sample_event("create-image.json", &image, REGION))
+        .await
+        .unwrap();
+    let reason = answer["outcome"]["skipped"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!("owned by account {PARTNER}")),
+        "{reason}"
+    );
+
+    let answer = s
+        .handler
+        .handle(sample_event(
+            "create-image.json",
+            "ami-0123456789abcdef0",
+            REGION,
+        ))
+        .await
+        .unwrap();
+    let reason = answer["outcome"]["skipped"].as_str().unwrap();
+    assert!(reason.contains("no such image in us-east-1"), "{reason}");
+    assert_eq!(
+        s.emulator.mutating_requests_since(before),
+        Vec::<String>::new()
+    );
+}
+
+#[tokio::test]
+async fn a_failed_api_call_and_a_terminal_state_make_no_aws_call() {
+    let s = setup().await;
+    let before = s.emulator.requests().len();
+    let failed: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_path("events/create-image-failed.json")).unwrap(),
+    )
+    .unwrap();
+    let answer = s.handler.handle(failed).await.unwrap();
+    assert_eq!(answer["status"], "ignored");
+    let mut deregistered =
+        sample_event("ami-state-available.json", "ami-0123456789abcdef0", REGION);
+    deregistered["detail"]["State"] = json!("deregistered");
+    let answer = s.handler.handle(deregistered).await.unwrap();
+    assert_eq!(answer["status"], "skipped", "{answer:#}");
+    assert_eq!(s.emulator.requests().len(), before, "no AWS request at all");
+}
+
+#[tokio::test]
+async fn an_aws_failure_is_an_error_that_says_what_was_done_and_what_failed() {
+    let s = setup().await;
+    let (image, _) = create_image(&s.ec2, "golden-al2023-7", &[("stage", "release")]).await;
+    // Point the handler at a dead endpoint: every call fails to connect, which is retryable.
+    let dead = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url("http://127.0.0.1:9")
+        .region(aws_config::Region::new(REGION))
+        .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+            "t", "t", None, None, "t",
+        ))
+        .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(1))
+        .load()
+        .await;
+    let handler = Handler::new(
+        Config::parse("[[rule]]\nname = \"all\"\ntags = { a = \"b\" }\n").unwrap(),
+        SdkEc2::new(dead),
+        REGION,
+    );
+    let error = handler
+        .handle(sample_event("create-image.json", &image, REGION))
+        .await
+        .unwrap_err();
+    assert_eq!(error.error_type(), "Retryable");
+    let message = error.to_string();
+    assert!(
+        message.contains(&image) && message.contains("DescribeImages"),
+        "{message}"
+    );
+}
