@@ -1,0 +1,168 @@
+//! The real `ami-share-lambda` binary, run as Lambda runs it: through the Runtime API (tests/common/
+//! runtime_api.rs), with its config file and the emulator as AWS.
+
+mod common;
+
+use common::runtime_api::{Function, RuntimeApi};
+use common::*;
+use serde_json::json;
+
+fn binary() -> std::path::PathBuf {
+    env!("CARGO_BIN_EXE_ami-share-lambda").into()
+}
+
+fn write_config(text: &str) -> tempfile_path::TempPath {
+    tempfile_path::TempPath::with(text)
+}
+
+/// A file removed when dropped (no crate needed for this one use).
+mod tempfile_path {
+    pub struct TempPath(pub std::path::PathBuf);
+    impl TempPath {
+        pub fn with(text: &str) -> Self {
+            static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path = std::env::temp_dir()
+                .join(format!("ami-share-test-{}-{n}.toml", std::process::id()));
+            std::fs::write(&path, text).unwrap();
+            Self(path)
+        }
+        pub fn env(&self) -> String {
+            self.0.display().to_string()
+        }
+    }
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_bootstrap_tags_and_shares_through_the_runtime_api_and_logs_json_with_the_request_id() {
+    let emulator = Emulator::start();
+    let org = emulator.organization(&["eng"]);
+    let org_arn = org["arn"].as_str().unwrap();
+    let ou_arn = org["ous"]["eng"]["arn"].as_str().unwrap();
+    let ec2 = emulator.ec2().await;
+    let (image, snapshots) = create_image(&ec2, "golden-al2023", &[("stage", "release")]).await;
+    let config = write_config(&format!(
+        "[[rule]]\nname = \"golden\"\nmatch.name = [\"golden-*\"]\ntags = {{ shared = \"org\" }}\nshare.organizations = [\"{org_arn}\"]\nshare.organizational_units = [\"{ou_arn}\"]\n"
+    ));
+
+    let mut api = RuntimeApi::start();
+    let mut env = emulator.aws_env();
+    env.push(("AMI_SHARE_CONFIG", config.env()));
+    let function = Function::start(&binary(), &api, &env);
+
+    let answer = api.invoke(sample_event("create-image.json", &image, REGION));
+    assert_eq!(answer.kind, "response", "{answer:?}");
+    assert_eq!(answer.body["status"], "done");
+    assert_eq!(
+        image_tags(&ec2, &image).await,
+        tags(&[("stage", "release"), ("shared", "org")])
+    );
+    assert_eq!(
+        snapshot_tags(&ec2, &snapshots[0]).await,
+        tags(&[("shared", "org")])
+    );
+    assert_eq!(
+        launch_permissions(&ec2, &image).await,
+        [format!("org={org_arn}"), format!("ou={ou_arn}")].into()
+    );
+
+    // A duplicate delivery, a failed call and an unsupported event, to the same warm process.
+    let before = emulator.requests().len();
+    let duplicate = api.invoke(sample_event("create-image.json", &image, REGION));
+    assert_eq!(duplicate.body["outcome"]["done"], json!([]));
+    assert_eq!(
+        emulator.mutating_requests_since(before),
+        Vec::<String>::new()
+    );
+    let failed: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_path("events/create-image-failed.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(api.invoke(failed).body["status"], "ignored");
+    let unsupported =
+        api.invoke(json!({"source": "aws.s3", "detail-type": "Object Created", "detail": {}}));
+    assert_eq!(unsupported.kind, "error");
+    assert_eq!(unsupported.body["errorType"], "UnsupportedEvent");
+    assert!(
+        unsupported.body["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("source is \"aws.s3\"")
+    );
+
+    // The log: JSON lines; one summary per event, carrying the Lambda request id.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let log = function.json_log();
+    let summaries: Vec<_> = log.iter().filter(|l| l["outcome"].is_string()).collect();
+    assert_eq!(summaries.len(), 4, "{log:#?}");
+    assert_eq!(summaries[0]["outcome"], "done");
+    assert_eq!(summaries[0]["image_id"], image.as_str());
+    assert_eq!(summaries[0]["actions_done"], 2);
+    assert_eq!(
+        summaries[0]["span"]["requestId"],
+        "req-0001-0000-4000-8000-000000000000"
+    );
+    assert_eq!(summaries[1]["actions_done"], 0);
+    assert_eq!(summaries[2]["outcome"], "ignored");
+    assert_eq!(summaries[3]["outcome"], "unsupported_event");
+    assert_eq!(
+        summaries[3]["span"]["requestId"],
+        "req-0004-0000-4000-8000-000000000000"
+    );
+}
+
+#[test]
+fn the_bootstrap_refuses_to_start_with_an_invalid_config() {
+    let config = write_config("[[rule]]\nname = \"r\"\nshare.organizations = [\"o-a1b2c3d4e5\"]\n");
+    let api = RuntimeApi::start();
+    let mut function = Function::start(
+        &binary(),
+        &api,
+        &[
+            ("AMI_SHARE_CONFIG", config.env()),
+            ("AWS_REGION", REGION.into()),
+        ],
+    );
+    let code = function.wait_exit();
+    assert_ne!(code, Some(0));
+    let log = function.json_log();
+    let refusal = log
+        .iter()
+        .find(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("refusing to start"))
+        })
+        .unwrap_or_else(|| panic!("no refusal in {log:#?}"));
+    let message = refusal["message"].as_str().unwrap();
+    assert!(
+        message.contains("bare organization id") && message.contains("line 3"),
+        "{message}"
+    );
+}
+
+#[test]
+fn the_bootstrap_refuses_to_start_without_a_config_file() {
+    let api = RuntimeApi::start();
+    let mut function = Function::start(
+        &binary(),
+        &api,
+        &[
+            ("AMI_SHARE_CONFIG", "/nonexistent/ami-share.toml".into()),
+            ("AWS_REGION", REGION.into()),
+        ],
+    );
+    assert_ne!(function.wait_exit(), Some(0));
+    let log = function.json_log();
+    assert!(
+        log.iter().any(|l| l["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("cannot read config file /nonexistent/ami-share.toml"))),
+        "{log:#?}"
+    );
+}
