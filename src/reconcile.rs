@@ -242,3 +242,303 @@ async fn apply(ec2: &impl Ec2, action: &Action) -> Result<(), AwsError> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::observed::{ImageState, ObservedSnapshot, Tags};
+    use crate::targets::LaunchPermission;
+    use crate::trigger::ImageRef;
+
+    /// An in-memory EC2 with one image; records every call and can fail chosen operations.
+    struct FakeEc2 {
+        image: Mutex<ObservedImage>,
+        snapshot_tags: Mutex<BTreeMap<String, Tags>>,
+        calls: Mutex<Vec<&'static str>>,
+        failing: Vec<&'static str>,
+    }
+
+    impl FakeEc2 {
+        fn new(state: ImageState) -> Self {
+            Self {
+                image: Mutex::new(ObservedImage {
+                    image_id: "ami-12345678".into(),
+                    region: "eu-west-1".into(),
+                    name: Some("golden-1".into()),
+                    owner_id: "123456789012".into(),
+                    state,
+                    tags: Tags::new(),
+                    created_by_hint: Some(CreatedBy::CreateImage),
+                    snapshots: vec![ObservedSnapshot {
+                        snapshot_id: "snap-1".into(),
+                        tags: None,
+                    }],
+                    launch_permissions: None,
+                }),
+                snapshot_tags: Mutex::new([("snap-1".to_string(), Tags::new())].into()),
+                calls: Mutex::new(Vec::new()),
+                failing: Vec::new(),
+            }
+        }
+
+        fn call(&self, operation: &'static str, region: &str) -> Result<(), AwsError> {
+            assert_eq!(region, "eu-west-1", "{operation} in the image's region");
+            self.calls.lock().unwrap().push(operation);
+            if self.failing.contains(&operation) {
+                return Err(AwsError {
+                    operation,
+                    region: region.into(),
+                    resource: "x".into(),
+                    code: Some("RequestLimitExceeded".into()),
+                    message: "slow down".into(),
+                    retryable: true,
+                });
+            }
+            Ok(())
+        }
+
+        fn calls(&self) -> Vec<&'static str> {
+            self.calls.lock().unwrap().clone()
+        }
+    }
+
+    impl Ec2 for FakeEc2 {
+        async fn describe_image(&self, region: &str, _: &str) -> Result<ImageLookup, AwsError> {
+            self.call("DescribeImages", region)?;
+            Ok(ImageLookup::Owned(self.image.lock().unwrap().clone()))
+        }
+        async fn describe_launch_permissions(
+            &self,
+            region: &str,
+            _: &str,
+        ) -> Result<BTreeSet<LaunchPermission>, AwsError> {
+            self.call("DescribeImageAttribute", region)?;
+            Ok(self
+                .image
+                .lock()
+                .unwrap()
+                .launch_permissions
+                .clone()
+                .unwrap_or_default())
+        }
+        async fn describe_snapshot_tags(
+            &self,
+            region: &str,
+            _: &[String],
+        ) -> Result<BTreeMap<String, Tags>, AwsError> {
+            self.call("DescribeSnapshots", region)?;
+            Ok(self.snapshot_tags.lock().unwrap().clone())
+        }
+        async fn create_tags(
+            &self,
+            region: &str,
+            resources: &[String],
+            tags: &Tags,
+        ) -> Result<(), AwsError> {
+            self.call("CreateTags", region)?;
+            let mut image = self.image.lock().unwrap();
+            let mut snapshots = self.snapshot_tags.lock().unwrap();
+            for r in resources {
+                if *r == image.image_id {
+                    image.tags.extend(tags.clone());
+                } else {
+                    snapshots.entry(r.clone()).or_default().extend(tags.clone());
+                }
+            }
+            Ok(())
+        }
+        async fn add_launch_permissions(
+            &self,
+            region: &str,
+            _: &str,
+            permissions: &[LaunchPermission],
+        ) -> Result<(), AwsError> {
+            self.call("ModifyImageAttribute", region)?;
+            let mut image = self.image.lock().unwrap();
+            image
+                .launch_permissions
+                .get_or_insert_default()
+                .extend(permissions.iter().cloned());
+            Ok(())
+        }
+    }
+
+    fn config(text: &str) -> Config {
+        Config::parse(text).unwrap()
+    }
+
+    fn sharing_config() -> Config {
+        config(
+            "[[rule]]\nname = \"golden\"\nmatch.name = [\"golden-*\"]\ntags = { t = \"1\" }\nshare.accounts = [\"210987654321\"]\n",
+        )
+    }
+
+    fn event(kind: EventKind) -> ImageEvent {
+        ImageEvent {
+            image: ImageRef {
+                region: None,
+                image_id: "ami-12345678".into(),
+            },
+            kind,
+            account: None,
+            event_id: None,
+        }
+    }
+
+    const WRITES: [&str; 2] = ["CreateTags", "ModifyImageAttribute"];
+
+    #[tokio::test]
+    async fn apply_then_reapply_writes_once() {
+        let ec2 = FakeEc2::new(ImageState::Available);
+        let e = event(EventKind::Direct);
+        let first = reconcile(&e, "eu-west-1", &sharing_config(), &ec2, Mode::Apply).await;
+        assert_eq!(first.done.len(), 2, "{}", first.headline());
+        let writes_before = ec2.calls().iter().filter(|c| WRITES.contains(c)).count();
+        let second = reconcile(&e, "eu-west-1", &sharing_config(), &ec2, Mode::Apply).await;
+        assert!(second.done.is_empty() && second.not_done.is_empty());
+        assert_eq!(
+            ec2.calls().iter().filter(|c| WRITES.contains(c)).count(),
+            writes_before
+        );
+        assert!(
+            second.headline().contains("nothing to do"),
+            "{}",
+            second.headline()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dry_run_reads_but_never_writes() {
+        let ec2 = FakeEc2::new(ImageState::Available);
+        let outcome = reconcile(
+            &event(EventKind::Direct),
+            "eu-west-1",
+            &sharing_config(),
+            &ec2,
+            Mode::DryRun,
+        )
+        .await;
+        assert_eq!(outcome.not_done.len(), 2);
+        assert!(outcome.done.is_empty());
+        assert!(
+            !ec2.calls().iter().any(|c| WRITES.contains(c)),
+            "{:?}",
+            ec2.calls()
+        );
+        assert_eq!(outcome.plan().actions.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_is_recorded_beside_what_succeeded() {
+        let mut ec2 = FakeEc2::new(ImageState::Available);
+        ec2.failing = vec!["CreateTags"];
+        let outcome = reconcile(
+            &event(EventKind::Direct),
+            "eu-west-1",
+            &sharing_config(),
+            &ec2,
+            Mode::Apply,
+        )
+        .await;
+        assert!(outcome.has_failures() && outcome.retryable());
+        assert!(matches!(
+            outcome.done.as_slice(),
+            [Action::AddLaunchPermissions { .. }]
+        ));
+        assert!(matches!(
+            outcome.not_done.as_slice(),
+            [Action::CreateTags { .. }]
+        ));
+        let headline = outcome.headline();
+        assert!(
+            headline.contains("done: share") && headline.contains("not done: tag"),
+            "{headline}"
+        );
+        assert!(headline.contains("RequestLimitExceeded"), "{headline}");
+    }
+
+    #[tokio::test]
+    async fn reads_the_plan_cannot_use_are_not_made() {
+        // Tags only, snapshots untagged: no DescribeImageAttribute, no DescribeSnapshots.
+        let ec2 = FakeEc2::new(ImageState::Available);
+        let c = config("[[rule]]\nname = \"t\"\ntags = { t = \"1\" }\ntag_snapshots = false\n");
+        reconcile(
+            &event(EventKind::Direct),
+            "eu-west-1",
+            &c,
+            &ec2,
+            Mode::Apply,
+        )
+        .await;
+        assert_eq!(ec2.calls(), ["DescribeImages", "CreateTags"]);
+        // A pending image: no launch permission read either.
+        let ec2 = FakeEc2::new(ImageState::Pending);
+        let outcome = reconcile(
+            &event(EventKind::Direct),
+            "eu-west-1",
+            &sharing_config(),
+            &ec2,
+            Mode::Apply,
+        )
+        .await;
+        assert_eq!(
+            ec2.calls(),
+            ["DescribeImages", "DescribeSnapshots", "CreateTags"]
+        );
+        assert_eq!(outcome.deferred.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_terminal_state_event_makes_no_call_and_no_rule_means_no_write() {
+        let ec2 = FakeEc2::new(ImageState::Available);
+        let failed = event(EventKind::StateChange {
+            state: "failed".into(),
+        });
+        let outcome = reconcile(&failed, "eu-west-1", &sharing_config(), &ec2, Mode::Apply).await;
+        assert!(
+            outcome
+                .skipped
+                .unwrap()
+                .contains("reports the image failed")
+        );
+        assert!(ec2.calls().is_empty());
+        let c = config(
+            "[[rule]]\nname = \"other\"\nmatch.name = [\"other-*\"]\ntags = { t = \"1\" }\n",
+        );
+        let outcome = reconcile(
+            &event(EventKind::Direct),
+            "eu-west-1",
+            &c,
+            &ec2,
+            Mode::Apply,
+        )
+        .await;
+        assert!(
+            outcome
+                .skipped
+                .unwrap()
+                .contains("no rule selects it (name \"golden-1\")")
+        );
+        assert_eq!(ec2.calls(), ["DescribeImages"]);
+    }
+
+    #[tokio::test]
+    async fn created_by_comes_from_the_event_before_the_image() {
+        let ec2 = FakeEc2::new(ImageState::Available);
+        let c = config(
+            "[[rule]]\nname = \"reg\"\nmatch.created_by = [\"RegisterImage\"]\ntags = { t = \"1\" }\n",
+        );
+        let by_event = event(EventKind::ApiCall(CreatedBy::RegisterImage));
+        let outcome = reconcile(&by_event, "eu-west-1", &c, &ec2, Mode::DryRun).await;
+        assert_eq!(outcome.rules, ["reg"]);
+        let by_image = event(EventKind::StateChange {
+            state: "available".into(),
+        });
+        let outcome = reconcile(&by_image, "eu-west-1", &c, &ec2, Mode::DryRun).await;
+        assert_eq!(outcome.created_by, Some(CreatedBy::CreateImage));
+        assert!(outcome.rules.is_empty());
+    }
+}
