@@ -35,6 +35,8 @@ pub struct Outcome {
     pub done: Vec<Action>,
     /// The plan's actions not carried out: dry-run, or their call failed.
     pub not_done: Vec<Action>,
+    /// Planned only ([`Mode::DryRun`]): `not_done` is what an apply would do.
+    pub dry_run: bool,
     /// Work left for later, and why.
     pub deferred: Vec<String>,
     /// Why nothing was done at all, when that is the case.
@@ -96,7 +98,8 @@ impl Outcome {
             parts.push("already as configured, nothing to do".into());
         }
         parts.extend(self.done.iter().map(|a| format!("done: {a}")));
-        parts.extend(self.not_done.iter().map(|a| format!("not done: {a}")));
+        let label = if self.dry_run { "would" } else { "not done" };
+        parts.extend(self.not_done.iter().map(|a| format!("{label}: {a}")));
         parts.extend(self.deferred.iter().map(|d| format!("deferred: {d}")));
         parts.extend(self.failures.iter().map(|f| format!("failed: {f}")));
         format!("{subject}: {}", parts.join("; "))
@@ -208,6 +211,7 @@ pub async fn reconcile_image(
     let plan = plan(&desired, &image);
     outcome.deferred = plan.deferred;
     if mode == Mode::DryRun {
+        outcome.dry_run = true;
         outcome.not_done = plan.actions;
         return outcome;
     }
@@ -429,6 +433,13 @@ mod tests {
             ec2.calls()
         );
         assert_eq!(outcome.plan().actions.len(), 2);
+        assert!(
+            outcome
+                .headline()
+                .contains("would: tag ami-12345678, snap-1"),
+            "{}",
+            outcome.headline()
+        );
     }
 
     #[tokio::test]
