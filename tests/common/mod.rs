@@ -235,11 +235,7 @@ pub async fn image_tags(ec2: &aws_sdk_ec2::Client, image_id: &str) -> Tags {
         .send()
         .await
         .expect("DescribeImages");
-    images.images()[0]
-        .tags()
-        .iter()
-        .map(|t| (t.key().unwrap().to_string(), t.value().unwrap().to_string()))
-        .collect()
+    tag_map(images.images()[0].tags())
 }
 
 pub async fn snapshot_tags(ec2: &aws_sdk_ec2::Client, snapshot_id: &str) -> Tags {
@@ -249,9 +245,11 @@ pub async fn snapshot_tags(ec2: &aws_sdk_ec2::Client, snapshot_id: &str) -> Tags
         .send()
         .await
         .expect("DescribeSnapshots");
-    snapshots.snapshots()[0]
-        .tags()
-        .iter()
+    tag_map(snapshots.snapshots()[0].tags())
+}
+
+fn tag_map(tags: &[Tag]) -> Tags {
+    tags.iter()
         .map(|t| (t.key().unwrap().to_string(), t.value().unwrap().to_string()))
         .collect()
 }
