@@ -87,7 +87,7 @@ impl<E: Ec2> Handler<E> {
         )
         .await;
         log_summary(&outcome, event.event_id.as_deref());
-        if outcome.has_failures() {
+        if outcome.is_incomplete() {
             return Err(HandlerError::Incomplete {
                 headline: outcome.headline(),
                 retryable: outcome.retryable(),
@@ -105,7 +105,8 @@ impl<E: Ec2> Handler<E> {
 /// The one summary record per event: flat fields for log queries, the headline as the message.
 fn log_summary(outcome: &Outcome, event_id: Option<&str>) {
     let status = match () {
-        _ if outcome.has_failures() => "failed",
+        _ if !outcome.failures.is_empty() => "failed",
+        _ if outcome.retry_reason.is_some() => "retry",
         _ if outcome.skipped.is_some() => "skipped",
         _ => "done",
     };
@@ -122,7 +123,8 @@ fn log_summary(outcome: &Outcome, event_id: Option<&str>) {
         skipped = outcome.skipped.as_deref().unwrap_or_default(),
         conflicts = %to_json(&outcome.conflicts),
         failures = %to_json(&outcome.failures),
-        retryable = outcome.has_failures() && outcome.retryable(),
+        retry_reason = outcome.retry_reason.as_deref().unwrap_or_default(),
+        retryable = outcome.is_incomplete() && outcome.retryable(),
         "{}",
         outcome.headline()
     );

@@ -9,9 +9,13 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::LevelFilter;
 
 fn filter() -> EnvFilter {
+    // Lambda's levels are TRACE..ERROR plus FATAL, which tracing does not have: FATAL means errors only.
     let lambda_level = std::env::var("AWS_LAMBDA_LOG_LEVEL")
         .ok()
-        .and_then(|level| level.parse::<LevelFilter>().ok());
+        .and_then(|level| match level.to_ascii_uppercase().as_str() {
+            "FATAL" => Some(LevelFilter::ERROR),
+            other => other.parse::<LevelFilter>().ok(),
+        });
     match lambda_level {
         Some(level) => EnvFilter::new(level.to_string()),
         None => EnvFilter::builder()

@@ -66,9 +66,11 @@ pub struct ObservedImage {
     pub owner_id: String,
     pub state: ImageState,
     pub tags: Tags,
-    /// How the image was made, where the image tells (`SourceInstanceId`: CreateImage,
-    /// `SourceImageId`: CopyImage). `None`: RegisterImage, or an image older than those fields.
-    pub created_by_hint: Option<CreatedBy>,
+    /// How the image was made, as the image tells: `SourceInstanceId` is set only by CreateImage,
+    /// `SourceImageId` (without it) by CopyImage, neither by RegisterImage. So every event about one image
+    /// selects the same rules. (AMIs made before AWS added these fields in 2024 read as RegisterImage;
+    /// CreateRestoreImageTask reads as CopyImage.)
+    pub created_by: CreatedBy,
     pub snapshots: Vec<ObservedSnapshot>,
     /// `None` until read (DescribeImageAttribute is only called when sharing is wanted).
     pub launch_permissions: Option<BTreeSet<LaunchPermission>>,

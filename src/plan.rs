@@ -202,7 +202,7 @@ mod tests {
             owner_id: "123456789012".into(),
             state,
             tags: Tags::new(),
-            created_by_hint: None,
+            created_by: crate::config::CreatedBy::CreateImage,
             snapshots: vec![ObservedSnapshot {
                 snapshot_id: "snap-1".into(),
                 tags: Some(Tags::new()),

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::aws::{AwsError, Ec2, ImageLookup};
 use crate::config::{Config, CreatedBy};
-use crate::observed::ObservedImage;
+use crate::observed::{ImageState, ObservedImage};
 use crate::plan::{Action, Plan, plan, reads_needed};
 use crate::rules::{ImageFacts, desired_for};
 use crate::trigger::{EventKind, ImageEvent};
@@ -48,6 +48,9 @@ pub struct Outcome {
     /// AWS calls that failed.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub failures: Vec<AwsError>,
+    /// Why the event must be handled again later although no call failed (EC2 has not caught up with it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_reason: Option<String>,
 }
 
 impl Outcome {
@@ -69,14 +72,19 @@ impl Outcome {
         self
     }
 
-    /// Whether any call failed: the event was not fully handled.
-    pub fn has_failures(&self) -> bool {
-        !self.failures.is_empty()
+    /// Whether the event was not fully handled: a call failed, or EC2 has not caught up with the event.
+    pub fn is_incomplete(&self) -> bool {
+        !self.failures.is_empty() || self.retry_reason.is_some()
     }
 
-    /// Whether every failure may succeed on a retry.
+    /// Whether a retry may complete it (every failure is retryable).
     pub fn retryable(&self) -> bool {
         self.failures.iter().all(|f| f.retryable)
+    }
+
+    fn retry_later(mut self, reason: String) -> Self {
+        self.retry_reason = Some(reason);
+        self
     }
 
     /// The plan this reconciliation made (done and not done).
@@ -102,6 +110,7 @@ impl Outcome {
         parts.extend(self.not_done.iter().map(|a| format!("{label}: {a}")));
         parts.extend(self.deferred.iter().map(|d| format!("deferred: {d}")));
         parts.extend(self.failures.iter().map(|f| format!("failed: {f}")));
+        parts.extend(self.retry_reason.iter().map(|r| format!("to retry: {r}")));
         format!("{subject}: {}", parts.join("; "))
     }
 }
@@ -132,30 +141,43 @@ pub async fn reconcile(
                 "owned by account {owner_id}, not this one: only the owner can tag or share an AMI"
             ));
         }
-        Ok(ImageLookup::NotFound) => {
-            return outcome.skipped(format!(
-                "no such image in {region} (deregistered, or the event names another region)"
+        // EC2 is eventually consistent: an image an event has just announced may not be visible yet.
+        Ok(ImageLookup::NotFound) if event.kind != EventKind::Direct => {
+            return outcome.retry_later(format!(
+                "EC2 does not show {image_id} in {region} yet (it is eventually consistent); if it persists, the image was deregistered or the event names another region"
             ));
+        }
+        Ok(ImageLookup::NotFound) => {
+            return outcome.skipped(format!("no such image in {region}"));
         }
         Err(e) => return outcome.failed(e),
     };
     let created_by = match &event.kind {
-        EventKind::ApiCall(created_by) => Some(*created_by),
-        EventKind::StateChange { .. } | EventKind::Direct => image.created_by_hint,
+        EventKind::ApiCall(created_by) => *created_by,
+        EventKind::StateChange { .. } | EventKind::Direct => image.created_by,
     };
-    reconcile_image(image, created_by, config, ec2, mode, outcome).await
+    let lagging = matches!(&event.kind, EventKind::StateChange { state } if state == "available")
+        && image.state == ImageState::Pending;
+    let outcome = reconcile_image(image, created_by, config, ec2, mode, outcome).await;
+    if lagging && !outcome.rules.is_empty() {
+        // No later event will come for this image: have this one delivered again.
+        return outcome.retry_later(format!(
+            "the event says {image_id} is available but DescribeImages still says pending (EC2 is eventually consistent)"
+        ));
+    }
+    outcome
 }
 
 /// Selects, observes what the plan needs, plans and (in [`Mode::Apply`]) applies, for a described image.
 pub async fn reconcile_image(
     mut image: ObservedImage,
-    created_by: Option<CreatedBy>,
+    created_by: CreatedBy,
     config: &Config,
     ec2: &impl Ec2,
     mode: Mode,
     mut outcome: Outcome,
 ) -> Outcome {
-    outcome.created_by = created_by;
+    outcome.created_by = Some(created_by);
     let facts = ImageFacts {
         name: image.name.as_deref(),
         tags: &image.tags,
@@ -253,7 +275,7 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::observed::{ImageState, ObservedSnapshot, Tags};
+    use crate::observed::{ObservedSnapshot, Tags};
     use crate::targets::LaunchPermission;
     use crate::trigger::ImageRef;
 
@@ -275,7 +297,7 @@ mod tests {
                     owner_id: "123456789012".into(),
                     state,
                     tags: Tags::new(),
-                    created_by_hint: Some(CreatedBy::CreateImage),
+                    created_by: CreatedBy::CreateImage,
                     snapshots: vec![ObservedSnapshot {
                         snapshot_id: "snap-1".into(),
                         tags: None,
@@ -454,7 +476,7 @@ mod tests {
             Mode::Apply,
         )
         .await;
-        assert!(outcome.has_failures() && outcome.retryable());
+        assert!(outcome.is_incomplete() && outcome.retryable());
         assert!(matches!(
             outcome.done.as_slice(),
             [Action::AddLaunchPermissions { .. }]

@@ -19,7 +19,7 @@ pub struct ImageFacts<'a> {
     pub name: Option<&'a str>,
     pub tags: &'a Tags,
     pub owner_id: &'a str,
-    pub created_by: Option<CreatedBy>,
+    pub created_by: CreatedBy,
 }
 
 /// What the selecting rules want for one image.
@@ -53,10 +53,7 @@ pub fn selects(rule: &Rule, image: &ImageFacts) -> bool {
             .get(key.as_str())
             .is_some_and(|value| glob.is_match(value))
     });
-    let created_ok = s.created_by.is_empty()
-        || image
-            .created_by
-            .is_some_and(|created| s.created_by.contains(&created));
+    let created_ok = s.created_by.is_empty() || s.created_by.contains(&image.created_by);
     let account_ok =
         s.accounts.is_empty() || s.accounts.iter().any(|a| a.as_str() == image.owner_id);
     name_ok && tags_ok && created_ok && account_ok
@@ -67,7 +64,12 @@ pub fn desired_for(config: &Config, image: &ImageFacts) -> Desired {
     let mut desired = Desired::default();
     // Which rule set each key first, to name both rules in a conflict.
     let mut owner_of_key: Tags = Tags::new();
-    for rule in config.rules.iter().filter(|rule| selects(rule, image)) {
+    let selecting: Vec<&Rule> = config
+        .rules
+        .iter()
+        .filter(|rule| selects(rule, image))
+        .collect();
+    for rule in &selecting {
         desired.rules.push(rule.name.clone());
         for (key, value) in &rule.tags {
             let (key, value) = (key.as_str(), value.as_str());
@@ -88,11 +90,7 @@ pub fn desired_for(config: &Config, image: &ImageFacts) -> Desired {
             .extend(rule.share.launch_permissions());
     }
     // Snapshot tags: the winning value of each key, for keys of rules that tag snapshots.
-    for rule in config
-        .rules
-        .iter()
-        .filter(|rule| rule.tag_snapshots && selects(rule, image))
-    {
+    for rule in selecting.iter().filter(|rule| rule.tag_snapshots) {
         for key in rule.tags.keys() {
             let key = key.as_str();
             desired
@@ -126,7 +124,7 @@ mod tests {
             name: Some(name),
             tags,
             owner_id: "123456789012",
-            created_by: Some(CreatedBy::CreateImage),
+            created_by: CreatedBy::CreateImage,
         }
     }
 
@@ -206,19 +204,11 @@ mod tests {
         let none = Tags::new();
         let r = &c.rules[0];
         let copied = ImageFacts {
-            created_by: Some(CreatedBy::CopyImage),
+            created_by: CreatedBy::CopyImage,
             ..facts("x", &none)
         };
         assert!(selects(r, &copied));
         assert!(!selects(r, &facts("x", &none)), "CreateImage");
-        let unknown = ImageFacts {
-            created_by: None,
-            ..copied
-        };
-        assert!(
-            !selects(r, &unknown),
-            "unknown origin does not satisfy a created_by criterion"
-        );
         let other_owner = ImageFacts {
             owner_id: "210987654321",
             ..copied

@@ -6,7 +6,8 @@ Starts moto's ThreadedMotoServer on a free loopback port and prints one JSON lin
 then serves until stdin closes (the test that started it ended) or SIGTERM/SIGINT.
 
 Running moto in this process (not as `moto_server`) lets us adjust its backend where it differs from AWS on
-the paths ami-share depends on. Each fix below is small, named after the AWS behaviour it reproduces, and
+the paths ami-share depends on (launch-permission validation, pending images, DescribeImages owners,
+the SourceImageId/SourceInstanceId that tell how an image was made). Each fix below is small, named after the AWS behaviour it reproduces, and
 shown by a test in tests/emulator_fidelity.rs. A test that passes only because moto is lax proves nothing.
 
 Test-only control endpoints (never part of any AWS API), under /_ami_share/:
@@ -105,6 +106,18 @@ def copy_image(self, source_image_id, source_region, name=None, description=None
     return ami
 
 
+_create_image = AmiBackend.create_image
+
+
+def create_image(self, instance_id, name, description, tag_specifications):
+    """AWS records the instance's AMI as SourceImageId on an image made by CreateImage (beside
+    SourceInstanceId); moto records only the instance."""
+    ami = _create_image(self, instance_id, name, description, tag_specifications)
+    ami.source_image_id = self.get_instance(instance_id).image_id
+    return ami
+
+
+AmiBackend.create_image = create_image
 AmiBackend.modify_image_attribute = modify_image_attribute
 AmiBackend.describe_images = describe_images
 AmiBackend.copy_image = copy_image

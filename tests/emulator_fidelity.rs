@@ -103,6 +103,30 @@ async fn describe_images_applies_owners_together_with_image_ids() {
 }
 
 #[tokio::test]
+async fn create_image_records_the_instance_and_its_image() {
+    let emulator = Emulator::start();
+    let ec2 = emulator.ec2().await;
+    let (image, _) = create_image(&ec2, "any", &[]).await;
+    let described = ec2
+        .describe_images()
+        .image_ids(&image)
+        .send()
+        .await
+        .unwrap();
+    let image = &described.images()[0];
+    assert!(
+        image
+            .source_instance_id()
+            .is_some_and(|i| i.starts_with("i-"))
+    );
+    assert_eq!(
+        image.source_image_id(),
+        Some("ami-12c6146b"),
+        "the instance's AMI"
+    );
+}
+
+#[tokio::test]
 async fn a_copy_records_its_source_image_and_region() {
     let emulator = Emulator::start();
     let ec2 = emulator.ec2().await;

@@ -261,6 +261,26 @@ async fn a_pending_image_is_tagged_at_once_and_shared_when_available() {
 }
 
 #[tokio::test]
+async fn an_available_event_that_outruns_describe_images_is_retried_not_lost() {
+    let s = setup().await;
+    let (image, _) = create_image(&s.ec2, "golden-al2023-8", &[("stage", "release")]).await;
+    s.emulator.set_image_state(REGION, &image, "pending");
+    let event = sample_event("ami-state-available.json", &image, REGION);
+    let error = s.handler.handle(event.clone()).await.unwrap_err();
+    assert_eq!(error.error_type(), "Retryable");
+    assert!(error.to_string().contains("still says pending"), "{error}");
+    assert_eq!(
+        image_tags(&s.ec2, &image).await["cost-center"],
+        "platform",
+        "tagged meanwhile"
+    );
+    // Lambda's retry of the same event, once EC2 has caught up, shares.
+    s.emulator.set_image_state(REGION, &image, "available");
+    assert_eq!(s.handler.handle(event).await.unwrap()["status"], "done");
+    assert_eq!(launch_permissions(&s.ec2, &image).await.len(), 2);
+}
+
+#[tokio::test]
 async fn a_state_change_that_arrives_first_does_the_whole_job_and_the_late_api_call_event_nothing()
 {
     let s = setup().await;
@@ -283,6 +303,8 @@ async fn a_state_change_that_arrives_first_does_the_whole_job_and_the_late_api_c
 
 #[tokio::test]
 async fn created_by_is_read_from_the_image_when_the_event_does_not_say() {
+    // The emulator reports SourceImageId on CreateImage images too (as AWS does): only
+    // SourceInstanceId tells CreateImage from CopyImage.
     let s = setup().await;
     let (source, _) = create_image(&s.ec2, "copied-base", &[]).await;
     let copy = s
@@ -332,7 +354,8 @@ async fn images_of_other_accounts_and_missing_images_are_skipped_with_the_reason
         "{reason}"
     );
 
-    let answer = s
+    // An image an event announces but EC2 does not show (yet: it is eventually consistent) is retried.
+    let error = s
         .handler
         .handle(sample_event(
             "create-image.json",
@@ -340,9 +363,14 @@ async fn images_of_other_accounts_and_missing_images_are_skipped_with_the_reason
             REGION,
         ))
         .await
-        .unwrap();
-    let reason = answer["outcome"]["skipped"].as_str().unwrap();
-    assert!(reason.contains("no such image in us-east-1"), "{reason}");
+        .unwrap_err();
+    assert_eq!(error.error_type(), "Retryable");
+    assert!(
+        error
+            .to_string()
+            .contains("EC2 does not show ami-0123456789abcdef0 in us-east-1 yet"),
+        "{error}"
+    );
     assert_eq!(
         s.emulator.mutating_requests_since(before),
         Vec::<String>::new()

@@ -96,7 +96,14 @@ async fn the_bootstrap_tags_and_shares_through_the_runtime_api_and_logs_json_wit
     );
 
     // The log: JSON lines; one summary per event, carrying the Lambda request id.
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    let summaries_of =
+        |log: &[serde_json::Value]| log.iter().filter(|l| l["outcome"].is_string()).count();
+    for _ in 0..100 {
+        if summaries_of(&function.json_log()) >= 4 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     let log = function.json_log();
     let summaries: Vec<_> = log.iter().filter(|l| l["outcome"].is_string()).collect();
     assert_eq!(summaries.len(), 4, "{log:#?}");

@@ -119,12 +119,14 @@ fn tags_of(tags: &[ec2::Tag]) -> Tags {
 }
 
 fn observed_image(region: &str, image: &ec2::Image) -> ObservedImage {
-    let created_by_hint = if image.source_image_id().is_some() {
-        Some(CreatedBy::CopyImage)
-    } else if image.source_instance_id().is_some() {
-        Some(CreatedBy::CreateImage)
+    // SourceInstanceId appears only for CreateImage; SourceImageId for CreateImage (the instance's AMI),
+    // CopyImage and CreateRestoreImageTask; neither for RegisterImage. Hence this order.
+    let created_by = if image.source_instance_id().is_some() {
+        CreatedBy::CreateImage
+    } else if image.source_image_id().is_some() {
+        CreatedBy::CopyImage
     } else {
-        None
+        CreatedBy::RegisterImage
     };
     let snapshots = image
         .block_device_mappings()
@@ -142,7 +144,7 @@ fn observed_image(region: &str, image: &ec2::Image) -> ObservedImage {
         owner_id: image.owner_id().unwrap_or_default().to_string(),
         state: ImageState::from_name(image.state().map(|s| s.as_str()).unwrap_or("unknown")),
         tags: tags_of(image.tags()),
-        created_by_hint,
+        created_by,
         snapshots,
         launch_permissions: None,
     }

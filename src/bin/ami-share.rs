@@ -133,7 +133,7 @@ async fn run(target: Target, mode: Mode) -> ExitCode {
     } else {
         println!("{}", outcome.headline());
     }
-    if outcome.has_failures() {
+    if outcome.is_incomplete() {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
