@@ -13,6 +13,8 @@ use std::path::Path;
 use globset::{GlobBuilder, GlobMatcher};
 use serde::{Deserialize, Serialize};
 
+use crate::keys::KeyRef;
+use crate::markers;
 use crate::targets::{AccountId, LaunchPermission, OrganizationArn, OrganizationalUnitArn};
 
 /// Environment variable naming the config file in the deployed function and for the CLI.
@@ -58,6 +60,20 @@ pub struct Rule {
     /// Whom to grant launch permission.
     #[serde(default)]
     pub share: ShareTargets,
+    /// What to do with a selected AMI that cannot be shared as it is, because its snapshots are encrypted
+    /// with a key ami-share cannot open to the share targets (the AWS managed `aws/ebs` key, or a key of
+    /// another account): share a copy re-encrypted with this key instead. Absent: leave it unshared.
+    #[serde(default)]
+    pub reencrypt: Option<Reencrypt>,
+}
+
+/// A rule's opt-in to sharing re-encrypted copies of AMIs it cannot share as they are.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reencrypt {
+    /// The customer managed key of this account to encrypt the copy with. An alias (`alias/…`) names a
+    /// key in whichever region the AMI is.
+    pub kms_key: KeyRef,
 }
 
 fn yes() -> bool {
@@ -301,6 +317,23 @@ impl Config {
                     rule.tags.len()
                 ));
             }
+            for key in rule.tags.keys() {
+                if markers::RESERVED.contains(&key.as_str()) {
+                    problems.push(format!(
+                        "{at}: tags sets {:?}, which ami-share writes itself; expected another key (reserved: {})",
+                        key.as_str(),
+                        markers::RESERVED.join(", ")
+                    ));
+                }
+            }
+            if let Some(reencrypt) = &rule.reencrypt
+                && rule.share.is_empty()
+            {
+                problems.push(format!(
+                    "{at}: reencrypt.kms_key = {:?} but the rule shares with nobody; re-encrypted copies are made only to be shared: add share targets or remove reencrypt",
+                    reencrypt.kms_key.as_str()
+                ));
+            }
             let duplicates = duplicates(rule.share.launch_permissions());
             if !duplicates.is_empty() {
                 problems.push(format!(
@@ -371,6 +404,7 @@ mod tests {
             share.organizations = ["{ORG}"]
             share.organizational_units = ["{OU}"]
             share.accounts = ["444455556666"]
+            reencrypt.kms_key = "alias/ami-share"
             "#
         ))
         .unwrap();
@@ -383,6 +417,39 @@ mod tests {
             [CreatedBy::CreateImage, CreatedBy::CopyImage]
         );
         assert_eq!(rule.share.launch_permissions().count(), 3);
+        assert_eq!(
+            rule.reencrypt.as_ref().unwrap().kms_key.as_str(),
+            "alias/ami-share"
+        );
+    }
+
+    #[test]
+    fn reencrypt_needs_a_valid_customer_key_and_share_targets() {
+        assert_error(
+            "[[rule]]\nname = \"r\"\nshare.accounts = [\"111122223333\"]\nreencrypt.kms_key = \"alias/aws/ebs\"\n",
+            &[
+                "line 4",
+                "alias/aws/ebs",
+                "AWS managed keys",
+                "expected a customer managed KMS key",
+            ],
+        );
+        assert_error(
+            "[[rule]]\nname = \"r\"\nshare.accounts = [\"111122223333\"]\nreencrypt.key = \"alias/x\"\n",
+            &["line 4", "unknown field `key`", "kms_key"],
+        );
+        assert_error(
+            "[[rule]]\nname = \"r\"\ntags = { a = \"b\" }\nreencrypt.kms_key = \"alias/x\"\n",
+            &["rule #1 (\"r\")", "shares with nobody"],
+        );
+    }
+
+    #[test]
+    fn ami_shares_own_tag_keys_are_refused_as_rule_tags() {
+        assert_error(
+            "[[rule]]\nname = \"r\"\ntags = { \"ami-share:status\" = \"x\" }\n",
+            &["rule #1", "\"ami-share:status\"", "writes itself"],
+        );
     }
 
     #[test]

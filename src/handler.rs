@@ -7,9 +7,9 @@
 
 use serde_json::{Value, json};
 
-use crate::aws::Ec2;
+use crate::aws::Aws;
 use crate::config::Config;
-use crate::reconcile::{Mode, Outcome, reconcile};
+use crate::reconcile::{KeyPolicyWrites, Mode, Outcome, Reconciler};
 use crate::trigger::{self, Trigger, TriggerError};
 
 /// An event that was not fully handled.
@@ -47,19 +47,27 @@ impl From<HandlerError> for lambda_runtime::Diagnostic {
 }
 
 /// The configured core, built once per process and reused by every invocation.
-pub struct Handler<E> {
+pub struct Handler<A> {
     config: Config,
-    ec2: E,
+    aws: A,
     home_region: String,
+    key_policy_writes: KeyPolicyWrites,
 }
 
-impl<E: Ec2> Handler<E> {
-    pub fn new(config: Config, ec2: E, home_region: impl Into<String>) -> Self {
+impl<A: Aws> Handler<A> {
+    pub fn new(config: Config, aws: A, home_region: impl Into<String>) -> Self {
         Self {
             config,
-            ec2,
+            aws,
             home_region: home_region.into(),
+            key_policy_writes: KeyPolicyWrites::default(),
         }
+    }
+
+    /// Sets how key policy writes are confirmed (tests shorten the pause).
+    pub fn with_key_policy_writes(mut self, writes: KeyPolicyWrites) -> Self {
+        self.key_policy_writes = writes;
+        self
     }
 
     /// Handles one event and logs its summary record.
@@ -78,14 +86,14 @@ impl<E: Ec2> Handler<E> {
             }
             Trigger::Image(event) => event,
         };
-        let outcome = reconcile(
-            &event,
-            &self.home_region,
-            &self.config,
-            &self.ec2,
-            Mode::Apply,
-        )
-        .await;
+        let reconciler = Reconciler {
+            config: &self.config,
+            aws: &self.aws,
+            home_region: &self.home_region,
+            mode: Mode::Apply,
+            key_policy_writes: self.key_policy_writes,
+        };
+        let outcome = reconciler.reconcile(&event).await;
         log_summary(&outcome, event.event_id.as_deref());
         if outcome.is_incomplete() {
             return Err(HandlerError::Incomplete {
@@ -93,33 +101,24 @@ impl<E: Ec2> Handler<E> {
                 retryable: outcome.retryable(),
             });
         }
-        let status = if outcome.skipped.is_some() {
-            "skipped"
-        } else {
-            "done"
-        };
-        Ok(json!({ "status": status, "outcome": outcome }))
+        Ok(json!({ "status": outcome.status(), "outcome": outcome }))
     }
 }
 
 /// The one summary record per event: flat fields for log queries, the headline as the message.
 fn log_summary(outcome: &Outcome, event_id: Option<&str>) {
-    let status = match () {
-        _ if !outcome.failures.is_empty() => "failed",
-        _ if outcome.retry_reason.is_some() => "retry",
-        _ if outcome.skipped.is_some() => "skipped",
-        _ => "done",
-    };
     tracing::info!(
-        outcome = status,
+        outcome = outcome.status(),
         event_id = event_id.unwrap_or_default(),
         image_id = %outcome.image_id,
+        event_image_id = outcome.event_image_id.as_deref().unwrap_or_default(),
         region = %outcome.region,
         rules = %outcome.rules.join(","),
         actions_done = outcome.done.len(),
         actions_not_done = outcome.not_done.len(),
         done = %to_json(&outcome.done),
         deferred = %to_json(&outcome.deferred),
+        blocked = %to_json(&outcome.blocked),
         skipped = outcome.skipped.as_deref().unwrap_or_default(),
         conflicts = %to_json(&outcome.conflicts),
         failures = %to_json(&outcome.failures),

@@ -13,7 +13,10 @@
 pub mod aws;
 pub mod config;
 pub mod handler;
+pub mod key_policy;
+pub mod keys;
 pub mod logging;
+pub mod markers;
 pub mod observed;
 pub mod plan;
 pub mod reconcile;

@@ -53,8 +53,49 @@ pub type Tags = BTreeMap<String, String>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObservedSnapshot {
     pub snapshot_id: String,
-    /// `None` until read (DescribeSnapshots is only called when snapshot tags are wanted).
+    /// Whether it is encrypted: from the image's block device mapping, then from DescribeSnapshots.
+    /// `None` when neither said.
+    pub encrypted: Option<bool>,
+    /// The ARN of the KMS key that encrypts it (DescribeSnapshots; `None` if unencrypted or not read).
+    pub kms_key_id: Option<String>,
+    /// `None` until read: DescribeSnapshots is called only when snapshot tags are wanted, or when the image
+    /// is to be shared and its snapshots may be encrypted.
     pub tags: Option<Tags>,
+}
+
+/// What DescribeSnapshots tells of one snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SnapshotFacts {
+    pub tags: Tags,
+    pub encrypted: bool,
+    pub kms_key_id: Option<String>,
+}
+
+/// Who manages a KMS key (DescribeKey `KeyManager`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyManager {
+    /// An AWS managed key (`aws/ebs`): its policy cannot be changed, so what it encrypts cannot be shared.
+    Aws,
+    /// A customer managed key: its owner decides its policy.
+    Customer,
+}
+
+/// A KMS key that encrypts an image's snapshots (or is configured to re-encrypt a copy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservedKey {
+    /// The key ARN, as DescribeKey resolved it.
+    pub arn: String,
+    pub manager: KeyManager,
+    /// `Enabled`, `Disabled`, `PendingDeletion`, …: only an enabled key can be used by anyone.
+    pub state: String,
+    /// The key policy (`default`); `None` until read.
+    pub policy: Option<String>,
+}
+
+impl ObservedKey {
+    pub fn is_enabled(&self) -> bool {
+        self.state == "Enabled"
+    }
 }
 
 /// The image as DescribeImages (plus the attribute and snapshot reads) showed it.
@@ -74,4 +115,31 @@ pub struct ObservedImage {
     pub snapshots: Vec<ObservedSnapshot>,
     /// `None` until read (DescribeImageAttribute is only called when sharing is wanted).
     pub launch_permissions: Option<BTreeSet<LaunchPermission>>,
+    /// The keys of this account that encrypt its snapshots, by key ARN; read only when it is to be shared.
+    pub keys: BTreeMap<String, ObservedKey>,
+}
+
+impl ObservedImage {
+    /// Whether any snapshot is, or may be, encrypted (the block device mapping did not say).
+    pub fn may_be_encrypted(&self) -> bool {
+        self.snapshots.iter().any(|s| s.encrypted != Some(false))
+    }
+}
+
+/// The re-encryption side of an image that cannot be shared as it is, when a rule asks for a copy.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ObservedReencryption {
+    /// ami-share's re-encrypted copies of the image (any state), each observed as an image.
+    pub copies: Vec<ObservedImage>,
+    /// The configured key as DescribeKey resolved it in the image's region: read only when a copy is to be
+    /// made. `Some(None)`: no such key there.
+    pub key: Option<Option<ObservedKey>>,
+}
+
+/// Everything reconciling one image observed: the input of [`crate::plan::plan`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    pub image: ObservedImage,
+    /// Only when the image cannot be shared as it is and a selecting rule sets `reencrypt`.
+    pub reencryption: Option<ObservedReencryption>,
 }

@@ -3,14 +3,25 @@
 //! Pure and total. The plan holds only what is missing, so applying it and planning again on the state
 //! it produced yields an empty plan: duplicate events, retries and re-runs change nothing. Calls are
 //! grouped to the fewest: one CreateTags per distinct set of missing tags (normally one for the image and
-//! all its snapshots), one ModifyImageAttribute for all missing launch permissions.
+//! all its snapshots), one PutKeyPolicy per key that lacks a grantee, one ModifyImageAttribute for all
+//! missing launch permissions.
+//!
+//! Encrypted snapshots: an AMI is shared only when every key of its snapshots can be opened to the share
+//! targets, that is, when it is an enabled customer managed key of the AMI's own account. Otherwise
+//! (the AWS managed `aws/ebs` key, another account's key, a disabled key, a policy that would exceed
+//! KMS's limit) sharing it would hand out an AMI nobody can launch: it is **not shared**, it gets a status
+//! tag saying why, and, when a rule sets `reencrypt`, a copy re-encrypted with that key is made and shared
+//! instead (the copy is planned through this same function).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::Serialize;
 
-use crate::observed::{ImageState, ObservedImage, Tags};
+use crate::key_policy::{self, KeyGrantees};
+use crate::keys::{KeyArn, KeyRef};
+use crate::markers::{self, Status};
+use crate::observed::{ImageState, KeyManager, Observed, ObservedImage, Tags};
 use crate::rules::Desired;
 use crate::targets::LaunchPermission;
 
@@ -24,12 +35,42 @@ pub enum Action {
         resources: Vec<String>,
         tags: Tags,
     },
-    /// EC2 ModifyImageAttribute launchPermission Add.
+    /// KMS PutKeyPolicy: admit `admit` to the key, through ami-share's own statements.
+    PatchKeyPolicy {
+        region: String,
+        key_arn: String,
+        /// The grantees the policy lacks now.
+        admit: KeyGrantees,
+        /// Every grantee the image needs, to merge again if a concurrent writer replaces the policy.
+        #[serde(skip)]
+        grantees: KeyGrantees,
+        /// The merged policy document to write.
+        #[serde(skip)]
+        policy: String,
+    },
+    /// EC2 ModifyImageAttribute launchPermission Add. Applied only after every key patch succeeded.
     AddLaunchPermissions {
         region: String,
         image_id: String,
         permissions: Vec<LaunchPermission>,
     },
+    /// EC2 CopyImage in the image's own region, re-encrypted with a customer managed key.
+    CopyImage(ImageCopy),
+}
+
+/// A copy of an image, re-encrypted with a customer managed key, marked as ami-share's by its tags
+/// (applied at creation, through TagSpecifications, so no event ever sees the copy unmarked).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ImageCopy {
+    pub region: String,
+    pub source_image_id: String,
+    pub name: String,
+    pub description: String,
+    pub kms_key_arn: String,
+    /// Makes a retried CopyImage return the copy already made instead of a second one.
+    pub client_token: String,
+    pub tags: Tags,
+    pub snapshot_tags: Tags,
 }
 
 impl fmt::Display for Action {
@@ -39,15 +80,21 @@ impl fmt::Display for Action {
                 region,
                 resources,
                 tags,
-            } => {
-                let tags: Vec<String> = tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                write!(
-                    f,
-                    "tag {} in {region}: {}",
-                    resources.join(", "),
-                    tags.join(", ")
-                )
-            }
+            } => write!(
+                f,
+                "tag {} in {region}: {}",
+                resources.join(", "),
+                pairs(tags)
+            ),
+            Self::PatchKeyPolicy {
+                region,
+                key_arn,
+                admit,
+                ..
+            } => write!(
+                f,
+                "let {admit} use KMS key {key_arn} in {region} (ami-share's statements in its key policy)"
+            ),
             Self::AddLaunchPermissions {
                 region,
                 image_id,
@@ -56,16 +103,33 @@ impl fmt::Display for Action {
                 let to: Vec<String> = permissions.iter().map(ToString::to_string).collect();
                 write!(f, "share {image_id} in {region} with {}", to.join(", "))
             }
+            Self::CopyImage(ImageCopy {
+                region,
+                source_image_id,
+                name,
+                kms_key_arn,
+                ..
+            }) => write!(
+                f,
+                "copy {source_image_id} in {region} as {name:?}, re-encrypted with KMS key {kms_key_arn}, to share the copy instead"
+            ),
         }
     }
 }
 
-/// The actions for one image, and what was left for later and why.
+fn pairs(tags: &Tags) -> String {
+    let pairs: Vec<String> = tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    pairs.join(", ")
+}
+
+/// The actions for one image, and what was left for later, or not done at all, and why.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Plan {
     pub actions: Vec<Action>,
     /// Work deliberately not planned now (e.g. sharing a pending image), with the reason.
     pub deferred: Vec<String>,
+    /// Why the image is not shared as it is (its snapshots' keys), one sentence per cause.
+    pub blocked: Vec<String>,
 }
 
 impl Plan {
@@ -78,25 +142,181 @@ impl Plan {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reads {
     pub launch_permissions: bool,
-    pub snapshot_tags: bool,
+    /// DescribeSnapshots: for their tags, or for their keys.
+    pub snapshots: bool,
+    /// DescribeKey and GetKeyPolicy of the keys the snapshots name (after DescribeSnapshots).
+    pub keys: bool,
+}
+
+/// Whether the image is to be shared now: available, and some rule shares it.
+fn shares_now(desired: &Desired, image: &ObservedImage) -> bool {
+    image.state == ImageState::Available && !desired.launch_permissions.is_empty()
 }
 
 pub fn reads_needed(desired: &Desired, image: &ObservedImage) -> Reads {
-    let shareable = image.state == ImageState::Available;
     let taggable = matches!(image.state, ImageState::Available | ImageState::Pending);
+    let keys = shares_now(desired, image) && image.may_be_encrypted();
     Reads {
-        launch_permissions: shareable && !desired.launch_permissions.is_empty(),
-        snapshot_tags: taggable && !desired.snapshot_tags.is_empty() && !image.snapshots.is_empty(),
+        launch_permissions: shares_now(desired, image),
+        snapshots: !image.snapshots.is_empty()
+            && (keys || (taggable && !desired.snapshot_tags.is_empty())),
+        keys,
     }
 }
 
-/// The calls still needed to bring `image` to `desired`.
+/// The key ARNs whose DescribeKey and policy planning needs: the keys of this account that encrypt the
+/// image's snapshots. (Another account's key cannot be changed from here: knowing its ARN is enough.)
+pub fn keys_to_read(image: &ObservedImage) -> BTreeSet<String> {
+    image
+        .snapshots
+        .iter()
+        .filter(|s| s.encrypted == Some(true))
+        .filter_map(|s| s.kms_key_id.as_deref())
+        .filter(|id| {
+            id.parse::<KeyArn>()
+                .is_ok_and(|arn| arn.account() == image.owner_id)
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// Why an image cannot be shared as it is: a short summary for the status tag (EC2 allows 256
+/// characters) and the whole story, with what to do, for the plan and the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blocker {
+    pub summary: String,
+    pub detail: String,
+}
+
+impl Blocker {
+    fn new(summary: String, detail: String) -> Self {
+        Self { summary, detail }
+    }
+}
+
+/// The key id part of a key ARN, for short messages.
+fn key_id(arn: &KeyArn) -> &str {
+    arn.as_str().rsplit('/').next().unwrap_or(arn.as_str())
+}
+
+/// The key policy patches sharing needs, or why the image cannot be shared as it is.
+pub fn key_patches(desired: &Desired, image: &ObservedImage) -> Result<Vec<Action>, Vec<Blocker>> {
+    let mut blocked = Vec::new();
+    // Key ARN → the snapshots it encrypts, so a message names both.
+    let mut by_key: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for snapshot in &image.snapshots {
+        let id = &snapshot.snapshot_id;
+        match (snapshot.encrypted, snapshot.kms_key_id.as_deref()) {
+            (Some(false), _) => {}
+            (None, _) => blocked.push(Blocker::new(
+                format!("{id}: encryption unknown"),
+                format!("ami-share could not tell whether snapshot {id} is encrypted"),
+            )),
+            (Some(true), None) => blocked.push(Blocker::new(
+                format!("{id} is encrypted with an unknown key"),
+                format!("snapshot {id} is encrypted but EC2 reported no KMS key for it"),
+            )),
+            (Some(true), Some(key)) => by_key.entry(key).or_default().push(id),
+        }
+    }
+    let mut patches = Vec::new();
+    for (key_arn, snapshots) in by_key {
+        let snapshots = snapshots.join(", ");
+        let arn = match key_arn.parse::<KeyArn>() {
+            Ok(arn) => arn,
+            Err(e) => {
+                blocked.push(Blocker::new(
+                    format!("{snapshots}: unreadable key id"),
+                    format!("snapshot {snapshots}: {e}"),
+                ));
+                continue;
+            }
+        };
+        let id = key_id(&arn);
+        if arn.account() != image.owner_id {
+            blocked.push(Blocker::new(
+                format!("{snapshots} uses KMS key {id} of account {}", arn.account()),
+                format!(
+                    "snapshot {snapshots} is encrypted with KMS key {arn} of account {}: only that account can let others use it (add ami-share's statements to that key's policy there, see README), or set reencrypt on the rule",
+                    arn.account()
+                ),
+            ));
+            continue;
+        }
+        let Some(key) = image.keys.get(key_arn) else {
+            blocked.push(Blocker::new(
+                format!("key {id} was not read"),
+                format!("KMS key {arn} was not read"),
+            ));
+            continue;
+        };
+        if key.manager == KeyManager::Aws {
+            blocked.push(Blocker::new(
+                format!("{snapshots} uses the AWS managed key aws/ebs, which cannot be shared"),
+                format!(
+                    "snapshot {snapshots} is encrypted with the AWS managed key {arn} (aws/ebs), whose policy cannot be changed: AWS does not let anyone else use it"
+                ),
+            ));
+            continue;
+        }
+        if !key.is_enabled() {
+            blocked.push(Blocker::new(
+                format!("{snapshots} uses KMS key {id}, which is {}", key.state),
+                format!(
+                    "snapshot {snapshots} is encrypted with KMS key {arn}, which is {}: nobody can launch from it",
+                    key.state
+                ),
+            ));
+            continue;
+        }
+        let grantees =
+            KeyGrantees::for_launch_permissions(&desired.launch_permissions, arn.account());
+        let Some(policy) = key.policy.as_deref() else {
+            blocked.push(Blocker::new(
+                format!("the policy of key {id} was not read"),
+                format!("the policy of KMS key {arn} was not read"),
+            ));
+            continue;
+        };
+        match key_policy::merge(policy, &grantees, arn.partition()) {
+            Ok(None) => {}
+            Ok(Some(merged)) => patches.push(Action::PatchKeyPolicy {
+                region: image.region.clone(),
+                key_arn: arn.to_string(),
+                admit: merged.admitted,
+                grantees,
+                policy: merged.policy,
+            }),
+            Err(e) => {
+                let summary = match &e {
+                    key_policy::KeyPolicyError::TooLarge { .. } => {
+                        format!("the policy of key {id} would exceed 32 KB")
+                    }
+                    _ => format!("the policy of key {id} cannot be merged into"),
+                };
+                blocked.push(Blocker::new(
+                    summary,
+                    format!("KMS key {arn} of snapshot {snapshots}: {e}"),
+                ));
+            }
+        }
+    }
+    if blocked.is_empty() {
+        Ok(patches)
+    } else {
+        Err(blocked)
+    }
+}
+
+/// The calls still needed to bring the observed image (and its re-encrypted copy, if any) to `desired`.
 ///
-/// - `available`: missing tags and missing launch permissions;
+/// - `available`: missing tags, key grants and launch permissions (or, when the snapshots' keys cannot be
+///   opened, a status tag and maybe the re-encrypted copy);
 /// - `pending`: missing tags now; sharing is deferred (EC2 refuses to share a pending image with
 ///   `InvalidAMIID.Unavailable`), it happens on the "available" state-change event;
 /// - any other state: nothing.
-pub fn plan(desired: &Desired, image: &ObservedImage) -> Plan {
+pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
+    let image = &observed.image;
     let mut plan = Plan::default();
     match image.state {
         ImageState::Available => {}
@@ -116,28 +336,243 @@ pub fn plan(desired: &Desired, image: &ObservedImage) -> Plan {
             return plan;
         }
     }
-    plan.actions.extend(tag_actions(desired, image));
-    if image.state == ImageState::Available {
-        let current = image.launch_permissions.as_ref();
-        let missing: Vec<LaunchPermission> = desired
-            .launch_permissions
-            .iter()
-            .filter(|p| !current.is_some_and(|c| c.contains(p)))
-            .cloned()
-            .collect();
-        if !missing.is_empty() {
-            plan.actions.push(Action::AddLaunchPermissions {
-                region: image.region.clone(),
-                image_id: image.image_id.clone(),
-                permissions: missing,
-            });
+    let mut image_tags = desired.image_tags.clone();
+    let mut after_tags = Vec::new();
+    if shares_now(desired, image) {
+        match key_patches(desired, image) {
+            Ok(patches) => {
+                after_tags.extend(patches);
+                after_tags.extend(share_action(desired, image));
+                // A status written while the image could not be shared is set right once it is.
+                if image
+                    .tags
+                    .get(markers::STATUS)
+                    .is_some_and(|s| s != Status::Shared.as_str())
+                {
+                    image_tags.extend(markers::status_tags(
+                        Status::Shared,
+                        "shared as configured: its snapshots' keys admit the share targets",
+                    ));
+                }
+            }
+            Err(blocked) => {
+                let (tags, copy_plan) = not_shareable(desired, observed, &blocked);
+                image_tags.extend(tags);
+                plan.blocked = blocked.into_iter().map(|b| b.detail).collect();
+                if let Some(copy_plan) = copy_plan {
+                    after_tags.extend(copy_plan.actions);
+                    plan.deferred.extend(copy_plan.deferred);
+                    plan.blocked.extend(copy_plan.blocked);
+                }
+            }
         }
     }
+    plan.actions
+        .extend(tag_actions(&image_tags, &desired.snapshot_tags, image));
+    plan.actions.extend(after_tags);
     plan
 }
 
+/// The status tags for an image that cannot be shared as it is, and the plan of its re-encrypted copy.
+fn not_shareable(
+    desired: &Desired,
+    observed: &Observed,
+    blocked: &[Blocker],
+) -> (Tags, Option<Plan>) {
+    let image = &observed.image;
+    let cause = match blocked {
+        [one] => one.summary.clone(),
+        [first, rest @ ..] => format!("{} (+{} more)", first.summary, rest.len()),
+        [] => unreachable!("blocked has a reason"),
+    };
+    let Some(key_ref) = &desired.reencrypt_with else {
+        let reason =
+            format!("{cause}; to share a re-encrypted copy instead, set reencrypt.kms_key");
+        return (markers::status_tags(Status::NotShared, &reason), None);
+    };
+    let shared_as_copy = || {
+        markers::status_tags(
+            Status::SharedAsCopy,
+            &format!(
+                "{cause}; shared instead: a copy re-encrypted with {key_ref}, tagged {}={}",
+                markers::SOURCE_IMAGE,
+                image.image_id
+            ),
+        )
+    };
+    let Some(reencryption) = &observed.reencryption else {
+        // Not observed: nothing can be planned for the copy yet (the reconciler observes it when needed).
+        return (shared_as_copy(), None);
+    };
+    if let Some(copy) = chosen_copy(&reencryption.copies) {
+        let mut copy_plan = plan(
+            &desired_for_copy(desired, image),
+            &Observed {
+                image: copy.clone(),
+                reencryption: None,
+            },
+        );
+        let duplicates: Vec<&ObservedImage> = usable(&reencryption.copies)
+            .filter(|c| c.image_id != copy.image_id)
+            .collect();
+        if !duplicates.is_empty() {
+            let ids: Vec<&str> = duplicates.iter().map(|d| d.image_id.as_str()).collect();
+            copy_plan.blocked.push(format!(
+                "{} also re-encrypted copies of {}; ami-share shares only {}: deregister the others",
+                ids.join(", "),
+                image.image_id,
+                copy.image_id
+            ));
+        }
+        return (shared_as_copy(), Some(copy_plan));
+    }
+    // No copy is usable: every one found failed (or was deregistered). A new one needs a new token.
+    let failed = reencryption.copies.len();
+    match copy_action(desired, image, key_ref, reencryption.key.as_ref(), failed) {
+        Ok(action) => (
+            shared_as_copy(),
+            Some(Plan {
+                actions: vec![action],
+                deferred: vec![format!(
+                    "sharing the re-encrypted copy of {} waits until the copy is available",
+                    image.image_id
+                )],
+                blocked: Vec::new(),
+            }),
+        ),
+        Err(why) => {
+            let reason = format!("{cause}; no re-encrypted copy: {why}");
+            (
+                markers::status_tags(Status::NotShared, &reason),
+                Some(Plan {
+                    blocked: vec![format!("no re-encrypted copy: {why}")],
+                    ..Plan::default()
+                }),
+            )
+        }
+    }
+}
+
+/// Copies that are, or will be, usable: available or pending.
+fn usable(copies: &[ObservedImage]) -> impl Iterator<Item = &ObservedImage> {
+    copies
+        .iter()
+        .filter(|c| matches!(c.state, ImageState::Available | ImageState::Pending))
+}
+
+/// The re-encrypted copy ami-share shares when there are several: the usable one with the lowest id.
+pub fn chosen_copy(copies: &[ObservedImage]) -> Option<&ObservedImage> {
+    usable(copies).min_by(|a, b| a.image_id.cmp(&b.image_id))
+}
+
+/// What the re-encrypted copy of `source` must have: the source's wanted tags and shares, plus its marks.
+pub fn desired_for_copy(desired: &Desired, source: &ObservedImage) -> Desired {
+    let mut image_tags = desired.image_tags.clone();
+    image_tags.extend(markers::reencrypted_copy_tags(
+        &source.image_id,
+        &source.region,
+    ));
+    Desired {
+        image_tags,
+        reencrypt_with: None,
+        conflicts: Vec::new(),
+        ..desired.clone()
+    }
+}
+
+/// EC2's limits on an AMI's name and description, and on tags per resource.
+const MAX_NAME_CHARS: usize = 128;
+const MAX_DESCRIPTION_CHARS: usize = 255;
+const MAX_TAGS: usize = 50;
+
+/// The CopyImage that makes the re-encrypted copy, or why it cannot be made.
+fn copy_action(
+    desired: &Desired,
+    source: &ObservedImage,
+    key_ref: &KeyRef,
+    key: Option<&Option<crate::observed::ObservedKey>>,
+    failed_copies: usize,
+) -> Result<Action, String> {
+    let key = match key {
+        None => return Err(format!("KMS key {key_ref} was not read")),
+        Some(None) => {
+            return Err(format!(
+                "reencrypt key {key_ref} not found in {}",
+                source.region
+            ));
+        }
+        Some(Some(key)) => key,
+    };
+    let arn: KeyArn = key.arn.parse()?;
+    if key.manager == KeyManager::Aws {
+        return Err(format!("reencrypt key {key_ref} is AWS managed"));
+    }
+    if arn.account() != source.owner_id || arn.region() != source.region {
+        return Err(format!(
+            "reencrypt key {key_ref} is not of account {} in {}",
+            source.owner_id, source.region
+        ));
+    }
+    if !key.is_enabled() {
+        return Err(format!("reencrypt key {key_ref} is {}", key.state));
+    }
+    let suffix = "-reencrypted";
+    let base: String = source
+        .name
+        .as_deref()
+        .unwrap_or(&source.image_id)
+        .chars()
+        .take(MAX_NAME_CHARS - suffix.len())
+        .collect();
+    let description: String = format!(
+        "{} re-encrypted with {key_ref} by ami-share, to be shared in its place",
+        source.image_id
+    )
+    .chars()
+    .take(MAX_DESCRIPTION_CHARS)
+    .collect();
+    // The copy looks like its source: the source's own tags (not ami-share's marks, not AWS's reserved
+    // `aws:` ones, which CreateTags refuses), then the wanted tags and the copy's marks, which win.
+    let marks = desired_for_copy(desired, source).image_tags;
+    let mut tags: Tags = source
+        .tags
+        .iter()
+        .filter(|(k, _)| !k.starts_with("aws:") && !markers::RESERVED.contains(&k.as_str()))
+        .filter(|(k, _)| !marks.contains_key(*k))
+        .take(MAX_TAGS.saturating_sub(marks.len()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    tags.extend(marks);
+    Ok(Action::CopyImage(ImageCopy {
+        region: source.region.clone(),
+        source_image_id: source.image_id.clone(),
+        name: format!("{base}{suffix}"),
+        description,
+        kms_key_arn: arn.to_string(),
+        client_token: format!("ami-share-reencrypt-{}-{failed_copies}", source.image_id),
+        tags,
+        snapshot_tags: desired.snapshot_tags.clone(),
+    }))
+}
+
+/// The launch permissions the image lacks, as one call.
+fn share_action(desired: &Desired, image: &ObservedImage) -> Option<Action> {
+    let current = image.launch_permissions.as_ref();
+    let missing: Vec<LaunchPermission> = desired
+        .launch_permissions
+        .iter()
+        .filter(|p| !current.is_some_and(|c| c.contains(p)))
+        .cloned()
+        .collect();
+    (!missing.is_empty()).then(|| Action::AddLaunchPermissions {
+        region: image.region.clone(),
+        image_id: image.image_id.clone(),
+        permissions: missing,
+    })
+}
+
 /// The tags each resource lacks (absent, or with another value), grouped by identical sets.
-fn tag_actions(desired: &Desired, image: &ObservedImage) -> Vec<Action> {
+fn tag_actions(image_tags: &Tags, snapshot_tags: &Tags, image: &ObservedImage) -> Vec<Action> {
     let mut by_missing: BTreeMap<Tags, Vec<String>> = BTreeMap::new();
     let empty = Tags::new();
     let mut consider = |resource: &str, want: &Tags, have: &Tags| {
@@ -153,11 +588,11 @@ fn tag_actions(desired: &Desired, image: &ObservedImage) -> Vec<Action> {
                 .push(resource.to_string());
         }
     };
-    consider(&image.image_id, &desired.image_tags, &image.tags);
-    if !desired.snapshot_tags.is_empty() {
+    consider(&image.image_id, image_tags, &image.tags);
+    if !snapshot_tags.is_empty() {
         for snapshot in &image.snapshots {
             let have = snapshot.tags.as_ref().unwrap_or(&empty);
-            consider(&snapshot.snapshot_id, &desired.snapshot_tags, have);
+            consider(&snapshot.snapshot_id, snapshot_tags, have);
         }
     }
     by_missing
@@ -175,9 +610,15 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-    use crate::observed::ObservedSnapshot;
+    use crate::observed::{ObservedKey, ObservedReencryption, ObservedSnapshot};
 
     const ORG: &str = "arn:aws:organizations::123456789012:organization/o-a1b2c3d4e5";
+    const CMK: &str = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+    const AWS_EBS: &str =
+        "arn:aws:kms:us-east-1:123456789012:key/99999999-12ab-34cd-56ef-1234567890ab";
+    const REENCRYPT_KEY: &str =
+        "arn:aws:kms:us-east-1:123456789012:key/77777777-12ab-34cd-56ef-1234567890ab";
+    const KEY_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[{"Sid":"Enable IAM User Permissions","Effect":"Allow","Principal":{"AWS":"arn:aws:iam::123456789012:root"},"Action":"kms:*","Resource":"*"}]}"#;
 
     fn tags(pairs: &[(&str, &str)]) -> Tags {
         pairs
@@ -205,9 +646,39 @@ mod tests {
             created_by: crate::config::CreatedBy::CreateImage,
             snapshots: vec![ObservedSnapshot {
                 snapshot_id: "snap-1".into(),
+                encrypted: Some(false),
+                kms_key_id: None,
                 tags: Some(Tags::new()),
             }],
             launch_permissions: Some(BTreeSet::new()),
+            keys: BTreeMap::new(),
+        }
+    }
+
+    fn key(arn: &str, manager: KeyManager) -> ObservedKey {
+        ObservedKey {
+            arn: arn.into(),
+            manager,
+            state: "Enabled".into(),
+            policy: Some(KEY_POLICY.into()),
+        }
+    }
+
+    /// An available image whose one snapshot is encrypted with `arn`, the key observed as given.
+    fn encrypted(arn: &str, observed_key: Option<ObservedKey>) -> ObservedImage {
+        let mut img = image(ImageState::Available);
+        img.snapshots[0].encrypted = Some(true);
+        img.snapshots[0].kms_key_id = Some(arn.into());
+        if let Some(k) = observed_key {
+            img.keys.insert(arn.into(), k);
+        }
+        img
+    }
+
+    fn observed(image: ObservedImage) -> Observed {
+        Observed {
+            image,
+            reencryption: None,
         }
     }
 
@@ -217,40 +688,90 @@ mod tests {
             image_tags: tags(&[("team", "platform"), ("shared", "yes")]),
             snapshot_tags: tags(&[("team", "platform"), ("shared", "yes")]),
             launch_permissions: [org(), account("210987654321")].into(),
+            reencrypt_with: None,
             conflicts: vec![],
         }
     }
 
-    /// Applies a plan to the observed state the way AWS would: what `plan` promises to converge on.
-    fn applied(mut image: ObservedImage, plan: &Plan) -> ObservedImage {
-        for action in &plan.actions {
-            match action {
-                Action::CreateTags {
-                    resources, tags, ..
-                } => {
-                    for r in resources {
-                        if *r == image.image_id {
-                            image.tags.extend(tags.clone());
-                        }
-                        for s in image.snapshots.iter_mut().filter(|s| s.snapshot_id == *r) {
-                            s.tags.get_or_insert_default().extend(tags.clone());
-                        }
+    fn reencrypting() -> Desired {
+        Desired {
+            reencrypt_with: Some("alias/ami-share".parse().unwrap()),
+            ..desired()
+        }
+    }
+
+    fn apply_to_image(image: &mut ObservedImage, action: &Action) {
+        match action {
+            Action::CreateTags {
+                resources, tags, ..
+            } => {
+                for r in resources {
+                    if *r == image.image_id {
+                        image.tags.extend(tags.clone());
+                    }
+                    for s in image.snapshots.iter_mut().filter(|s| s.snapshot_id == *r) {
+                        s.tags.get_or_insert_default().extend(tags.clone());
                     }
                 }
-                Action::AddLaunchPermissions { permissions, .. } => {
-                    image
-                        .launch_permissions
-                        .get_or_insert_default()
-                        .extend(permissions.iter().cloned());
+            }
+            Action::AddLaunchPermissions {
+                image_id,
+                permissions,
+                ..
+            } if *image_id == image.image_id => {
+                image
+                    .launch_permissions
+                    .get_or_insert_default()
+                    .extend(permissions.iter().cloned());
+            }
+            Action::PatchKeyPolicy {
+                key_arn, policy, ..
+            } => {
+                if let Some(k) = image.keys.get_mut(key_arn) {
+                    k.policy = Some(policy.clone());
                 }
             }
+            _ => {}
         }
-        image
+    }
+
+    /// Applies a plan to the observed state the way AWS would: what `plan` promises to converge on.
+    fn applied(mut observed: Observed, plan: &Plan) -> Observed {
+        for action in &plan.actions {
+            apply_to_image(&mut observed.image, action);
+            let copies = &mut observed.reencryption.get_or_insert_default().copies;
+            for copy in copies.iter_mut() {
+                apply_to_image(copy, action);
+            }
+            if let Action::CopyImage(ImageCopy {
+                tags,
+                kms_key_arn,
+                name,
+                ..
+            }) = action
+            {
+                let mut copy = encrypted(kms_key_arn, Some(key(kms_key_arn, KeyManager::Customer)));
+                copy.image_id = "ami-copy0001".into();
+                copy.name = Some(name.clone());
+                copy.state = ImageState::Pending;
+                copy.tags = tags.clone();
+                copy.snapshots[0].snapshot_id = "snap-copy".into();
+                copies.push(copy);
+            }
+        }
+        if observed
+            .reencryption
+            .as_ref()
+            .is_some_and(|r| r.copies.is_empty() && r.key.is_none())
+        {
+            observed.reencryption = None;
+        }
+        observed
     }
 
     #[test]
     fn an_untouched_available_image_gets_one_tag_call_and_one_share_call() {
-        let p = plan(&desired(), &image(ImageState::Available));
+        let p = plan(&desired(), &observed(image(ImageState::Available)));
         assert_eq!(p.actions.len(), 2, "{p:#?}");
         assert_eq!(
             p.actions[0],
@@ -268,15 +789,22 @@ mod tests {
                 permissions: vec![org(), account("210987654321")],
             }
         );
-        assert!(p.deferred.is_empty());
+        assert!(p.deferred.is_empty() && p.blocked.is_empty());
     }
 
     #[test]
     fn planning_again_after_applying_plans_nothing() {
-        for state in [ImageState::Available, ImageState::Pending] {
-            let first = plan(&desired(), &image(state.clone()));
-            let after = applied(image(state), &first);
-            assert!(plan(&desired(), &after).is_empty(), "{after:#?}");
+        let cases = [
+            image(ImageState::Available),
+            image(ImageState::Pending),
+            encrypted(CMK, Some(key(CMK, KeyManager::Customer))),
+            encrypted(AWS_EBS, Some(key(AWS_EBS, KeyManager::Aws))),
+        ];
+        for img in cases {
+            let first = plan(&desired(), &observed(img.clone()));
+            let after = applied(observed(img), &first);
+            let again = plan(&desired(), &after);
+            assert!(again.is_empty(), "{again:#?}\n{after:#?}");
         }
     }
 
@@ -286,7 +814,7 @@ mod tests {
         img.tags = tags(&[("team", "platform"), ("other", "kept")]);
         img.snapshots[0].tags = Some(desired().snapshot_tags);
         img.launch_permissions = Some([org()].into());
-        let p = plan(&desired(), &img);
+        let p = plan(&desired(), &observed(img));
         assert_eq!(
             p.actions,
             [
@@ -310,7 +838,7 @@ mod tests {
         img.tags = tags(&[("team", "someone-else"), ("shared", "yes")]);
         img.snapshots.clear();
         img.launch_permissions = Some(desired().launch_permissions);
-        let p = plan(&desired(), &img);
+        let p = plan(&desired(), &observed(img));
         assert_eq!(
             p.actions,
             [Action::CreateTags {
@@ -323,7 +851,7 @@ mod tests {
 
     #[test]
     fn a_pending_image_is_tagged_now_and_shared_later() {
-        let p = plan(&desired(), &image(ImageState::Pending));
+        let p = plan(&desired(), &observed(image(ImageState::Pending)));
         assert!(
             matches!(p.actions.as_slice(), [Action::CreateTags { .. }]),
             "{p:#?}"
@@ -340,7 +868,7 @@ mod tests {
             ImageState::Disabled,
             ImageState::Other("transient".into()),
         ] {
-            let p = plan(&desired(), &image(state.clone()));
+            let p = plan(&desired(), &observed(image(state.clone())));
             assert!(p.is_empty(), "{state}");
             assert!(p.deferred[0].contains(&state.to_string()));
         }
@@ -353,11 +881,12 @@ mod tests {
         let mut img = image(ImageState::Available);
         img.snapshots.push(ObservedSnapshot {
             snapshot_id: "snap-2".into(),
+            encrypted: Some(false),
+            kms_key_id: None,
             tags: Some(tags(&[("team", "platform")])),
         });
         img.launch_permissions = Some(d.launch_permissions.clone());
-        let p = plan(&d, &img);
-        assert_eq!(p.actions.len(), 2, "{p:#?}");
+        let p = plan(&d, &observed(img));
         let resources: Vec<Vec<String>> = p
             .actions
             .iter()
@@ -366,6 +895,7 @@ mod tests {
                 other => panic!("{other}"),
             })
             .collect();
+        assert_eq!(resources.len(), 2, "{p:#?}");
         assert!(resources.contains(&vec!["ami-12345678".to_string()]));
         assert!(resources.contains(&vec!["snap-1".to_string()]));
     }
@@ -374,21 +904,385 @@ mod tests {
     fn reads_are_asked_only_when_the_plan_uses_them() {
         let d = desired();
         let r = reads_needed(&d, &image(ImageState::Available));
-        assert!(r.launch_permissions && r.snapshot_tags);
+        assert_eq!(
+            r,
+            Reads {
+                launch_permissions: true,
+                snapshots: true,
+                keys: false
+            },
+            "unencrypted: no key reads"
+        );
         let r = reads_needed(&d, &image(ImageState::Pending));
-        assert!(!r.launch_permissions && r.snapshot_tags);
+        assert!(!r.launch_permissions && r.snapshots && !r.keys);
+        let mut only_share = d.clone();
+        only_share.snapshot_tags.clear();
+        let r = reads_needed(&only_share, &image(ImageState::Available));
+        assert!(
+            !r.snapshots,
+            "unencrypted, no snapshot tags: no DescribeSnapshots"
+        );
+        let mut unknown = image(ImageState::Available);
+        unknown.snapshots[0].encrypted = None;
+        let r = reads_needed(&only_share, &unknown);
+        assert!(
+            r.snapshots && r.keys,
+            "encryption unknown: read the snapshots and keys"
+        );
+        let r = reads_needed(&only_share, &encrypted(CMK, None));
+        assert!(r.snapshots && r.keys);
         let mut only_tags = d.clone();
         only_tags.launch_permissions.clear();
         only_tags.snapshot_tags.clear();
-        let r = reads_needed(&only_tags, &image(ImageState::Available));
-        assert!(!r.launch_permissions && !r.snapshot_tags);
+        let r = reads_needed(&only_tags, &encrypted(CMK, None));
+        assert!(!r.launch_permissions && !r.snapshots && !r.keys);
         let r = reads_needed(&d, &image(ImageState::Failed));
-        assert!(!r.launch_permissions && !r.snapshot_tags);
+        assert!(!r.launch_permissions && !r.snapshots && !r.keys);
+    }
+
+    #[test]
+    fn only_this_accounts_keys_are_read() {
+        let mut img = encrypted(CMK, None);
+        img.snapshots.push(ObservedSnapshot {
+            snapshot_id: "snap-2".into(),
+            encrypted: Some(true),
+            kms_key_id: Some(
+                "arn:aws:kms:us-east-1:210987654321:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+                    .into(),
+            ),
+            tags: Some(Tags::new()),
+        });
+        assert_eq!(keys_to_read(&img), [CMK.to_string()].into());
+    }
+
+    #[test]
+    fn a_customer_key_is_opened_to_the_targets_before_the_image_is_shared() {
+        let p = plan(
+            &desired(),
+            &observed(encrypted(CMK, Some(key(CMK, KeyManager::Customer)))),
+        );
+        assert!(p.blocked.is_empty(), "{p:#?}");
+        let kinds: Vec<&str> = p
+            .actions
+            .iter()
+            .map(|a| match a {
+                Action::CreateTags { .. } => "tag",
+                Action::PatchKeyPolicy { .. } => "key",
+                Action::AddLaunchPermissions { .. } => "share",
+                Action::CopyImage(_) => "copy",
+            })
+            .collect();
+        assert_eq!(kinds, ["tag", "key", "share"]);
+        let Action::PatchKeyPolicy {
+            key_arn,
+            admit,
+            policy,
+            ..
+        } = &p.actions[1]
+        else {
+            unreachable!()
+        };
+        assert_eq!(key_arn, CMK);
+        assert_eq!(
+            admit.to_string(),
+            "organization o-a1b2c3d4e5, account 210987654321"
+        );
+        assert!(policy.contains("Enable IAM User Permissions"));
+        assert_eq!(
+            p.actions[1].to_string(),
+            format!(
+                "let organization o-a1b2c3d4e5, account 210987654321 use KMS key {CMK} in us-east-1 (ami-share's statements in its key policy)"
+            )
+        );
+    }
+
+    #[test]
+    fn a_key_that_already_admits_the_targets_is_not_written() {
+        let once = plan(
+            &desired(),
+            &observed(encrypted(CMK, Some(key(CMK, KeyManager::Customer)))),
+        );
+        let Action::PatchKeyPolicy { policy, .. } = &once.actions[1] else {
+            unreachable!()
+        };
+        let mut k = key(CMK, KeyManager::Customer);
+        k.policy = Some(policy.clone());
+        let p = plan(&desired(), &observed(encrypted(CMK, Some(k))));
+        assert!(
+            !p.actions
+                .iter()
+                .any(|a| matches!(a, Action::PatchKeyPolicy { .. })),
+            "{p:#?}"
+        );
+        assert!(
+            p.actions
+                .iter()
+                .any(|a| matches!(a, Action::AddLaunchPermissions { .. }))
+        );
+    }
+
+    fn status_of(p: &Plan) -> Tags {
+        p.actions
+            .iter()
+            .find_map(|a| match a {
+                Action::CreateTags {
+                    resources, tags, ..
+                } if resources[0] == "ami-12345678" => Some(tags.clone()),
+                _ => None,
+            })
+            .unwrap_or_default()
+    }
+
+    fn assert_not_shared(p: &Plan, expected_reason: &str) {
+        assert!(
+            !p.actions.iter().any(|a| matches!(
+                a,
+                Action::AddLaunchPermissions { .. } | Action::PatchKeyPolicy { .. }
+            )),
+            "{p:#?}"
+        );
+        assert_eq!(p.blocked.len(), 1, "{p:#?}");
+        assert!(p.blocked[0].contains(expected_reason), "{}", p.blocked[0]);
+        let status = status_of(p);
+        assert_eq!(status[markers::STATUS], "not-shared");
+        assert!(
+            status[markers::STATUS_REASON].chars().count() < 256,
+            "{status:?}"
+        );
+    }
+
+    #[test]
+    fn an_aws_managed_key_blocks_sharing_and_says_why_on_the_image() {
+        let p = plan(
+            &desired(),
+            &observed(encrypted(AWS_EBS, Some(key(AWS_EBS, KeyManager::Aws)))),
+        );
+        assert_not_shared(&p, "AWS managed key");
+        assert_eq!(
+            status_of(&p)[markers::STATUS_REASON],
+            "snap-1 uses the AWS managed key aws/ebs, which cannot be shared; to share a re-encrypted copy instead, set reencrypt.kms_key"
+        );
+        // The rule's own tags still apply.
+        assert_eq!(status_of(&p)["team"], "platform");
+    }
+
+    #[test]
+    fn another_accounts_key_a_disabled_key_and_an_oversized_policy_block_sharing() {
+        let foreign = "arn:aws:kms:us-east-1:210987654321:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+        assert_not_shared(
+            &plan(&desired(), &observed(encrypted(foreign, None))),
+            "of account 210987654321: only that account can let others use it",
+        );
+        let mut disabled = key(CMK, KeyManager::Customer);
+        disabled.state = "PendingDeletion".into();
+        assert_not_shared(
+            &plan(&desired(), &observed(encrypted(CMK, Some(disabled)))),
+            "which is PendingDeletion",
+        );
+        let mut big = key(CMK, KeyManager::Customer);
+        big.policy = Some(format!(
+            r#"{{"Version":"2012-10-17","Statement":[{{"Sid":"x","Effect":"Allow","Principal":{{"AWS":"arn:aws:iam::123456789012:root"}},"Action":"kms:*","Resource":"*","Condition":{{"StringEquals":{{"aws:PrincipalTag/t":"{}"}}}}}}]}}"#,
+            "y".repeat(32_700)
+        ));
+        assert_not_shared(
+            &plan(&desired(), &observed(encrypted(CMK, Some(big)))),
+            "over KMS's limit",
+        );
+        let mut keyless = encrypted(CMK, None);
+        keyless.snapshots[0].kms_key_id = None;
+        assert_not_shared(
+            &plan(&desired(), &observed(keyless)),
+            "encrypted but EC2 reported no KMS key",
+        );
+    }
+
+    #[test]
+    fn one_unshareable_snapshot_blocks_the_image_and_no_key_is_touched() {
+        let mut img = encrypted(CMK, Some(key(CMK, KeyManager::Customer)));
+        img.snapshots.push(ObservedSnapshot {
+            snapshot_id: "snap-2".into(),
+            encrypted: Some(true),
+            kms_key_id: Some(AWS_EBS.into()),
+            tags: Some(Tags::new()),
+        });
+        img.keys
+            .insert(AWS_EBS.into(), key(AWS_EBS, KeyManager::Aws));
+        assert_not_shared(&plan(&desired(), &observed(img)), "snapshot snap-2");
+    }
+
+    #[test]
+    fn sharing_a_once_blocked_image_sets_its_status_right() {
+        let mut img = image(ImageState::Available);
+        img.tags = markers::status_tags(Status::NotShared, "not shared: old reason");
+        let p = plan(&desired(), &observed(img));
+        assert_eq!(status_of(&p)[markers::STATUS], "shared");
+        assert!(
+            p.actions
+                .iter()
+                .any(|a| matches!(a, Action::AddLaunchPermissions { .. }))
+        );
+    }
+
+    fn reencryption(copies: Vec<ObservedImage>, key: Option<Option<ObservedKey>>) -> Observed {
+        Observed {
+            image: encrypted(AWS_EBS, Some(self::key(AWS_EBS, KeyManager::Aws))),
+            reencryption: Some(ObservedReencryption { copies, key }),
+        }
+    }
+
+    #[test]
+    fn with_reencrypt_an_unshareable_image_gets_a_marked_re_encrypted_copy() {
+        let mut obs = reencryption(vec![], Some(Some(key(REENCRYPT_KEY, KeyManager::Customer))));
+        obs.image.tags = tags(&[("Name", "golden"), ("aws:cloudformation:stack-name", "x")]);
+        let p = plan(&reencrypting(), &obs);
+        let copy = p
+            .actions
+            .iter()
+            .find(|a| matches!(a, Action::CopyImage(_)))
+            .unwrap_or_else(|| panic!("{p:#?}"));
+        let Action::CopyImage(ImageCopy {
+            region,
+            source_image_id,
+            name,
+            kms_key_arn,
+            client_token,
+            tags: copy_tags,
+            snapshot_tags,
+            ..
+        }) = copy
+        else {
+            unreachable!()
+        };
+        assert_eq!(
+            (region.as_str(), source_image_id.as_str(), name.as_str()),
+            ("us-east-1", "ami-12345678", "golden-reencrypted")
+        );
+        assert_eq!(kms_key_arn, REENCRYPT_KEY);
+        assert_eq!(client_token, "ami-share-reencrypt-ami-12345678-0");
+        assert_eq!(copy_tags[markers::SOURCE_IMAGE], "ami-12345678");
+        assert_eq!(copy_tags[markers::COPY_KIND], "re-encrypted");
+        assert_eq!(copy_tags["Name"], "golden", "the source's own tags");
+        assert_eq!(copy_tags["team"], "platform", "the rule's tags");
+        assert!(!copy_tags.contains_key("aws:cloudformation:stack-name"));
+        assert_eq!(*snapshot_tags, desired().snapshot_tags);
+        assert!(
+            !p.actions
+                .iter()
+                .any(|a| matches!(a, Action::AddLaunchPermissions { .. }))
+        );
+        let status = status_of(&p);
+        assert_eq!(status[markers::STATUS], "shared-as-copy");
+        assert!(
+            status[markers::STATUS_REASON]
+                == "snap-1 uses the AWS managed key aws/ebs, which cannot be shared; shared instead: a copy re-encrypted with alias/ami-share, tagged ami-share:source-image=ami-12345678",
+            "{status:?}"
+        );
+        assert!(p.deferred[0].contains("waits until the copy is available"));
+    }
+
+    #[test]
+    fn an_existing_copy_is_finished_not_copied_again() {
+        let mut copy = encrypted(
+            REENCRYPT_KEY,
+            Some(key(REENCRYPT_KEY, KeyManager::Customer)),
+        );
+        copy.image_id = "ami-copy0001".into();
+        copy.state = ImageState::Pending;
+        copy.tags = desired_for_copy(&reencrypting(), &encrypted(AWS_EBS, None)).image_tags;
+        copy.snapshots[0].tags = Some(desired().snapshot_tags);
+        copy.launch_permissions = None;
+        let p = plan(&reencrypting(), &reencryption(vec![copy.clone()], None));
+        assert!(
+            !p.actions.iter().any(|a| matches!(a, Action::CopyImage(_))),
+            "{p:#?}"
+        );
+        assert!(
+            p.deferred
+                .iter()
+                .any(|d| d.contains("sharing ami-copy0001 waits")),
+            "{p:#?}"
+        );
+
+        copy.state = ImageState::Available;
+        copy.launch_permissions = Some(BTreeSet::new());
+        let p = plan(&reencrypting(), &reencryption(vec![copy], None));
+        let on_copy: Vec<String> = p
+            .actions
+            .iter()
+            .filter(|a| !matches!(a, Action::CreateTags { .. }))
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(on_copy.len(), 2, "{p:#?}");
+        assert!(on_copy[0].contains(REENCRYPT_KEY), "{on_copy:?}");
+        assert!(on_copy[1].starts_with("share ami-copy0001"), "{on_copy:?}");
+    }
+
+    #[test]
+    fn after_a_failed_copy_a_new_one_is_made_and_duplicates_are_reported() {
+        let mut failed = encrypted(REENCRYPT_KEY, None);
+        failed.image_id = "ami-failed01".into();
+        failed.state = ImageState::Failed;
+        let p = plan(
+            &reencrypting(),
+            &reencryption(
+                vec![failed],
+                Some(Some(key(REENCRYPT_KEY, KeyManager::Customer))),
+            ),
+        );
+        assert!(
+            p.actions
+                .iter()
+                .any(|a| matches!(a, Action::CopyImage(c) if c.client_token.ends_with("-1"))),
+            "{p:#?}"
+        );
+
+        let mut a = encrypted(
+            REENCRYPT_KEY,
+            Some(key(REENCRYPT_KEY, KeyManager::Customer)),
+        );
+        a.image_id = "ami-copy000a".into();
+        let mut b = a.clone();
+        b.image_id = "ami-copy000b".into();
+        let p = plan(&reencrypting(), &reencryption(vec![b, a], None));
+        assert!(
+            p.blocked
+                .iter()
+                .any(|m| m.contains("ami-copy000b also re-encrypted copies")
+                    && m.contains("shares only ami-copy000a")),
+            "{p:#?}"
+        );
+    }
+
+    #[test]
+    fn an_unusable_reencrypt_key_leaves_the_image_unshared_with_the_reason() {
+        let other_region =
+            "arn:aws:kms:eu-west-1:123456789012:key/77777777-12ab-34cd-56ef-1234567890ab";
+        let cases = [
+            (None, "reencrypt key alias/ami-share not found in us-east-1"),
+            (Some(key(AWS_EBS, KeyManager::Aws)), "is AWS managed"),
+            (
+                Some(key(other_region, KeyManager::Customer)),
+                "is not of account 123456789012 in us-east-1",
+            ),
+        ];
+        for (k, expected) in cases {
+            let p = plan(&reencrypting(), &reencryption(vec![], Some(k)));
+            assert!(
+                !p.actions.iter().any(|a| matches!(a, Action::CopyImage(_))),
+                "{p:#?}"
+            );
+            let status = status_of(&p);
+            assert_eq!(status[markers::STATUS], "not-shared");
+            assert!(
+                status[markers::STATUS_REASON].contains(expected),
+                "{status:?}"
+            );
+        }
     }
 
     #[test]
     fn actions_print_for_a_person() {
-        let p = plan(&desired(), &image(ImageState::Available));
+        let p = plan(&desired(), &observed(image(ImageState::Available)));
         assert_eq!(
             p.actions[0].to_string(),
             "tag ami-12345678, snap-1 in us-east-1: shared=yes, team=platform"

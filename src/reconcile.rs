@@ -1,17 +1,29 @@
-//! The flow: observe the image → select rules → plan → apply, with one [`Outcome`] record of it all.
+//! The flow: observe the image → select rules → observe what the plan needs → plan → apply, with one
+//! [`Outcome`] record of it all.
 //!
 //! Reads are made only when the plan can use them, independent reads and writes run concurrently, and
 //! nothing is written that is already there. The outcome always says what was done, even when a write
 //! failed half-way, so the summary log is a faithful record.
+//!
+//! Two orderings matter and are kept here:
+//! - an image is shared only after the policies of its snapshots' keys admit the share targets (a share
+//!   the receivers cannot launch from helps nobody, and hides the problem);
+//! - a key policy write is checked by reading it back after a pause, and merged again if a concurrent
+//!   writer replaced it (KMS has no conditional write), a bounded number of times.
+
+use std::time::Duration;
 
 use futures::future::join_all;
 use serde::Serialize;
 
-use crate::aws::{AwsError, Ec2, ImageLookup};
+use crate::aws::{Aws, AwsError, ImageLookup};
 use crate::config::{Config, CreatedBy};
-use crate::observed::{ImageState, ObservedImage};
-use crate::plan::{Action, Plan, plan, reads_needed};
-use crate::rules::{ImageFacts, desired_for};
+use crate::key_policy::{self, KeyGrantees};
+use crate::keys::KeyArn;
+use crate::markers;
+use crate::observed::{ImageState, Observed, ObservedImage, ObservedKey, ObservedReencryption};
+use crate::plan::{self, Action, Plan, desired_for_copy, keys_to_read, reads_needed};
+use crate::rules::{Desired, ImageFacts, desired_for};
 use crate::trigger::{EventKind, ImageEvent};
 
 /// Whether to make the planned calls, or only report them.
@@ -21,11 +33,34 @@ pub enum Mode {
     DryRun,
 }
 
+/// How a key policy write is confirmed. KMS's PutKeyPolicy has no condition: two writers that read the
+/// same policy each write their own version, and the later one drops the other's grant. So after writing,
+/// ami-share waits `settle` (longer than another writer's read-merge-write takes), reads the policy back,
+/// and merges again if its grantees are missing, up to `max_writes` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyPolicyWrites {
+    pub settle: Duration,
+    pub max_writes: u32,
+}
+
+impl Default for KeyPolicyWrites {
+    fn default() -> Self {
+        Self {
+            settle: Duration::from_secs(1),
+            max_writes: 5,
+        }
+    }
+}
+
 /// Everything one reconciliation did and decided: the summary record of an event.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Outcome {
     pub image_id: String,
     pub region: String,
+    /// The image the event named, when it was ami-share's re-encrypted copy of `image_id` (which was
+    /// reconciled instead: the source's rules govern the copy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_image_id: Option<String>,
     /// How the image was made, if known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub created_by: Option<CreatedBy>,
@@ -39,6 +74,9 @@ pub struct Outcome {
     pub dry_run: bool,
     /// Work left for later, and why.
     pub deferred: Vec<String>,
+    /// Why the image is not shared as it is, when that is the case.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub blocked: Vec<String>,
     /// Why nothing was done at all, when that is the case.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,
@@ -87,17 +125,33 @@ impl Outcome {
         self
     }
 
+    /// One word for logs and answers: `failed`, `retry`, `skipped`, `blocked` (not shared as it is, with
+    /// the reason in `blocked`) or `done`.
+    pub fn status(&self) -> &'static str {
+        match () {
+            _ if !self.failures.is_empty() => "failed",
+            _ if self.retry_reason.is_some() => "retry",
+            _ if self.skipped.is_some() => "skipped",
+            _ if !self.blocked.is_empty() => "blocked",
+            _ => "done",
+        }
+    }
+
     /// The plan this reconciliation made (done and not done).
     pub fn plan(&self) -> Plan {
         Plan {
             actions: self.done.iter().chain(&self.not_done).cloned().collect(),
             deferred: self.deferred.clone(),
+            blocked: self.blocked.clone(),
         }
     }
 
     /// One line for a person: what happened to the image and why.
     pub fn headline(&self) -> String {
-        let subject = format!("{} in {}", self.image_id, self.region);
+        let mut subject = format!("{} in {}", self.image_id, self.region);
+        if let Some(copy) = &self.event_image_id {
+            subject.push_str(&format!(" (the event named {copy}, its re-encrypted copy)"));
+        }
         if let Some(reason) = &self.skipped {
             return format!("{subject}: skipped: {reason}");
         }
@@ -108,6 +162,11 @@ impl Outcome {
         parts.extend(self.done.iter().map(|a| format!("done: {a}")));
         let label = if self.dry_run { "would" } else { "not done" };
         parts.extend(self.not_done.iter().map(|a| format!("{label}: {a}")));
+        parts.extend(
+            self.blocked
+                .iter()
+                .map(|b| format!("not shared as it is: {b}")),
+        );
         parts.extend(self.deferred.iter().map(|d| format!("deferred: {d}")));
         parts.extend(self.failures.iter().map(|f| format!("failed: {f}")));
         parts.extend(self.retry_reason.iter().map(|r| format!("to retry: {r}")));
@@ -115,157 +174,365 @@ impl Outcome {
     }
 }
 
-/// Reconciles the image an event names. `home_region` is used when the event names none.
-pub async fn reconcile(
-    event: &ImageEvent,
-    home_region: &str,
-    config: &Config,
-    ec2: &impl Ec2,
-    mode: Mode,
-) -> Outcome {
-    let region = event.image.region.as_deref().unwrap_or(home_region);
-    let image_id = event.image.image_id.as_str();
-    let outcome = Outcome::new(image_id, region);
+/// The configured core for one run: what to reconcile against, through which AWS, how.
+pub struct Reconciler<'a, A> {
+    pub config: &'a Config,
+    pub aws: &'a A,
+    /// Used when the event names no region.
+    pub home_region: &'a str,
+    pub mode: Mode,
+    pub key_policy_writes: KeyPolicyWrites,
+}
 
-    // A terminal state reported by the event needs no look: there is nothing left to tag or share.
-    if let EventKind::StateChange { state } = &event.kind
-        && matches!(state.as_str(), "failed" | "deregistered" | "disabled")
-    {
-        return outcome.skipped(format!("the state-change event reports the image {state}"));
-    }
+impl<A: Aws> Reconciler<'_, A> {
+    /// Reconciles the image an event names.
+    pub async fn reconcile(&self, event: &ImageEvent) -> Outcome {
+        let region = event.image.region.as_deref().unwrap_or(self.home_region);
+        let image_id = event.image.image_id.as_str();
+        let outcome = Outcome::new(image_id, region);
 
-    let image = match ec2.describe_image(region, image_id).await {
-        Ok(ImageLookup::Owned(image)) => image,
-        Ok(ImageLookup::NotOwned { owner_id }) => {
-            return outcome.skipped(format!(
-                "owned by account {owner_id}, not this one: only the owner can tag or share an AMI"
-            ));
+        // A terminal state reported by the event needs no look: there is nothing left to tag or share.
+        if let EventKind::StateChange { state } = &event.kind
+            && matches!(state.as_str(), "failed" | "deregistered" | "disabled")
+        {
+            return outcome.skipped(format!("the state-change event reports the image {state}"));
         }
-        // EC2 is eventually consistent: an image an event has just announced may not be visible yet.
-        Ok(ImageLookup::NotFound) if event.kind != EventKind::Direct => {
+
+        let image = match self.aws.describe_image(region, image_id).await {
+            Ok(ImageLookup::Owned(image)) => *image,
+            Ok(ImageLookup::NotOwned { owner_id }) => {
+                return outcome.skipped(format!(
+                    "owned by account {owner_id}, not this one: only the owner can tag or share an AMI"
+                ));
+            }
+            // EC2 is eventually consistent: an image an event has just announced may not be visible yet.
+            Ok(ImageLookup::NotFound) if event.kind != EventKind::Direct => {
+                return outcome.retry_later(format!(
+                    "EC2 does not show {image_id} in {region} yet (it is eventually consistent); if it persists, the image was deregistered or the event names another region"
+                ));
+            }
+            Ok(ImageLookup::NotFound) => {
+                return outcome.skipped(format!("no such image in {region}"));
+            }
+            Err(e) => return outcome.failed(e),
+        };
+        let lagging = matches!(&event.kind, EventKind::StateChange { state } if state == "available")
+            && image.state == ImageState::Pending;
+
+        let outcome = match markers::copy_source(&image.tags) {
+            // ami-share's own copy: its source's rules govern it, and it is never copied again.
+            Some((source_region, source_id)) => {
+                let (source_region, source_id) = (source_region.to_string(), source_id.to_string());
+                let mut outcome = Outcome::new(&source_id, &source_region);
+                outcome.event_image_id = Some(image_id.to_string());
+                match self.aws.describe_image(&source_region, &source_id).await {
+                    Ok(ImageLookup::Owned(source)) => {
+                        let created_by = source.created_by;
+                        self.reconcile_image(*source, created_by, outcome).await
+                    }
+                    Ok(_) => outcome.skipped(format!(
+                        "{image_id} is ami-share's re-encrypted copy of {source_id}, which is gone or not this account's: the copy is left as it is"
+                    )),
+                    Err(e) => outcome.failed(e),
+                }
+            }
+            None => {
+                let created_by = match &event.kind {
+                    EventKind::ApiCall(created_by) => *created_by,
+                    EventKind::StateChange { .. } | EventKind::Direct => image.created_by,
+                };
+                self.reconcile_image(image, created_by, outcome).await
+            }
+        };
+        if lagging && !outcome.rules.is_empty() {
+            // No later event will come for this image: have this one delivered again.
             return outcome.retry_later(format!(
-                "EC2 does not show {image_id} in {region} yet (it is eventually consistent); if it persists, the image was deregistered or the event names another region"
+                "the event says {image_id} is available but DescribeImages still says pending (EC2 is eventually consistent)"
             ));
         }
-        Ok(ImageLookup::NotFound) => {
-            return outcome.skipped(format!("no such image in {region}"));
-        }
-        Err(e) => return outcome.failed(e),
-    };
-    let created_by = match &event.kind {
-        EventKind::ApiCall(created_by) => *created_by,
-        EventKind::StateChange { .. } | EventKind::Direct => image.created_by,
-    };
-    let lagging = matches!(&event.kind, EventKind::StateChange { state } if state == "available")
-        && image.state == ImageState::Pending;
-    let outcome = reconcile_image(image, created_by, config, ec2, mode, outcome).await;
-    if lagging && !outcome.rules.is_empty() {
-        // No later event will come for this image: have this one delivered again.
-        return outcome.retry_later(format!(
-            "the event says {image_id} is available but DescribeImages still says pending (EC2 is eventually consistent)"
-        ));
+        outcome
     }
-    outcome
-}
 
-/// Selects, observes what the plan needs, plans and (in [`Mode::Apply`]) applies, for a described image.
-pub async fn reconcile_image(
-    mut image: ObservedImage,
-    created_by: CreatedBy,
-    config: &Config,
-    ec2: &impl Ec2,
-    mode: Mode,
-    mut outcome: Outcome,
-) -> Outcome {
-    outcome.created_by = Some(created_by);
-    let facts = ImageFacts {
-        name: image.name.as_deref(),
-        tags: &image.tags,
-        owner_id: &image.owner_id,
-        created_by,
-    };
-    let desired = desired_for(config, &facts);
-    if desired.is_empty() {
-        let name = image.name.as_deref().unwrap_or("(no name)");
-        return outcome.skipped(format!("no rule selects it (name {name:?})"));
-    }
-    outcome.rules = desired.rules.clone();
-    outcome.conflicts = desired.conflicts.clone();
-
-    let reads = reads_needed(&desired, &image);
-    let snapshot_ids: Vec<String> = image
-        .snapshots
-        .iter()
-        .map(|s| s.snapshot_id.clone())
-        .collect();
-    let region = image.region.clone();
-    let (permissions, snapshot_tags) = futures::join!(
-        async {
-            match reads.launch_permissions {
-                true => Some(
-                    ec2.describe_launch_permissions(&region, &image.image_id)
-                        .await,
-                ),
-                false => None,
-            }
-        },
-        async {
-            match reads.snapshot_tags {
-                true => Some(ec2.describe_snapshot_tags(&region, &snapshot_ids).await),
-                false => None,
-            }
+    /// Selects, observes what the plan needs, plans and (in [`Mode::Apply`]) applies, for a described image.
+    pub async fn reconcile_image(
+        &self,
+        image: ObservedImage,
+        created_by: CreatedBy,
+        mut outcome: Outcome,
+    ) -> Outcome {
+        outcome.created_by = Some(created_by);
+        let facts = ImageFacts {
+            name: image.name.as_deref(),
+            tags: &image.tags,
+            owner_id: &image.owner_id,
+            created_by,
+        };
+        let desired = desired_for(self.config, &facts);
+        if desired.is_empty() {
+            let name = image.name.as_deref().unwrap_or("(no name)");
+            return outcome.skipped(format!("no rule selects it (name {name:?})"));
         }
-    );
-    match permissions.transpose() {
-        Ok(permissions) => image.launch_permissions = permissions,
-        Err(e) => return outcome.failed(e),
+        outcome.rules = desired.rules.clone();
+        outcome.conflicts = desired.conflicts.clone();
+
+        let observed = match self.observe(image, &desired).await {
+            Ok(observed) => observed,
+            Err(e) => return outcome.failed(e),
+        };
+        let plan = plan::plan(&desired, &observed);
+        outcome.deferred = plan.deferred;
+        outcome.blocked = plan.blocked;
+        if self.mode == Mode::DryRun {
+            outcome.dry_run = true;
+            outcome.not_done = plan.actions;
+            return outcome;
+        }
+        self.apply(plan.actions, &mut outcome).await;
+        outcome
     }
-    match snapshot_tags.transpose() {
-        Ok(Some(mut by_id)) => {
+
+    /// The reads the plan needs, beyond the image itself: its launch permissions, snapshots and keys,
+    /// and, when it cannot be shared as it is and a rule asks for it, its re-encrypted copy.
+    async fn observe(&self, image: ObservedImage, desired: &Desired) -> Result<Observed, AwsError> {
+        let image = self.observe_image(image, desired).await?;
+        let blocked =
+            reads_needed(desired, &image).keys && plan::key_patches(desired, &image).is_err();
+        let reencryption = match &desired.reencrypt_with {
+            Some(key) if blocked => {
+                let region = &image.region;
+                let mut copies = self
+                    .aws
+                    .find_reencrypted_copies(region, &image.image_id)
+                    .await?;
+                let key = match plan::chosen_copy(&copies).map(|c| c.image_id.clone()) {
+                    Some(chosen) => {
+                        let copy = copies.iter_mut().find(|c| c.image_id == chosen);
+                        let copy = copy.expect("the chosen copy is among the copies");
+                        *copy = self
+                            .observe_image(copy.clone(), &desired_for_copy(desired, &image))
+                            .await?;
+                        None
+                    }
+                    None => Some(self.aws.describe_key(region, key.as_str()).await?),
+                };
+                Some(ObservedReencryption { copies, key })
+            }
+            _ => None,
+        };
+        Ok(Observed {
+            image,
+            reencryption,
+        })
+    }
+
+    /// Launch permissions and snapshots (concurrently), then the keys the snapshots name (concurrently).
+    async fn observe_image(
+        &self,
+        mut image: ObservedImage,
+        desired: &Desired,
+    ) -> Result<ObservedImage, AwsError> {
+        let reads = reads_needed(desired, &image);
+        let region = image.region.clone();
+        let snapshot_ids: Vec<String> = image
+            .snapshots
+            .iter()
+            .map(|s| s.snapshot_id.clone())
+            .collect();
+        let (permissions, snapshots) = futures::join!(
+            async {
+                match reads.launch_permissions {
+                    true => Some(
+                        self.aws
+                            .describe_launch_permissions(&region, &image.image_id)
+                            .await,
+                    ),
+                    false => None,
+                }
+            },
+            async {
+                match reads.snapshots {
+                    true => Some(self.aws.describe_snapshots(&region, &snapshot_ids).await),
+                    false => None,
+                }
+            }
+        );
+        image.launch_permissions = permissions.transpose()?;
+        if let Some(mut by_id) = snapshots.transpose()? {
             for snapshot in &mut image.snapshots {
-                snapshot.tags = Some(by_id.remove(&snapshot.snapshot_id).unwrap_or_default());
+                match by_id.remove(&snapshot.snapshot_id) {
+                    Some(facts) => {
+                        snapshot.tags = Some(facts.tags);
+                        snapshot.encrypted = Some(facts.encrypted);
+                        snapshot.kms_key_id = facts.kms_key_id;
+                    }
+                    None => snapshot.tags = Some(Default::default()),
+                }
             }
         }
-        Ok(None) => {}
-        Err(e) => return outcome.failed(e),
+        if reads.keys {
+            let arns = keys_to_read(&image);
+            let keys = join_all(arns.iter().map(|arn| self.observe_key(&region, arn))).await;
+            for (arn, key) in arns.into_iter().zip(keys) {
+                image.keys.insert(arn, key?);
+            }
+        }
+        Ok(image)
     }
 
-    let plan = plan(&desired, &image);
-    outcome.deferred = plan.deferred;
-    if mode == Mode::DryRun {
-        outcome.dry_run = true;
-        outcome.not_done = plan.actions;
-        return outcome;
+    /// DescribeKey and GetKeyPolicy together. The policy of an AWS managed key is not needed (it cannot
+    /// be changed): a failure to read it is then no failure.
+    async fn observe_key(&self, region: &str, arn: &str) -> Result<ObservedKey, AwsError> {
+        let (key, policy) = futures::join!(
+            self.aws.describe_key(region, arn),
+            self.aws.get_key_policy(region, arn)
+        );
+        let Some(mut key) = key? else {
+            return Ok(ObservedKey {
+                arn: arn.to_string(),
+                manager: crate::observed::KeyManager::Customer,
+                state: "not found (deleted?)".into(),
+                policy: None,
+            });
+        };
+        if key.manager == crate::observed::KeyManager::Customer && key.is_enabled() {
+            key.policy = Some(policy?);
+        }
+        Ok(key)
     }
-    // Tagging and sharing are independent: run them together.
-    let results = join_all(plan.actions.iter().map(|action| apply(ec2, action))).await;
-    for (action, result) in plan.actions.into_iter().zip(results) {
-        match result {
-            Ok(()) => outcome.done.push(action),
-            Err(e) => {
-                outcome.not_done.push(action);
-                outcome.failures.push(e);
+
+    /// Tags, key policies and copies first, concurrently; then the shares, only if every key policy
+    /// patch succeeded.
+    async fn apply(&self, actions: Vec<Action>, outcome: &mut Outcome) {
+        let (shares, first): (Vec<Action>, Vec<Action>) = actions
+            .into_iter()
+            .partition(|a| matches!(a, Action::AddLaunchPermissions { .. }));
+        let results = join_all(first.iter().map(|action| self.apply_one(action))).await;
+        let mut key_failed = false;
+        for (action, result) in first.into_iter().zip(results) {
+            match result {
+                Ok(()) => outcome.done.push(action),
+                Err(e) => {
+                    key_failed |= matches!(action, Action::PatchKeyPolicy { .. });
+                    outcome.not_done.push(action);
+                    outcome.failures.push(e);
+                }
+            }
+        }
+        if key_failed {
+            if !shares.is_empty() {
+                outcome.blocked.push(
+                    "not shared yet: a key policy could not be patched (see the failure), and receivers could not launch from it".into(),
+                );
+            }
+            outcome.not_done.extend(shares);
+            return;
+        }
+        let results = join_all(shares.iter().map(|action| self.apply_one(action))).await;
+        for (action, result) in shares.into_iter().zip(results) {
+            match result {
+                Ok(()) => outcome.done.push(action),
+                Err(e) => {
+                    outcome.not_done.push(action);
+                    outcome.failures.push(e);
+                }
             }
         }
     }
-    outcome
-}
 
-async fn apply(ec2: &impl Ec2, action: &Action) -> Result<(), AwsError> {
-    match action {
-        Action::CreateTags {
-            region,
-            resources,
-            tags,
-        } => ec2.create_tags(region, resources, tags).await,
-        Action::AddLaunchPermissions {
-            region,
-            image_id,
-            permissions,
-        } => {
-            ec2.add_launch_permissions(region, image_id, permissions)
-                .await
+    async fn apply_one(&self, action: &Action) -> Result<(), AwsError> {
+        match action {
+            Action::CreateTags {
+                region,
+                resources,
+                tags,
+            } => self.aws.create_tags(region, resources, tags).await,
+            Action::AddLaunchPermissions {
+                region,
+                image_id,
+                permissions,
+            } => {
+                self.aws
+                    .add_launch_permissions(region, image_id, permissions)
+                    .await
+            }
+            Action::PatchKeyPolicy {
+                region,
+                key_arn,
+                grantees,
+                policy,
+                ..
+            } => {
+                self.patch_key_policy(region, key_arn, grantees, policy)
+                    .await
+            }
+            Action::CopyImage(copy) => {
+                let copy_id = self.aws.copy_image(copy).await?;
+                tracing::info!(
+                    image_id = %copy.source_image_id,
+                    copy_id = %copy_id,
+                    "made re-encrypted copy {copy_id} of {}",
+                    copy.source_image_id
+                );
+                Ok(())
+            }
         }
+    }
+
+    /// Writes `policy`, then confirms, after a pause, that the key still admits `grantees`; merges and
+    /// writes again while a concurrent writer has dropped them, at most `max_writes` times in all.
+    async fn patch_key_policy(
+        &self,
+        region: &str,
+        key_arn: &str,
+        grantees: &KeyGrantees,
+        policy: &str,
+    ) -> Result<(), AwsError> {
+        let error = |message: String, retryable: bool| AwsError {
+            operation: "PutKeyPolicy",
+            region: region.to_string(),
+            resource: key_arn.to_string(),
+            code: None,
+            message,
+            retryable,
+        };
+        let partition = key_arn
+            .parse::<KeyArn>()
+            .map_err(|e| error(e, false))?
+            .partition()
+            .to_string();
+        let KeyPolicyWrites { settle, max_writes } = self.key_policy_writes;
+        let mut policy = policy.to_string();
+        for write in 1..=max_writes {
+            self.aws.put_key_policy(region, key_arn, &policy).await?;
+            tokio::time::sleep(settle).await;
+            let current = self.aws.get_key_policy(region, key_arn).await?;
+            match key_policy::merge(&current, grantees, &partition) {
+                Ok(None) => return Ok(()),
+                Ok(Some(merged)) => {
+                    tracing::warn!(
+                        key_arn,
+                        write,
+                        missing = %merged.admitted,
+                        "the policy of {key_arn} lost ami-share's grantees after write {write}: another writer replaced it; merging again"
+                    );
+                    policy = merged.policy;
+                }
+                Err(e) => {
+                    return Err(error(
+                        format!(
+                            "after ami-share wrote it, another writer changed the key policy into one it cannot merge into: {e}"
+                        ),
+                        false,
+                    ));
+                }
+            }
+        }
+        Err(error(
+            format!(
+                "the key policy lost ami-share's grantees ({grantees}) after each of {max_writes} writes: another writer keeps replacing it. If CloudFormation, Terraform or a script manages this key's policy, add ami-share's statements there (README, \"Encrypted AMIs\")"
+            ),
+            true,
+        ))
     }
 }
 
@@ -275,43 +542,95 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::observed::{ObservedSnapshot, Tags};
+    use crate::aws::Aws;
+    use crate::observed::{KeyManager, ObservedSnapshot, SnapshotFacts, Tags};
+    use crate::plan::ImageCopy;
     use crate::targets::LaunchPermission;
     use crate::trigger::ImageRef;
 
-    /// An in-memory EC2 with one image; records every call and can fail chosen operations.
-    struct FakeEc2 {
-        image: Mutex<ObservedImage>,
-        snapshot_tags: Mutex<BTreeMap<String, Tags>>,
+    const REGION: &str = "eu-west-1";
+    const IMAGE: &str = "ami-12345678";
+    const CMK: &str = "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+    const AWS_EBS: &str =
+        "arn:aws:kms:eu-west-1:123456789012:key/99999999-12ab-34cd-56ef-1234567890ab";
+    const COPY_KEY: &str =
+        "arn:aws:kms:eu-west-1:123456789012:key/77777777-12ab-34cd-56ef-1234567890ab";
+    const DEFAULT_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[{"Sid":"Enable IAM User Permissions","Effect":"Allow","Principal":{"AWS":"arn:aws:iam::123456789012:root"},"Action":"kms:*","Resource":"*"}]}"#;
+
+    #[derive(Default)]
+    struct FakeState {
+        images: BTreeMap<String, ObservedImage>,
+        snapshots: BTreeMap<String, SnapshotFacts>,
+        keys: BTreeMap<String, ObservedKey>,
+        aliases: BTreeMap<String, String>,
+        /// Puts after which a "concurrent writer" puts back the policy it read before them.
+        overwrites_left: usize,
+    }
+
+    /// An in-memory AWS account in one region: images, snapshots, keys. Records every call and can fail
+    /// chosen operations.
+    struct FakeAws {
+        state: Mutex<FakeState>,
         calls: Mutex<Vec<&'static str>>,
         failing: Vec<&'static str>,
     }
 
-    impl FakeEc2 {
-        fn new(state: ImageState) -> Self {
-            Self {
-                image: Mutex::new(ObservedImage {
-                    image_id: "ami-12345678".into(),
-                    region: "eu-west-1".into(),
-                    name: Some("golden-1".into()),
-                    owner_id: "123456789012".into(),
-                    state,
+    impl FakeAws {
+        /// One image, `golden-1`, its snapshot `snap-1` encrypted with `key` (`None`: unencrypted).
+        fn new(state: ImageState, key: Option<&str>) -> Self {
+            let image = ObservedImage {
+                image_id: IMAGE.into(),
+                region: REGION.into(),
+                name: Some("golden-1".into()),
+                owner_id: "123456789012".into(),
+                state,
+                tags: Tags::new(),
+                created_by: CreatedBy::CreateImage,
+                snapshots: vec![ObservedSnapshot {
+                    snapshot_id: "snap-1".into(),
+                    encrypted: Some(key.is_some()),
+                    kms_key_id: None,
+                    tags: None,
+                }],
+                launch_permissions: Some(BTreeSet::new()),
+                keys: BTreeMap::new(),
+            };
+            let mut fake = FakeState::default();
+            fake.images.insert(IMAGE.into(), image);
+            fake.snapshots.insert(
+                "snap-1".into(),
+                SnapshotFacts {
                     tags: Tags::new(),
-                    created_by: CreatedBy::CreateImage,
-                    snapshots: vec![ObservedSnapshot {
-                        snapshot_id: "snap-1".into(),
-                        tags: None,
-                    }],
-                    launch_permissions: None,
-                }),
-                snapshot_tags: Mutex::new([("snap-1".to_string(), Tags::new())].into()),
+                    encrypted: key.is_some(),
+                    kms_key_id: key.map(str::to_string),
+                },
+            );
+            for (arn, manager) in [
+                (CMK, KeyManager::Customer),
+                (AWS_EBS, KeyManager::Aws),
+                (COPY_KEY, KeyManager::Customer),
+            ] {
+                fake.keys.insert(
+                    arn.into(),
+                    ObservedKey {
+                        arn: arn.into(),
+                        manager,
+                        state: "Enabled".into(),
+                        policy: Some(DEFAULT_POLICY.into()),
+                    },
+                );
+            }
+            fake.aliases
+                .insert("alias/ami-share".into(), COPY_KEY.into());
+            Self {
+                state: Mutex::new(fake),
                 calls: Mutex::new(Vec::new()),
                 failing: Vec::new(),
             }
         }
 
         fn call(&self, operation: &'static str, region: &str) -> Result<(), AwsError> {
-            assert_eq!(region, "eu-west-1", "{operation} in the image's region");
+            assert_eq!(region, REGION, "{operation} in the image's region");
             self.calls.lock().unwrap().push(operation);
             if self.failing.contains(&operation) {
                 return Err(AwsError {
@@ -329,34 +648,59 @@ mod tests {
         fn calls(&self) -> Vec<&'static str> {
             self.calls.lock().unwrap().clone()
         }
+
+        fn writes(&self) -> Vec<&'static str> {
+            self.calls()
+                .into_iter()
+                .filter(|c| !["Describe", "Get"].iter().any(|p| c.starts_with(p)))
+                .collect()
+        }
+
+        fn image(&self, id: &str) -> ObservedImage {
+            self.state.lock().unwrap().images[id].clone()
+        }
+
+        fn policy(&self, arn: &str) -> String {
+            self.state.lock().unwrap().keys[arn].policy.clone().unwrap()
+        }
+
+        fn set_state(&self, id: &str, state: ImageState) {
+            self.state.lock().unwrap().images.get_mut(id).unwrap().state = state;
+        }
     }
 
-    impl Ec2 for FakeEc2 {
-        async fn describe_image(&self, region: &str, _: &str) -> Result<ImageLookup, AwsError> {
+    impl Aws for FakeAws {
+        async fn describe_image(&self, region: &str, id: &str) -> Result<ImageLookup, AwsError> {
             self.call("DescribeImages", region)?;
-            Ok(ImageLookup::Owned(self.image.lock().unwrap().clone()))
+            let state = self.state.lock().unwrap();
+            Ok(match state.images.get(id) {
+                Some(image) => {
+                    let mut image = image.clone();
+                    image.launch_permissions = None;
+                    ImageLookup::Owned(Box::new(image))
+                }
+                None => ImageLookup::NotFound,
+            })
         }
         async fn describe_launch_permissions(
             &self,
             region: &str,
-            _: &str,
+            id: &str,
         ) -> Result<BTreeSet<LaunchPermission>, AwsError> {
             self.call("DescribeImageAttribute", region)?;
-            Ok(self
-                .image
-                .lock()
-                .unwrap()
-                .launch_permissions
-                .clone()
-                .unwrap_or_default())
+            Ok(self.image(id).launch_permissions.unwrap_or_default())
         }
-        async fn describe_snapshot_tags(
+        async fn describe_snapshots(
             &self,
             region: &str,
-            _: &[String],
-        ) -> Result<BTreeMap<String, Tags>, AwsError> {
+            ids: &[String],
+        ) -> Result<BTreeMap<String, SnapshotFacts>, AwsError> {
             self.call("DescribeSnapshots", region)?;
-            Ok(self.snapshot_tags.lock().unwrap().clone())
+            let state = self.state.lock().unwrap();
+            Ok(ids
+                .iter()
+                .filter_map(|id| Some((id.clone(), state.snapshots.get(id)?.clone())))
+                .collect())
         }
         async fn create_tags(
             &self,
@@ -365,13 +709,17 @@ mod tests {
             tags: &Tags,
         ) -> Result<(), AwsError> {
             self.call("CreateTags", region)?;
-            let mut image = self.image.lock().unwrap();
-            let mut snapshots = self.snapshot_tags.lock().unwrap();
+            let mut state = self.state.lock().unwrap();
             for r in resources {
-                if *r == image.image_id {
+                if let Some(image) = state.images.get_mut(r) {
                     image.tags.extend(tags.clone());
                 } else {
-                    snapshots.entry(r.clone()).or_default().extend(tags.clone());
+                    state
+                        .snapshots
+                        .get_mut(r)
+                        .unwrap()
+                        .tags
+                        .extend(tags.clone());
                 }
             }
             Ok(())
@@ -379,15 +727,106 @@ mod tests {
         async fn add_launch_permissions(
             &self,
             region: &str,
-            _: &str,
+            id: &str,
             permissions: &[LaunchPermission],
         ) -> Result<(), AwsError> {
             self.call("ModifyImageAttribute", region)?;
-            let mut image = self.image.lock().unwrap();
+            let mut state = self.state.lock().unwrap();
+            let image = state.images.get_mut(id).unwrap();
+            assert_eq!(
+                image.state,
+                ImageState::Available,
+                "EC2 shares only available images"
+            );
             image
                 .launch_permissions
                 .get_or_insert_default()
                 .extend(permissions.iter().cloned());
+            Ok(())
+        }
+        async fn find_reencrypted_copies(
+            &self,
+            region: &str,
+            source: &str,
+        ) -> Result<Vec<ObservedImage>, AwsError> {
+            self.call("DescribeImages", region)?;
+            let state = self.state.lock().unwrap();
+            Ok(state
+                .images
+                .values()
+                .filter(|i| markers::copy_source(&i.tags).is_some_and(|(_, s)| s == source))
+                .map(|i| ObservedImage {
+                    launch_permissions: None,
+                    ..i.clone()
+                })
+                .collect())
+        }
+        async fn copy_image(&self, copy: &ImageCopy) -> Result<String, AwsError> {
+            self.call("CopyImage", &copy.region)?;
+            let mut state = self.state.lock().unwrap();
+            let id = format!("ami-c{:07}", state.images.len());
+            let snapshot = format!("snap-{id}");
+            let mut image = state.images[&copy.source_image_id].clone();
+            image.image_id = id.clone();
+            image.name = Some(copy.name.clone());
+            image.state = ImageState::Pending;
+            image.tags = copy.tags.clone();
+            image.created_by = CreatedBy::CopyImage;
+            image.launch_permissions = Some(BTreeSet::new());
+            image.snapshots = vec![ObservedSnapshot {
+                snapshot_id: snapshot.clone(),
+                encrypted: Some(true),
+                kms_key_id: None,
+                tags: None,
+            }];
+            state.images.insert(id.clone(), image);
+            state.snapshots.insert(
+                snapshot,
+                SnapshotFacts {
+                    tags: copy.snapshot_tags.clone(),
+                    encrypted: true,
+                    kms_key_id: Some(copy.kms_key_arn.clone()),
+                },
+            );
+            Ok(id)
+        }
+        async fn describe_key(
+            &self,
+            region: &str,
+            key: &str,
+        ) -> Result<Option<ObservedKey>, AwsError> {
+            self.call("DescribeKey", region)?;
+            let state = self.state.lock().unwrap();
+            let arn = state.aliases.get(key).map(String::as_str).unwrap_or(key);
+            Ok(state.keys.get(arn).map(|k| ObservedKey {
+                policy: None,
+                ..k.clone()
+            }))
+        }
+        async fn get_key_policy(&self, region: &str, arn: &str) -> Result<String, AwsError> {
+            self.call("GetKeyPolicy", region)?;
+            Ok(self.policy(arn))
+        }
+        async fn put_key_policy(
+            &self,
+            region: &str,
+            arn: &str,
+            policy: &str,
+        ) -> Result<(), AwsError> {
+            self.call("PutKeyPolicy", region)?;
+            let mut state = self.state.lock().unwrap();
+            let before = state.keys[arn].policy.clone();
+            let overwritten = state.overwrites_left > 0;
+            if overwritten {
+                state.overwrites_left -= 1;
+            }
+            let key = state.keys.get_mut(arn).unwrap();
+            // A concurrent writer that read the policy before this write lands its own after it.
+            key.policy = if overwritten {
+                before
+            } else {
+                Some(policy.into())
+            };
             Ok(())
         }
     }
@@ -402,11 +841,21 @@ mod tests {
         )
     }
 
+    fn reencrypting_config() -> Config {
+        config(
+            "[[rule]]\nname = \"golden\"\nmatch.name = [\"golden-*\"]\ntags = { t = \"1\" }\nshare.accounts = [\"210987654321\"]\nreencrypt.kms_key = \"alias/ami-share\"\n",
+        )
+    }
+
     fn event(kind: EventKind) -> ImageEvent {
+        event_for(IMAGE, kind)
+    }
+
+    fn event_for(image_id: &str, kind: EventKind) -> ImageEvent {
         ImageEvent {
             image: ImageRef {
                 region: None,
-                image_id: "ami-12345678".into(),
+                image_id: image_id.into(),
             },
             kind,
             account: None,
@@ -414,21 +863,39 @@ mod tests {
         }
     }
 
-    const WRITES: [&str; 2] = ["CreateTags", "ModifyImageAttribute"];
+    async fn run(aws: &FakeAws, config: &Config, event: &ImageEvent, mode: Mode) -> Outcome {
+        Reconciler {
+            config,
+            aws,
+            home_region: REGION,
+            mode,
+            key_policy_writes: KeyPolicyWrites {
+                settle: Duration::ZERO,
+                max_writes: 3,
+            },
+        }
+        .reconcile(event)
+        .await
+    }
+
+    async fn apply(aws: &FakeAws, config: &Config) -> Outcome {
+        run(aws, config, &event(EventKind::Direct), Mode::Apply).await
+    }
+
+    fn partner() -> BTreeSet<LaunchPermission> {
+        [LaunchPermission::Account("210987654321".parse().unwrap())].into()
+    }
 
     #[tokio::test]
     async fn apply_then_reapply_writes_once() {
-        let ec2 = FakeEc2::new(ImageState::Available);
-        let e = event(EventKind::Direct);
-        let first = reconcile(&e, "eu-west-1", &sharing_config(), &ec2, Mode::Apply).await;
+        let aws = FakeAws::new(ImageState::Available, None);
+        let first = apply(&aws, &sharing_config()).await;
         assert_eq!(first.done.len(), 2, "{}", first.headline());
-        let writes_before = ec2.calls().iter().filter(|c| WRITES.contains(c)).count();
-        let second = reconcile(&e, "eu-west-1", &sharing_config(), &ec2, Mode::Apply).await;
+        assert_eq!(first.status(), "done");
+        let writes_before = aws.writes().len();
+        let second = apply(&aws, &sharing_config()).await;
         assert!(second.done.is_empty() && second.not_done.is_empty());
-        assert_eq!(
-            ec2.calls().iter().filter(|c| WRITES.contains(c)).count(),
-            writes_before
-        );
+        assert_eq!(aws.writes().len(), writes_before);
         assert!(
             second.headline().contains("nothing to do"),
             "{}",
@@ -438,44 +905,41 @@ mod tests {
 
     #[tokio::test]
     async fn a_dry_run_reads_but_never_writes() {
-        let ec2 = FakeEc2::new(ImageState::Available);
-        let outcome = reconcile(
-            &event(EventKind::Direct),
-            "eu-west-1",
+        let aws = FakeAws::new(ImageState::Available, Some(CMK));
+        let outcome = run(
+            &aws,
             &sharing_config(),
-            &ec2,
+            &event(EventKind::Direct),
             Mode::DryRun,
         )
         .await;
-        assert_eq!(outcome.not_done.len(), 2);
-        assert!(outcome.done.is_empty());
-        assert!(
-            !ec2.calls().iter().any(|c| WRITES.contains(c)),
-            "{:?}",
-            ec2.calls()
-        );
-        assert_eq!(outcome.plan().actions.len(), 2);
-        assert!(
-            outcome
-                .headline()
-                .contains("would: tag ami-12345678, snap-1"),
-            "{}",
+        assert_eq!(
+            outcome.not_done.len(),
+            3,
+            "tag, key, share: {}",
             outcome.headline()
+        );
+        assert!(outcome.done.is_empty());
+        assert!(aws.writes().is_empty(), "{:?}", aws.calls());
+        assert_eq!(outcome.plan().actions.len(), 3);
+        let headline = outcome.headline();
+        assert!(
+            headline.contains("would: tag ami-12345678, snap-1"),
+            "{headline}"
+        );
+        assert!(
+            headline.contains(&format!(
+                "would: let account 210987654321 use KMS key {CMK}"
+            )),
+            "{headline}"
         );
     }
 
     #[tokio::test]
     async fn a_failed_write_is_recorded_beside_what_succeeded() {
-        let mut ec2 = FakeEc2::new(ImageState::Available);
-        ec2.failing = vec!["CreateTags"];
-        let outcome = reconcile(
-            &event(EventKind::Direct),
-            "eu-west-1",
-            &sharing_config(),
-            &ec2,
-            Mode::Apply,
-        )
-        .await;
+        let mut aws = FakeAws::new(ImageState::Available, None);
+        aws.failing = vec!["CreateTags"];
+        let outcome = apply(&aws, &sharing_config()).await;
         assert!(outcome.is_incomplete() && outcome.retryable());
         assert!(matches!(
             outcome.done.as_slice(),
@@ -495,82 +959,269 @@ mod tests {
 
     #[tokio::test]
     async fn reads_the_plan_cannot_use_are_not_made() {
-        // Tags only, snapshots untagged: no DescribeImageAttribute, no DescribeSnapshots.
-        let ec2 = FakeEc2::new(ImageState::Available);
+        // Tags only, snapshots untagged: no DescribeImageAttribute, no DescribeSnapshots, no KMS.
+        let aws = FakeAws::new(ImageState::Available, Some(CMK));
         let c = config("[[rule]]\nname = \"t\"\ntags = { t = \"1\" }\ntag_snapshots = false\n");
-        reconcile(
-            &event(EventKind::Direct),
-            "eu-west-1",
-            &c,
-            &ec2,
+        apply(&aws, &c).await;
+        assert_eq!(aws.calls(), ["DescribeImages", "CreateTags"]);
+        // A pending image: no launch permission read, no key read either.
+        let aws = FakeAws::new(ImageState::Pending, Some(CMK));
+        let outcome = apply(&aws, &sharing_config()).await;
+        assert_eq!(
+            aws.calls(),
+            ["DescribeImages", "DescribeSnapshots", "CreateTags"]
+        );
+        assert_eq!(outcome.deferred.len(), 1);
+        // Unencrypted and shared: no KMS call.
+        let aws = FakeAws::new(ImageState::Available, None);
+        apply(&aws, &sharing_config()).await;
+        assert!(
+            !aws.calls().iter().any(|c| c.contains("Key")),
+            "{:?}",
+            aws.calls()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_encrypted_image_is_shared_only_after_its_key_admits_the_targets_and_once() {
+        let aws = FakeAws::new(ImageState::Available, Some(CMK));
+        let outcome = apply(&aws, &sharing_config()).await;
+        assert_eq!(outcome.status(), "done", "{}", outcome.headline());
+        let calls = aws.calls();
+        // Sharing comes last, after the key policy was written and read back.
+        assert_eq!(calls.last(), Some(&"ModifyImageAttribute"), "{calls:?}");
+        let put = calls.iter().position(|c| *c == "PutKeyPolicy").unwrap();
+        assert_eq!(
+            calls[put + 1..]
+                .iter()
+                .filter(|c| **c == "GetKeyPolicy")
+                .count(),
+            1
+        );
+        let admitted = key_policy::admitted(&aws.policy(CMK), "aws").unwrap();
+        assert_eq!(admitted.accounts, ["210987654321".to_string()].into());
+        assert!(aws.policy(CMK).contains("Enable IAM User Permissions"));
+        assert_eq!(aws.image(IMAGE).launch_permissions, Some(partner()));
+
+        let writes = aws.writes().len();
+        let again = apply(&aws, &sharing_config()).await;
+        assert!(again.done.is_empty(), "{}", again.headline());
+        assert_eq!(aws.writes().len(), writes, "a duplicate makes no write");
+    }
+
+    #[tokio::test]
+    async fn a_failed_key_patch_leaves_the_image_unshared() {
+        let mut aws = FakeAws::new(ImageState::Available, Some(CMK));
+        aws.failing = vec!["PutKeyPolicy"];
+        let outcome = apply(&aws, &sharing_config()).await;
+        assert!(
+            !aws.calls().contains(&"ModifyImageAttribute"),
+            "{:?}",
+            aws.calls()
+        );
+        assert!(outcome.is_incomplete());
+        assert!(
+            matches!(
+                outcome.not_done.as_slice(),
+                [
+                    Action::PatchKeyPolicy { .. },
+                    Action::AddLaunchPermissions { .. }
+                ]
+            ),
+            "{}",
+            outcome.headline()
+        );
+        assert!(outcome.blocked[0].contains("a key policy could not be patched"));
+        assert!(aws.image(IMAGE).launch_permissions.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_concurrent_writer_that_drops_the_grant_is_merged_with_again() {
+        let aws = FakeAws::new(ImageState::Available, Some(CMK));
+        aws.state.lock().unwrap().overwrites_left = 1;
+        let outcome = apply(&aws, &sharing_config()).await;
+        assert_eq!(outcome.status(), "done", "{}", outcome.headline());
+        assert_eq!(
+            aws.calls().iter().filter(|c| **c == "PutKeyPolicy").count(),
+            2
+        );
+        let admitted = key_policy::admitted(&aws.policy(CMK), "aws").unwrap();
+        assert_eq!(admitted.accounts.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_policy_that_keeps_being_replaced_is_a_retryable_failure_and_no_share() {
+        let aws = FakeAws::new(ImageState::Available, Some(CMK));
+        aws.state.lock().unwrap().overwrites_left = usize::MAX;
+        let outcome = apply(&aws, &sharing_config()).await;
+        assert_eq!(
+            aws.calls().iter().filter(|c| **c == "PutKeyPolicy").count(),
+            3,
+            "max_writes"
+        );
+        assert!(outcome.is_incomplete() && outcome.retryable());
+        let failure = outcome.failures[0].to_string();
+        assert!(
+            failure.contains("after each of 3 writes") && failure.contains("another writer"),
+            "{failure}"
+        );
+        assert!(!aws.calls().contains(&"ModifyImageAttribute"));
+    }
+
+    #[tokio::test]
+    async fn an_aws_managed_key_is_not_shared_and_the_image_says_why() {
+        let mut aws = FakeAws::new(ImageState::Available, Some(AWS_EBS));
+        // The policy of an AWS managed key is not needed: failing to read it is no failure.
+        aws.failing = vec!["GetKeyPolicy"];
+        let outcome = apply(&aws, &sharing_config()).await;
+        assert_eq!(outcome.status(), "blocked", "{}", outcome.headline());
+        assert!(outcome.failures.is_empty());
+        assert_eq!(
+            aws.writes(),
+            ["CreateTags", "CreateTags"],
+            "the image's tags and status; the snapshot's tags"
+        );
+        let tags = aws.image(IMAGE).tags;
+        assert_eq!(tags[markers::STATUS], "not-shared");
+        assert!(
+            tags[markers::STATUS_REASON].contains("AWS managed key aws/ebs"),
+            "{tags:?}"
+        );
+        assert!(aws.image(IMAGE).launch_permissions.unwrap().is_empty());
+        assert_eq!(aws.policy(AWS_EBS), DEFAULT_POLICY, "never written");
+        // Again: nothing more to do, and it stays blocked.
+        let writes = aws.writes().len();
+        let again = apply(&aws, &sharing_config()).await;
+        assert_eq!(again.status(), "blocked");
+        assert_eq!(aws.writes().len(), writes);
+    }
+
+    #[tokio::test]
+    async fn a_re_encrypted_copy_is_made_once_then_finished_through_its_own_events() {
+        let aws = FakeAws::new(ImageState::Available, Some(AWS_EBS));
+        let config = reencrypting_config();
+        let first = apply(&aws, &config).await;
+        assert_eq!(
+            aws.writes(),
+            ["CreateTags", "CreateTags", "CopyImage"],
+            "{}",
+            first.headline()
+        );
+        let copy_id = aws
+            .state
+            .lock()
+            .unwrap()
+            .images
+            .keys()
+            .find(|id| *id != IMAGE)
+            .cloned()
+            .unwrap();
+        let copy = aws.image(&copy_id);
+        assert_eq!(copy.name.as_deref(), Some("golden-1-reencrypted"));
+        assert_eq!(copy.tags[markers::SOURCE_IMAGE], IMAGE);
+        assert_eq!(copy.tags["t"], "1");
+        assert_eq!(aws.image(IMAGE).tags[markers::STATUS], "shared-as-copy");
+
+        // A duplicate of the source's event, and the copy's CopyImage event while it is pending: no new copy.
+        let writes = aws.writes().len();
+        apply(&aws, &config).await;
+        let outcome = run(
+            &aws,
+            &config,
+            &event_for(&copy_id, EventKind::ApiCall(CreatedBy::CopyImage)),
             Mode::Apply,
         )
         .await;
-        assert_eq!(ec2.calls(), ["DescribeImages", "CreateTags"]);
-        // A pending image: no launch permission read either.
-        let ec2 = FakeEc2::new(ImageState::Pending);
-        let outcome = reconcile(
-            &event(EventKind::Direct),
-            "eu-west-1",
-            &sharing_config(),
-            &ec2,
+        assert_eq!(outcome.event_image_id.as_deref(), Some(copy_id.as_str()));
+        assert_eq!(outcome.image_id, IMAGE, "the source is reconciled");
+        assert!(
+            outcome
+                .deferred
+                .iter()
+                .any(|d| d.contains(&format!("sharing {copy_id} waits"))),
+            "{}",
+            outcome.headline()
+        );
+        assert_eq!(aws.writes().len(), writes, "{:?}", aws.writes());
+
+        // The copy becomes available: its key is opened and it is shared; the source never is.
+        aws.set_state(&copy_id, ImageState::Available);
+        let outcome = run(
+            &aws,
+            &config,
+            &event_for(
+                &copy_id,
+                EventKind::StateChange {
+                    state: "available".into(),
+                },
+            ),
             Mode::Apply,
         )
         .await;
         assert_eq!(
-            ec2.calls(),
-            ["DescribeImages", "DescribeSnapshots", "CreateTags"]
+            outcome.status(),
+            "blocked",
+            "the source stays unshared: {}",
+            outcome.headline()
         );
-        assert_eq!(outcome.deferred.len(), 1);
+        assert!(outcome.failures.is_empty(), "{}", outcome.headline());
+        assert_eq!(aws.image(&copy_id).launch_permissions, Some(partner()));
+        assert!(aws.image(IMAGE).launch_permissions.unwrap().is_empty());
+        let admitted = key_policy::admitted(&aws.policy(COPY_KEY), "aws").unwrap();
+        assert_eq!(admitted.accounts, ["210987654321".to_string()].into());
+
+        let writes = aws.writes().len();
+        apply(&aws, &config).await;
+        run(
+            &aws,
+            &config,
+            &event_for(&copy_id, EventKind::Direct),
+            Mode::Apply,
+        )
+        .await;
+        assert_eq!(aws.writes().len(), writes, "converged: {:?}", aws.writes());
     }
 
     #[tokio::test]
     async fn a_terminal_state_event_makes_no_call_and_no_rule_means_no_write() {
-        let ec2 = FakeEc2::new(ImageState::Available);
+        let aws = FakeAws::new(ImageState::Available, None);
         let failed = event(EventKind::StateChange {
             state: "failed".into(),
         });
-        let outcome = reconcile(&failed, "eu-west-1", &sharing_config(), &ec2, Mode::Apply).await;
+        let outcome = run(&aws, &sharing_config(), &failed, Mode::Apply).await;
         assert!(
             outcome
                 .skipped
                 .unwrap()
                 .contains("reports the image failed")
         );
-        assert!(ec2.calls().is_empty());
+        assert!(aws.calls().is_empty());
         let c = config(
             "[[rule]]\nname = \"other\"\nmatch.name = [\"other-*\"]\ntags = { t = \"1\" }\n",
         );
-        let outcome = reconcile(
-            &event(EventKind::Direct),
-            "eu-west-1",
-            &c,
-            &ec2,
-            Mode::Apply,
-        )
-        .await;
+        let outcome = apply(&aws, &c).await;
         assert!(
             outcome
                 .skipped
                 .unwrap()
                 .contains("no rule selects it (name \"golden-1\")")
         );
-        assert_eq!(ec2.calls(), ["DescribeImages"]);
+        assert_eq!(aws.calls(), ["DescribeImages"]);
     }
 
     #[tokio::test]
     async fn created_by_comes_from_the_event_before_the_image() {
-        let ec2 = FakeEc2::new(ImageState::Available);
+        let aws = FakeAws::new(ImageState::Available, None);
         let c = config(
             "[[rule]]\nname = \"reg\"\nmatch.created_by = [\"RegisterImage\"]\ntags = { t = \"1\" }\n",
         );
         let by_event = event(EventKind::ApiCall(CreatedBy::RegisterImage));
-        let outcome = reconcile(&by_event, "eu-west-1", &c, &ec2, Mode::DryRun).await;
+        let outcome = run(&aws, &c, &by_event, Mode::DryRun).await;
         assert_eq!(outcome.rules, ["reg"]);
         let by_image = event(EventKind::StateChange {
             state: "available".into(),
         });
-        let outcome = reconcile(&by_image, "eu-west-1", &c, &ec2, Mode::DryRun).await;
+        let outcome = run(&aws, &c, &by_image, Mode::DryRun).await;
         assert_eq!(outcome.created_by, Some(CreatedBy::CreateImage));
         assert!(outcome.rules.is_empty());
     }

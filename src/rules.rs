@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use serde::Serialize;
 
 use crate::config::{Config, CreatedBy, Rule};
+use crate::keys::KeyRef;
 use crate::observed::Tags;
 use crate::targets::LaunchPermission;
 
@@ -30,7 +31,10 @@ pub struct Desired {
     pub image_tags: Tags,
     pub snapshot_tags: Tags,
     pub launch_permissions: BTreeSet<LaunchPermission>,
-    /// Tag keys two rules disagree on, described for the operator.
+    /// The key to re-encrypt a copy with when the image cannot be shared as it is (the first selecting
+    /// rule that names one).
+    pub reencrypt_with: Option<KeyRef>,
+    /// Tag keys (or re-encryption keys) two rules disagree on, described for the operator.
     pub conflicts: Vec<String>,
 }
 
@@ -88,6 +92,18 @@ pub fn desired_for(config: &Config, image: &ImageFacts) -> Desired {
         desired
             .launch_permissions
             .extend(rule.share.launch_permissions());
+        if let Some(reencrypt) = &rule.reencrypt {
+            match &desired.reencrypt_with {
+                None => desired.reencrypt_with = Some(reencrypt.kms_key.clone()),
+                Some(first) if *first != reencrypt.kms_key => desired.conflicts.push(format!(
+                    "reencrypt.kms_key: rule {:?} wants {:?}, an earlier rule (first in the file, applied) wants {:?}",
+                    rule.name,
+                    reencrypt.kms_key.as_str(),
+                    first.as_str()
+                )),
+                Some(_) => {}
+            }
+        }
     }
     // Snapshot tags: the winning value of each key, for keys of rules that tag snapshots.
     for rule in selecting.iter().filter(|rule| rule.tag_snapshots) {
@@ -263,6 +279,22 @@ mod tests {
             d.conflicts[0]
         );
         assert!(d.conflicts[0].contains("\"first\""), "{}", d.conflicts[0]);
+    }
+
+    #[test]
+    fn the_first_rule_with_a_reencryption_key_wins_and_a_disagreement_is_reported() {
+        let c = config(
+            "[[rule]]\nname = \"a\"\nshare.accounts = [\"111122223333\"]\nreencrypt.kms_key = \"alias/one\"\n[[rule]]\nname = \"b\"\nshare.accounts = [\"111122223333\"]\nreencrypt.kms_key = \"alias/two\"\n",
+        );
+        let none = Tags::new();
+        let d = desired_for(&c, &facts("x", &none));
+        assert_eq!(d.reencrypt_with.unwrap().as_str(), "alias/one");
+        assert_eq!(d.conflicts.len(), 1);
+        assert!(
+            d.conflicts[0].contains("rule \"b\" wants \"alias/two\""),
+            "{}",
+            d.conflicts[0]
+        );
     }
 
     #[test]

@@ -53,7 +53,7 @@ fn is_ou_id(s: &str) -> bool {
         && is_lower_alnum(ou)
 }
 
-fn is_account_id(s: &str) -> bool {
+pub(crate) fn is_account_id(s: &str) -> bool {
     s.len() == 12 && s.bytes().all(|b| b.is_ascii_digit())
 }
 

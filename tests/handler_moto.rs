@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use ami_share::aws::sdk::SdkEc2;
+use ami_share::aws::sdk::SdkAws;
 use ami_share::config::Config;
 use ami_share::handler::Handler;
 use common::*;
@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 struct Setup {
     emulator: Emulator,
     ec2: aws_sdk_ec2::Client,
-    handler: Handler<SdkEc2>,
+    handler: Handler<SdkAws>,
     org_arn: String,
     eng_ou_arn: String,
     data_ou_arn: String,
@@ -57,7 +57,7 @@ async fn setup() -> Setup {
     ))
     .unwrap();
     let ec2 = emulator.ec2().await;
-    let handler = Handler::new(config, SdkEc2::new(emulator.sdk_config().await), REGION);
+    let handler = Handler::new(config, SdkAws::new(emulator.sdk_config().await), REGION);
     Setup {
         emulator,
         ec2,
@@ -411,7 +411,7 @@ async fn an_aws_failure_is_an_error_that_says_what_was_done_and_what_failed() {
         .await;
     let handler = Handler::new(
         Config::parse("[[rule]]\nname = \"all\"\ntags = { a = \"b\" }\n").unwrap(),
-        SdkEc2::new(dead),
+        SdkAws::new(dead),
         REGION,
     );
     let error = handler

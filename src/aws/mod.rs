@@ -1,8 +1,9 @@
-//! The AWS edge: the few calls the core needs, behind one trait.
+//! The AWS edge: the few EC2 and KMS calls the core needs, behind one trait.
 //!
-//! The reconciler is generic over [`Ec2`], so unit tests can drive it with an in-memory fake and the
-//! integration tests drive the real implementation ([`sdk::SdkEc2`]) against the emulator. Every AWS call
-//! of the product lives under this module; a change in AWS behaviour is a change here.
+//! The reconciler is generic over [`Aws`], so unit tests can drive it with an in-memory fake and the
+//! integration tests drive the real implementation ([`sdk::SdkAws`]) against the emulator or recorded
+//! responses. Every AWS call of the product lives under this module; a change in AWS behaviour is a
+//! change here.
 
 pub mod sdk;
 
@@ -12,44 +13,45 @@ use std::future::Future;
 
 use serde::Serialize;
 
-use crate::observed::{ObservedImage, Tags};
+use crate::observed::{ObservedImage, ObservedKey, SnapshotFacts, Tags};
+use crate::plan::ImageCopy;
 use crate::targets::LaunchPermission;
 
 /// What DescribeImages found for an image id in a region.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageLookup {
     /// The image exists and this account owns it.
-    Owned(ObservedImage),
+    Owned(Box<ObservedImage>),
     /// The image exists but another account owns it (shared with us, or public): only the owner can share.
     NotOwned { owner_id: String },
     /// No such image in the region (never existed, or deregistered).
     NotFound,
 }
 
-/// The EC2 operations ami-share uses. Each takes the region: AMIs are regional.
-pub trait Ec2: Send + Sync {
-    /// DescribeImages for one image id, telling owned, not owned and not found apart.
+/// The AWS operations ami-share uses. Each takes the region: AMIs, snapshots and KMS keys are regional.
+pub trait Aws: Send + Sync {
+    /// EC2 DescribeImages for one image id, telling owned, not owned and not found apart.
     fn describe_image(
         &self,
         region: &str,
         image_id: &str,
     ) -> impl Future<Output = Result<ImageLookup, AwsError>> + Send;
 
-    /// DescribeImageAttribute launchPermission.
+    /// EC2 DescribeImageAttribute launchPermission.
     fn describe_launch_permissions(
         &self,
         region: &str,
         image_id: &str,
     ) -> impl Future<Output = Result<BTreeSet<LaunchPermission>, AwsError>> + Send;
 
-    /// DescribeSnapshots: the tags of each snapshot id.
-    fn describe_snapshot_tags(
+    /// EC2 DescribeSnapshots: tags and encryption of each snapshot id.
+    fn describe_snapshots(
         &self,
         region: &str,
         snapshot_ids: &[String],
-    ) -> impl Future<Output = Result<BTreeMap<String, Tags>, AwsError>> + Send;
+    ) -> impl Future<Output = Result<BTreeMap<String, SnapshotFacts>, AwsError>> + Send;
 
-    /// CreateTags: the same tags on every listed resource, in one call.
+    /// EC2 CreateTags: the same tags on every listed resource, in one call.
     fn create_tags(
         &self,
         region: &str,
@@ -57,12 +59,48 @@ pub trait Ec2: Send + Sync {
         tags: &Tags,
     ) -> impl Future<Output = Result<(), AwsError>> + Send;
 
-    /// ModifyImageAttribute launchPermission Add, all permissions in one call.
+    /// EC2 ModifyImageAttribute launchPermission Add, all permissions in one call.
     fn add_launch_permissions(
         &self,
         region: &str,
         image_id: &str,
         permissions: &[LaunchPermission],
+    ) -> impl Future<Output = Result<(), AwsError>> + Send;
+
+    /// EC2 DescribeImages of this account's images that ami-share made as re-encrypted copies of
+    /// `source_image_id` (found by their marker tags), in any state.
+    fn find_reencrypted_copies(
+        &self,
+        region: &str,
+        source_image_id: &str,
+    ) -> impl Future<Output = Result<Vec<ObservedImage>, AwsError>> + Send;
+
+    /// EC2 CopyImage within the region, encrypted and tagged as `copy` says. Returns the new image id.
+    fn copy_image(&self, copy: &ImageCopy)
+    -> impl Future<Output = Result<String, AwsError>> + Send;
+
+    /// KMS DescribeKey (`key` as key ARN, alias or id). `None`: no such key in the region. The policy is
+    /// not read here.
+    fn describe_key(
+        &self,
+        region: &str,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<ObservedKey>, AwsError>> + Send;
+
+    /// KMS GetKeyPolicy (the `default` policy, the only one a key has).
+    fn get_key_policy(
+        &self,
+        region: &str,
+        key_arn: &str,
+    ) -> impl Future<Output = Result<String, AwsError>> + Send;
+
+    /// KMS PutKeyPolicy (`default`). KMS has no conditional write: see the reconciler for how a
+    /// concurrent writer's change is detected and merged.
+    fn put_key_policy(
+        &self,
+        region: &str,
+        key_arn: &str,
+        policy: &str,
     ) -> impl Future<Output = Result<(), AwsError>> + Send;
 }
 
@@ -101,7 +139,14 @@ impl fmt::Display for AwsError {
 impl AwsError {
     /// What to do about the errors an operator is most likely to meet.
     fn hint(&self) -> Option<&'static str> {
+        let kms = matches!(
+            self.operation,
+            "DescribeKey" | "GetKeyPolicy" | "PutKeyPolicy"
+        );
         match self.code.as_deref()? {
+            "UnauthorizedOperation" | "AccessDenied" | "AccessDeniedException" if kms => Some(
+                "the function's role lacks this KMS permission, or the key's policy does not let IAM policies grant it: see template.yaml (KmsKeyScope) and README \"Encrypted AMIs\"",
+            ),
             "UnauthorizedOperation" | "AccessDenied" | "AccessDeniedException" => Some(
                 "the function's role lacks this permission: see template.yaml and README \"IAM\"",
             ),
@@ -110,6 +155,15 @@ impl AwsError {
             }
             "InvalidParameter" | "InvalidAMIAttributeItemValue" => {
                 Some("AWS refused a launch permission: check the ARNs in the config")
+            }
+            "MalformedPolicyDocumentException" => Some(
+                "KMS refused the key policy ami-share wrote, so the key is unchanged; run `ami-share plan` on the image and report the policy it shows",
+            ),
+            "LimitExceededException" if kms => Some(
+                "the key policy would exceed KMS's 32 KB limit: share with organizations or OUs rather than many accounts",
+            ),
+            "KMSInvalidStateException" => {
+                Some("the key is disabled or pending deletion: nobody could use it")
             }
             _ => None,
         }

@@ -1,4 +1,5 @@
-//! [`Ec2`] over aws-sdk-ec2: one client per region, made once and reused across invocations.
+//! [`Aws`] over aws-sdk-ec2 and aws-sdk-kms: one client per service and region, made once and reused
+//! across invocations.
 //!
 //! The SDK retries throttling and transient errors itself (standard retry mode); what reaches here is
 //! final for this invocation and is classified as retryable or not for the caller.
@@ -7,28 +8,89 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 
 use aws_config::SdkConfig;
-use aws_sdk_ec2::Client;
 use aws_sdk_ec2::config::Region;
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
-use aws_sdk_ec2::types::{self as ec2, ImageAttributeName, LaunchPermissionModifications};
+use aws_sdk_ec2::types::{
+    self as ec2, Filter, ImageAttributeName, LaunchPermissionModifications, ResourceType,
+    TagSpecification,
+};
+use aws_sdk_kms::types::KeyManagerType;
 
-use super::{AwsError, Ec2, ImageLookup};
+use super::{Aws, AwsError, ImageLookup};
 use crate::config::CreatedBy;
-use crate::observed::{ImageState, ObservedImage, ObservedSnapshot, Tags};
+use crate::markers;
+use crate::observed::{
+    ImageState, KeyManager, ObservedImage, ObservedKey, ObservedSnapshot, SnapshotFacts, Tags,
+};
+use crate::plan::ImageCopy;
 use crate::targets::LaunchPermission;
 
-/// EC2 clients built from one shared SDK config (credentials, retry, endpoint), one per region.
-pub struct SdkEc2 {
-    base: SdkConfig,
-    clients: Mutex<HashMap<String, Client>>,
+/// Clients of one service, one per region, built on demand from the shared SDK config.
+struct RegionalClients<C> {
+    clients: Mutex<HashMap<String, C>>,
+    build: fn(&SdkConfig, Region) -> C,
 }
 
-impl SdkEc2 {
+impl<C: Clone> RegionalClients<C> {
+    fn new(build: fn(&SdkConfig, Region) -> C) -> Self {
+        Self {
+            clients: Mutex::new(HashMap::new()),
+            build,
+        }
+    }
+
+    fn get(&self, base: &SdkConfig, region: &str) -> C {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        clients
+            .entry(region.to_string())
+            .or_insert_with(|| (self.build)(base, Region::new(region.to_string())))
+            .clone()
+    }
+
+    fn insert(&self, region: &str, client: C) {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        clients.insert(region.to_string(), client);
+    }
+}
+
+/// EC2 and KMS clients built from one shared SDK config (credentials, retry, endpoint).
+pub struct SdkAws {
+    base: SdkConfig,
+    ec2: RegionalClients<aws_sdk_ec2::Client>,
+    kms: RegionalClients<aws_sdk_kms::Client>,
+}
+
+impl SdkAws {
     pub fn new(base: SdkConfig) -> Self {
         Self {
             base,
-            clients: Mutex::new(HashMap::new()),
+            ec2: RegionalClients::new(|base, region| {
+                aws_sdk_ec2::Client::from_conf(
+                    aws_sdk_ec2::config::Builder::from(base)
+                        .region(region)
+                        .build(),
+                )
+            }),
+            kms: RegionalClients::new(|base, region| {
+                aws_sdk_kms::Client::from_conf(
+                    aws_sdk_kms::config::Builder::from(base)
+                        .region(region)
+                        .build(),
+                )
+            }),
         }
+    }
+
+    /// Uses these clients for `region` instead of building them (tests replaying recorded responses).
+    pub fn with_region_clients(
+        self,
+        region: &str,
+        ec2: aws_sdk_ec2::Client,
+        kms: aws_sdk_kms::Client,
+    ) -> Self {
+        self.ec2.insert(region, ec2);
+        self.kms.insert(region, kms);
+        self
     }
 
     /// The region of the shared config (`AWS_REGION` in Lambda): where events without one are handled.
@@ -36,17 +98,12 @@ impl SdkEc2 {
         self.base.region().map(Region::as_ref)
     }
 
-    fn client(&self, region: &str) -> Client {
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        clients
-            .entry(region.to_string())
-            .or_insert_with(|| {
-                let config = aws_sdk_ec2::config::Builder::from(&self.base)
-                    .region(Region::new(region.to_string()))
-                    .build();
-                Client::from_conf(config)
-            })
-            .clone()
+    fn ec2(&self, region: &str) -> aws_sdk_ec2::Client {
+        self.ec2.get(&self.base, region)
+    }
+
+    fn kms(&self, region: &str) -> aws_sdk_kms::Client {
+        self.kms.get(&self.base, region)
     }
 }
 
@@ -83,6 +140,8 @@ where
                 || code.as_deref().is_some_and(|c| THROTTLING_CODES.contains(&c))
                 // Sharing raced the image becoming available: the state-change event or a retry completes it.
                 || code.as_deref() == Some("InvalidAMIID.Unavailable")
+                // KMS could not reach the key's store in time.
+                || code.as_deref() == Some("DependencyTimeoutException")
         }
         _ => false,
     };
@@ -101,6 +160,7 @@ trait HttpStatus {
     fn status(&self) -> u16;
 }
 
+// One type for every SDK crate: the smithy runtime's HTTP response.
 impl HttpStatus for aws_sdk_ec2::config::http::HttpResponse {
     fn status(&self) -> u16 {
         self.status().as_u16()
@@ -118,6 +178,12 @@ fn tags_of(tags: &[ec2::Tag]) -> Tags {
         .collect()
 }
 
+fn sdk_tags(tags: &Tags) -> Vec<ec2::Tag> {
+    tags.iter()
+        .map(|(k, v)| ec2::Tag::builder().key(k).value(v).build())
+        .collect()
+}
+
 fn observed_image(region: &str, image: &ec2::Image) -> ObservedImage {
     // SourceInstanceId appears only for CreateImage; SourceImageId for CreateImage (the instance's AMI),
     // CopyImage and CreateRestoreImageTask; neither for RegisterImage. Hence this order.
@@ -131,10 +197,14 @@ fn observed_image(region: &str, image: &ec2::Image) -> ObservedImage {
     let snapshots = image
         .block_device_mappings()
         .iter()
-        .filter_map(|m| m.ebs()?.snapshot_id())
-        .map(|id| ObservedSnapshot {
-            snapshot_id: id.to_string(),
-            tags: None,
+        .filter_map(|m| m.ebs())
+        .filter_map(|ebs| {
+            Some(ObservedSnapshot {
+                snapshot_id: ebs.snapshot_id()?.to_string(),
+                encrypted: ebs.encrypted(),
+                kms_key_id: None,
+                tags: None,
+            })
         })
         .collect();
     ObservedImage {
@@ -147,6 +217,7 @@ fn observed_image(region: &str, image: &ec2::Image) -> ObservedImage {
         created_by,
         snapshots,
         launch_permissions: None,
+        keys: BTreeMap::new(),
     }
 }
 
@@ -176,10 +247,13 @@ fn sdk_launch_permission(p: &LaunchPermission) -> ec2::LaunchPermission {
     .build()
 }
 
-impl Ec2 for SdkEc2 {
+/// The policy name KMS uses for a key's one key policy.
+const DEFAULT_POLICY: &str = "default";
+
+impl Aws for SdkAws {
     async fn describe_image(&self, region: &str, image_id: &str) -> Result<ImageLookup, AwsError> {
         const OP: &str = "DescribeImages";
-        let client = self.client(region);
+        let client = self.ec2(region);
         // Owners=self makes AWS answer only for our own images, so ownership needs no account id.
         let own = client
             .describe_images()
@@ -195,7 +269,7 @@ impl Ec2 for SdkEc2 {
             Err(e) => return Err(aws_error(OP, region, image_id, e)),
         };
         if let Some(image) = own.images().iter().find(|i| i.image_id() == Some(image_id)) {
-            return Ok(ImageLookup::Owned(observed_image(region, image)));
+            return Ok(ImageLookup::Owned(Box::new(observed_image(region, image))));
         }
         // Not ours, or gone: one more call, on this rare path only, to say which.
         let any = client.describe_images().image_ids(image_id).send().await;
@@ -219,7 +293,7 @@ impl Ec2 for SdkEc2 {
         image_id: &str,
     ) -> Result<BTreeSet<LaunchPermission>, AwsError> {
         let output = self
-            .client(region)
+            .ec2(region)
             .describe_image_attribute()
             .image_id(image_id)
             .attribute(ImageAttributeName::LaunchPermission)
@@ -233,13 +307,13 @@ impl Ec2 for SdkEc2 {
             .collect())
     }
 
-    async fn describe_snapshot_tags(
+    async fn describe_snapshots(
         &self,
         region: &str,
         snapshot_ids: &[String],
-    ) -> Result<BTreeMap<String, Tags>, AwsError> {
+    ) -> Result<BTreeMap<String, SnapshotFacts>, AwsError> {
         let output = self
-            .client(region)
+            .ec2(region)
             .describe_snapshots()
             .set_snapshot_ids(Some(snapshot_ids.to_vec()))
             .send()
@@ -248,7 +322,16 @@ impl Ec2 for SdkEc2 {
         Ok(output
             .snapshots()
             .iter()
-            .filter_map(|s| Some((s.snapshot_id()?.to_string(), tags_of(s.tags()))))
+            .filter_map(|s| {
+                Some((
+                    s.snapshot_id()?.to_string(),
+                    SnapshotFacts {
+                        tags: tags_of(s.tags()),
+                        encrypted: s.encrypted().unwrap_or(false),
+                        kms_key_id: s.kms_key_id().map(str::to_string),
+                    },
+                ))
+            })
             .collect())
     }
 
@@ -258,14 +341,10 @@ impl Ec2 for SdkEc2 {
         resources: &[String],
         tags: &Tags,
     ) -> Result<(), AwsError> {
-        let tags = tags
-            .iter()
-            .map(|(k, v)| ec2::Tag::builder().key(k).value(v).build())
-            .collect();
-        self.client(region)
+        self.ec2(region)
             .create_tags()
             .set_resources(Some(resources.to_vec()))
-            .set_tags(Some(tags))
+            .set_tags(Some(sdk_tags(tags)))
             .send()
             .await
             .map_err(|e| aws_error("CreateTags", region, &resources.join(","), e))?;
@@ -279,7 +358,7 @@ impl Ec2 for SdkEc2 {
         permissions: &[LaunchPermission],
     ) -> Result<(), AwsError> {
         let add = permissions.iter().map(sdk_launch_permission).collect();
-        self.client(region)
+        self.ec2(region)
             .modify_image_attribute()
             .image_id(image_id)
             .launch_permission(
@@ -290,6 +369,133 @@ impl Ec2 for SdkEc2 {
             .send()
             .await
             .map_err(|e| aws_error("ModifyImageAttribute", region, image_id, e))?;
+        Ok(())
+    }
+
+    async fn find_reencrypted_copies(
+        &self,
+        region: &str,
+        source_image_id: &str,
+    ) -> Result<Vec<ObservedImage>, AwsError> {
+        let tag_filter = |key: &str, value: &str| {
+            Filter::builder()
+                .name(format!("tag:{key}"))
+                .values(value)
+                .build()
+        };
+        let images: Vec<ec2::Image> = self
+            .ec2(region)
+            .describe_images()
+            .owners("self")
+            .filters(tag_filter(markers::SOURCE_IMAGE, source_image_id))
+            .filters(tag_filter(markers::COPY_KIND, markers::COPY_REENCRYPTED))
+            .into_paginator()
+            .items()
+            .send()
+            .collect::<Result<_, _>>()
+            .await
+            .map_err(|e| aws_error("DescribeImages", region, source_image_id, e))?;
+        Ok(images.iter().map(|i| observed_image(region, i)).collect())
+    }
+
+    async fn copy_image(&self, copy: &ImageCopy) -> Result<String, AwsError> {
+        let region = copy.region.as_str();
+        let mut specs = vec![
+            TagSpecification::builder()
+                .resource_type(ResourceType::Image)
+                .set_tags(Some(sdk_tags(&copy.tags)))
+                .build(),
+        ];
+        if !copy.snapshot_tags.is_empty() {
+            specs.push(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Snapshot)
+                    .set_tags(Some(sdk_tags(&copy.snapshot_tags)))
+                    .build(),
+            );
+        }
+        let output = self
+            .ec2(region)
+            .copy_image()
+            .source_image_id(&copy.source_image_id)
+            .source_region(region)
+            .name(&copy.name)
+            .description(&copy.description)
+            .encrypted(true)
+            .kms_key_id(&copy.kms_key_arn)
+            .client_token(&copy.client_token)
+            .set_tag_specifications(Some(specs))
+            .send()
+            .await
+            .map_err(|e| aws_error("CopyImage", region, &copy.source_image_id, e))?;
+        output
+            .image_id()
+            .map(str::to_string)
+            .ok_or_else(|| AwsError {
+                operation: "CopyImage",
+                region: region.to_string(),
+                resource: copy.source_image_id.clone(),
+                code: None,
+                message: "EC2 answered without the new image id".into(),
+                retryable: true,
+            })
+    }
+
+    async fn describe_key(&self, region: &str, key: &str) -> Result<Option<ObservedKey>, AwsError> {
+        let output = match self.kms(region).describe_key().key_id(key).send().await {
+            Ok(output) => output,
+            Err(e) if e.code() == Some("NotFoundException") => return Ok(None),
+            Err(e) => return Err(aws_error("DescribeKey", region, key, e)),
+        };
+        let metadata = output.key_metadata();
+        let arn = metadata.and_then(|m| m.arn()).ok_or_else(|| AwsError {
+            operation: "DescribeKey",
+            region: region.to_string(),
+            resource: key.to_string(),
+            code: None,
+            message: "KMS answered without the key's ARN".into(),
+            retryable: true,
+        })?;
+        Ok(Some(ObservedKey {
+            arn: arn.to_string(),
+            manager: match metadata.and_then(|m| m.key_manager()) {
+                Some(KeyManagerType::Aws) => KeyManager::Aws,
+                _ => KeyManager::Customer,
+            },
+            state: metadata
+                .and_then(|m| m.key_state())
+                .map(|s| s.as_str().to_string())
+                .unwrap_or_default(),
+            policy: None,
+        }))
+    }
+
+    async fn get_key_policy(&self, region: &str, key_arn: &str) -> Result<String, AwsError> {
+        let output = self
+            .kms(region)
+            .get_key_policy()
+            .key_id(key_arn)
+            .policy_name(DEFAULT_POLICY)
+            .send()
+            .await
+            .map_err(|e| aws_error("GetKeyPolicy", region, key_arn, e))?;
+        Ok(output.policy().unwrap_or("{}").to_string())
+    }
+
+    async fn put_key_policy(
+        &self,
+        region: &str,
+        key_arn: &str,
+        policy: &str,
+    ) -> Result<(), AwsError> {
+        self.kms(region)
+            .put_key_policy()
+            .key_id(key_arn)
+            .policy_name(DEFAULT_POLICY)
+            .policy(policy)
+            .send()
+            .await
+            .map_err(|e| aws_error("PutKeyPolicy", region, key_arn, e))?;
         Ok(())
     }
 }

@@ -3,7 +3,7 @@
 //! A config that does not validate stops the function at start (the error is logged, the runtime reports
 //! an init failure): it never runs half-configured.
 
-use ami_share::aws::sdk::SdkEc2;
+use ami_share::aws::sdk::SdkAws;
 use ami_share::config::Config;
 use ami_share::handler::Handler;
 use lambda_runtime::{LambdaEvent, service_fn};
@@ -17,9 +17,9 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     })?;
     tracing::debug!(rules = config.rules.len(), "config loaded");
     let sdk_config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-    let ec2 = SdkEc2::new(sdk_config);
-    let home_region = ec2.home_region().unwrap_or("us-east-1").to_string();
-    let handler = Handler::new(config, ec2, home_region);
+    let aws = SdkAws::new(sdk_config);
+    let home_region = aws.home_region().unwrap_or("us-east-1").to_string();
+    let handler = Handler::new(config, aws, home_region);
     let handler = &handler;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
         handler.handle(event.payload).await

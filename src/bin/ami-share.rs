@@ -6,9 +6,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use ami_share::aws::sdk::SdkEc2;
+use ami_share::aws::sdk::SdkAws;
 use ami_share::config::Config;
-use ami_share::reconcile::{Mode, reconcile};
+use ami_share::reconcile::{KeyPolicyWrites, Mode, Reconciler};
 use ami_share::trigger::{self, EventKind, ImageEvent, ImageRef, Trigger};
 use clap::{Args, Parser, Subcommand};
 
@@ -32,7 +32,7 @@ enum Command {
     },
     /// Show what ami-share would do for an event or an image, changing nothing.
     Plan(Target),
-    /// Do it: tag and share as the config says.
+    /// Do it: tag, open encrypted AMIs' keys, and share as the config says.
     Apply(Target),
 }
 
@@ -122,9 +122,16 @@ async fn run(target: Target, mode: Mode) -> ExitCode {
     if let Some(region) = &target.region {
         loader = loader.region(aws_config::Region::new(region.clone()));
     }
-    let ec2 = SdkEc2::new(loader.load().await);
-    let home_region = ec2.home_region().unwrap_or("us-east-1").to_string();
-    let outcome = reconcile(&event, &home_region, &config, &ec2, mode).await;
+    let aws = SdkAws::new(loader.load().await);
+    let home_region = aws.home_region().unwrap_or("us-east-1").to_string();
+    let reconciler = Reconciler {
+        config: &config,
+        aws: &aws,
+        home_region: &home_region,
+        mode,
+        key_policy_writes: KeyPolicyWrites::default(),
+    };
+    let outcome = reconciler.reconcile(&event).await;
     if target.json {
         println!(
             "{}",

@@ -1,0 +1,976 @@
+//! The key-policy merge: admit an AMI's share targets to the customer managed KMS key that encrypts its
+//! snapshots, keeping every statement ami-share does not own exactly as it was.
+//!
+//! Pure. ami-share owns six statements, known by their Sids ([`OWNED_SIDS`]): for each audience
+//! (organizations, OUs, accounts) one statement for using the key and one for `kms:CreateGrant`, which needs
+//! its own condition. The merge reads the grantees already in those statements, unites them with the ones
+//! wanted, and writes the six back (those that are not empty) after all the other statements, in a fixed
+//! order, with sorted lists. Hence:
+//! - **idempotent**: a grantee already admitted changes nothing, and the merge then returns `None` (no write);
+//! - **order-independent**: admitting A then B gives byte-for-byte the policy B then A gives;
+//! - **monotonic**: a grantee is never removed. Several AMIs, shared by different rules, may use one key: a
+//!   grantee one AMI no longer needs may be needed by another. (Removing is an operator's decision.)
+//! - **never open**: a statement with `Principal: {"AWS": "*"}` is only ever written with an
+//!   `aws:PrincipalOrgID` condition naming at least one organization.
+//!
+//! Why these actions (AWS EBS guide, "Share the KMS key used to encrypt a shared snapshot"; EC2 guide,
+//! "Allow organizations and OUs to use a KMS key"): launching from, or copying, an AMI with encrypted
+//! snapshots makes EBS, on the receiver's behalf, describe the key (`kms:DescribeKey`), create a data key
+//! for the new volume (`kms:GenerateDataKey`, `kms:GenerateDataKeyWithoutPlaintext`), decrypt the
+//! snapshot's data key (`kms:Decrypt`), re-encrypt it when the volume or copy uses another key
+//! (`kms:ReEncryptFrom`, `kms:ReEncryptTo`), and create a grant so the instance can use the key while it
+//! runs (`kms:CreateGrant`, limited by `kms:GrantIsForAWSResource` to grants EBS makes; launches by Auto
+//! Scaling's service-linked role fail without it). AWS's own example also grants `kms:Encrypt`, `kms:List*`
+//! and `kms:Get*`: EBS needs none of them, and `kms:GetKeyPolicy` would show this key's whole policy to
+//! every account in the organization, so they are left out. Receivers also need an IAM policy in their
+//! own account allowing these actions on the key (README, "Encrypted AMIs").
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+
+use crate::targets::LaunchPermission;
+use crate::trigger::json_kind;
+
+/// KMS's limit on the size of a key policy document.
+pub const MAX_POLICY_BYTES: usize = 32 * 1024;
+
+/// The actions receivers need on the key, besides `kms:CreateGrant` (see the module documentation).
+pub const USE_ACTIONS: [&str; 6] = [
+    "kms:Decrypt",
+    "kms:DescribeKey",
+    "kms:GenerateDataKey",
+    "kms:GenerateDataKeyWithoutPlaintext",
+    "kms:ReEncryptFrom",
+    "kms:ReEncryptTo",
+];
+
+const ORG_ID_KEY: &str = "aws:PrincipalOrgID";
+const ORG_PATHS_KEY: &str = "aws:PrincipalOrgPaths";
+const GRANT_FOR_AWS_RESOURCE: &str = "kms:GrantIsForAWSResource";
+
+/// Who a statement admits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Audience {
+    Organizations,
+    OrganizationalUnits,
+    Accounts,
+}
+
+/// What a statement allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    UseKey,
+    CreateGrant,
+}
+
+/// ami-share's statements, in the order it writes them. A statement with one of these Sids is ami-share's.
+pub const OWNED_SIDS: [&str; 6] = [
+    "AmiShareOrganizationsUseKey",
+    "AmiShareOrganizationsCreateGrant",
+    "AmiShareOrganizationalUnitsUseKey",
+    "AmiShareOrganizationalUnitsCreateGrant",
+    "AmiShareAccountsUseKey",
+    "AmiShareAccountsCreateGrant",
+];
+
+const OWNED: [(Audience, Purpose); 6] = [
+    (Audience::Organizations, Purpose::UseKey),
+    (Audience::Organizations, Purpose::CreateGrant),
+    (Audience::OrganizationalUnits, Purpose::UseKey),
+    (Audience::OrganizationalUnits, Purpose::CreateGrant),
+    (Audience::Accounts, Purpose::UseKey),
+    (Audience::Accounts, Purpose::CreateGrant),
+];
+
+fn owned(sid: &str) -> Option<(Audience, Purpose)> {
+    OWNED_SIDS.iter().position(|s| *s == sid).map(|i| OWNED[i])
+}
+
+fn sid_of(audience: Audience, purpose: Purpose) -> &'static str {
+    let i = OWNED
+        .iter()
+        .position(|o| *o == (audience, purpose))
+        .expect("every audience and purpose has a Sid");
+    OWNED_SIDS[i]
+}
+
+/// Whom a key must admit: the receivers of the AMIs it encrypts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct KeyGrantees {
+    /// Organization ids (`o-…`): every account of the organization may use the key.
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
+    pub organizations: BTreeSet<String>,
+    /// `aws:PrincipalOrgPaths` patterns, `o-…/*/ou-…/*`: every account in the OU or below it.
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
+    pub ou_paths: BTreeSet<String>,
+    /// 12-digit account ids: every principal of the account (its IAM policies decide who exactly).
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
+    pub accounts: BTreeSet<String>,
+}
+
+impl KeyGrantees {
+    /// The grantees an AMI's launch permissions call for, on a key owned by `key_owner` (who needs no grant).
+    ///
+    /// An OU's path is derived from its ARN as `o-…/*/ou-…/*`: the wildcard stands for the root and any
+    /// parent OUs. OU ids are unique in an organization and the pattern is bounded by `/` on both sides,
+    /// so it matches exactly the accounts in the OU and in the OUs below it, as the launch permission does.
+    /// The exact path (`o-…/r-…/ou-…/`) would need `organizations:ListParents`, which only the management
+    /// account or a delegated administrator may call, not the account that owns the AMI.
+    pub fn for_launch_permissions<'a>(
+        permissions: impl IntoIterator<Item = &'a LaunchPermission>,
+        key_owner: &str,
+    ) -> Self {
+        let mut grantees = Self::default();
+        for permission in permissions {
+            match permission {
+                LaunchPermission::Organization(arn) => {
+                    grantees.organizations.insert(arn.org_id().to_string());
+                }
+                LaunchPermission::OrganizationalUnit(arn) => {
+                    let (org, ou) = arn.ids();
+                    grantees.ou_paths.insert(format!("{org}/*/{ou}/*"));
+                }
+                LaunchPermission::Account(id) if id.as_str() != key_owner => {
+                    grantees.accounts.insert(id.as_str().to_string());
+                }
+                // The owner needs no grant; nobody can launch a public AMI with encrypted snapshots.
+                LaunchPermission::Account(_) | LaunchPermission::Public => {}
+            }
+        }
+        grantees
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.organizations.is_empty() && self.ou_paths.is_empty() && self.accounts.is_empty()
+    }
+
+    fn set_mut(&mut self, audience: Audience) -> &mut BTreeSet<String> {
+        match audience {
+            Audience::Organizations => &mut self.organizations,
+            Audience::OrganizationalUnits => &mut self.ou_paths,
+            Audience::Accounts => &mut self.accounts,
+        }
+    }
+
+    fn combine(
+        &self,
+        other: &Self,
+        f: impl Fn(&BTreeSet<String>, &BTreeSet<String>) -> BTreeSet<String>,
+    ) -> Self {
+        Self {
+            organizations: f(&self.organizations, &other.organizations),
+            ou_paths: f(&self.ou_paths, &other.ou_paths),
+            accounts: f(&self.accounts, &other.accounts),
+        }
+    }
+
+    pub fn union(&self, other: &Self) -> Self {
+        self.combine(other, |a, b| a.union(b).cloned().collect())
+    }
+
+    fn intersection(&self, other: &Self) -> Self {
+        self.combine(other, |a, b| a.intersection(b).cloned().collect())
+    }
+
+    /// Those of `self` that `other` lacks.
+    pub fn difference(&self, other: &Self) -> Self {
+        self.combine(other, |a, b| a.difference(b).cloned().collect())
+    }
+
+    /// Whether every grantee of `self` is in `other`.
+    pub fn is_subset(&self, other: &Self) -> bool {
+        self.difference(other).is_empty()
+    }
+}
+
+impl fmt::Display for KeyGrantees {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = (self
+            .organizations
+            .iter()
+            .map(|o| format!("organization {o}")))
+        .chain(self.ou_paths.iter().map(|p| format!("OU path {p}")))
+        .chain(self.accounts.iter().map(|a| format!("account {a}")))
+        .collect();
+        f.write_str(&parts.join(", "))
+    }
+}
+
+/// A key policy ami-share could not merge into. Nothing was written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyPolicyError {
+    #[error("the key policy is not a policy document ami-share can read ({0})")]
+    Unreadable(String),
+    #[error(
+        "the key policy has a statement with ami-share's Sid {sid:?} that is not in the form ami-share writes ({problem}); if the statement is yours, give it another Sid, otherwise delete it and ami-share will write it again"
+    )]
+    ForeignEdit { sid: String, problem: String },
+    #[error(
+        "with the statements ami-share needs, the key policy would be {bytes} bytes, over KMS's limit of {MAX_POLICY_BYTES}; share with organizations or OUs rather than many single accounts, or shorten the policy's other statements"
+    )]
+    TooLarge { bytes: usize },
+}
+
+/// The policy to write and whom it newly admits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Merged {
+    /// The whole new policy document.
+    pub policy: String,
+    /// The wanted grantees the current policy lacked.
+    pub admitted: KeyGrantees,
+}
+
+/// Merges `want` into the policy document `current` of a key in `partition`.
+///
+/// `Ok(None)`: every wanted grantee is already admitted, nothing to write. `Ok(Some(_))`: the policy to
+/// write. An error means the policy must not be written (it would lose something, or KMS would refuse it).
+pub fn merge(
+    current: &str,
+    want: &KeyGrantees,
+    partition: &str,
+) -> Result<Option<Merged>, KeyPolicyError> {
+    let (mut document, statements) = parse(current)?;
+    let (foreign, owned) = split(statements, partition)?;
+    let missing = want.difference(&owned.admitted());
+    if missing.is_empty() {
+        return Ok(None);
+    }
+    let all = owned.use_key.union(&owned.create_grant).union(want);
+    let mut statements = foreign;
+    statements.extend(
+        OWNED
+            .iter()
+            .filter_map(|(audience, purpose)| render(*audience, *purpose, &all, partition)),
+    );
+    document
+        .entry("Version")
+        .or_insert_with(|| json!("2012-10-17"));
+    document.insert("Statement".into(), Value::Array(statements));
+
+    let document = Value::Object(document);
+    // Readable when it fits (the console shows the stored text), compact when only that fits.
+    let mut policy = serde_json::to_string_pretty(&document).expect("a JSON value serializes");
+    if policy.len() > MAX_POLICY_BYTES {
+        policy = document.to_string();
+    }
+    if policy.len() > MAX_POLICY_BYTES {
+        return Err(KeyPolicyError::TooLarge {
+            bytes: policy.len(),
+        });
+    }
+    Ok(Some(Merged {
+        policy,
+        admitted: missing,
+    }))
+}
+
+/// The grantees the policy document `policy` admits through ami-share's statements: for checking a
+/// policy after writing it (a concurrent writer may have replaced it).
+pub fn admitted(policy: &str, partition: &str) -> Result<KeyGrantees, KeyPolicyError> {
+    let (_, statements) = parse(policy)?;
+    let (_, owned) = split(statements, partition)?;
+    Ok(owned.admitted())
+}
+
+/// A policy document as a JSON object without its statements, and the statements.
+fn parse(policy: &str) -> Result<(Map<String, Value>, Vec<Value>), KeyPolicyError> {
+    let mut document = match serde_json::from_str::<Value>(policy) {
+        Ok(Value::Object(document)) => document,
+        Ok(other) => {
+            return Err(KeyPolicyError::Unreadable(format!(
+                "a JSON {}, not an object",
+                json_kind(&other)
+            )));
+        }
+        Err(e) => return Err(KeyPolicyError::Unreadable(format!("not JSON: {e}"))),
+    };
+    let statements = match document.remove("Statement") {
+        None => Vec::new(),
+        Some(Value::Array(statements)) => statements,
+        Some(statement @ Value::Object(_)) => vec![statement],
+        Some(other) => {
+            return Err(KeyPolicyError::Unreadable(format!(
+                "\"Statement\" is a JSON {}, not a list",
+                json_kind(&other)
+            )));
+        }
+    };
+    Ok((document, statements))
+}
+
+/// What ami-share's own statements grant, by purpose.
+#[derive(Default)]
+struct OwnedGrants {
+    use_key: KeyGrantees,
+    create_grant: KeyGrantees,
+}
+
+impl OwnedGrants {
+    /// A grantee counts as admitted only when both of its statements name it.
+    fn admitted(&self) -> KeyGrantees {
+        self.use_key.intersection(&self.create_grant)
+    }
+}
+
+/// Separates the statements ami-share does not own (kept, in order, untouched) from what its own grant.
+fn split(
+    statements: Vec<Value>,
+    partition: &str,
+) -> Result<(Vec<Value>, OwnedGrants), KeyPolicyError> {
+    let mut foreign = Vec::new();
+    let mut owned_grants = OwnedGrants::default();
+    for statement in statements {
+        let Some((audience, purpose)) =
+            statement.get("Sid").and_then(Value::as_str).and_then(owned)
+        else {
+            foreign.push(statement);
+            continue;
+        };
+        let grantees = read_owned(&statement, audience, purpose, partition)?;
+        let into = match purpose {
+            Purpose::UseKey => &mut owned_grants.use_key,
+            Purpose::CreateGrant => &mut owned_grants.create_grant,
+        };
+        into.set_mut(audience).extend(grantees);
+    }
+    Ok((foreign, owned_grants))
+}
+
+/// The statement ami-share writes for `audience` and `purpose`, or `None` when nobody is to be admitted.
+fn render(
+    audience: Audience,
+    purpose: Purpose,
+    grantees: &KeyGrantees,
+    partition: &str,
+) -> Option<Value> {
+    let mut condition = Map::new();
+    let principal = match audience {
+        Audience::Organizations | Audience::OrganizationalUnits => {
+            let org_ids: BTreeSet<&str> = match audience {
+                Audience::Organizations => {
+                    grantees.organizations.iter().map(String::as_str).collect()
+                }
+                _ => grantees
+                    .ou_paths
+                    .iter()
+                    .filter_map(|path| path.split('/').next())
+                    .collect(),
+            };
+            // The one guard that keeps "anyone" from ever being written without an organization.
+            if org_ids.is_empty() {
+                return None;
+            }
+            condition.insert("StringEquals".into(), json!({ ORG_ID_KEY: org_ids }));
+            if audience == Audience::OrganizationalUnits {
+                condition.insert(
+                    "ForAnyValue:StringLike".into(),
+                    json!({ ORG_PATHS_KEY: grantees.ou_paths }),
+                );
+            }
+            json!({ "AWS": "*" })
+        }
+        Audience::Accounts => {
+            if grantees.accounts.is_empty() {
+                return None;
+            }
+            let roots: Vec<String> = grantees
+                .accounts
+                .iter()
+                .map(|account| format!("arn:{partition}:iam::{account}:root"))
+                .collect();
+            json!({ "AWS": roots })
+        }
+    };
+    let action = match purpose {
+        Purpose::UseKey => json!(USE_ACTIONS),
+        Purpose::CreateGrant => {
+            condition.insert("Bool".into(), json!({ GRANT_FOR_AWS_RESOURCE: "true" }));
+            json!("kms:CreateGrant")
+        }
+    };
+    let mut statement = Map::new();
+    statement.insert("Sid".into(), json!(sid_of(audience, purpose)));
+    statement.insert("Effect".into(), json!("Allow"));
+    statement.insert("Principal".into(), principal);
+    statement.insert("Action".into(), action);
+    statement.insert("Resource".into(), json!("*"));
+    if !condition.is_empty() {
+        statement.insert("Condition".into(), Value::Object(condition));
+    }
+    Some(Value::Object(statement))
+}
+
+/// The grantees an owned statement names. Refuses a statement that is not in the form `render` writes,
+/// rather than rewrite (and so lose) what someone else put there.
+fn read_owned(
+    statement: &Value,
+    audience: Audience,
+    purpose: Purpose,
+    partition: &str,
+) -> Result<BTreeSet<String>, KeyPolicyError> {
+    let sid = sid_of(audience, purpose);
+    let problem = |problem: String| KeyPolicyError::ForeignEdit {
+        sid: sid.to_string(),
+        problem,
+    };
+    if statement.get("Effect").and_then(Value::as_str) != Some("Allow") {
+        return Err(problem("its Effect is not Allow".into()));
+    }
+    let principal = statement
+        .get("Principal")
+        .ok_or_else(|| problem("it has no Principal".into()))?;
+    let condition = statement.get("Condition");
+    let condition_values =
+        |operator: &str, key: &str| -> Result<BTreeSet<String>, KeyPolicyError> {
+            let value = condition
+                .and_then(|c| c.get(operator))
+                .and_then(|o| o.get(key))
+                .ok_or_else(|| problem(format!("it has no {operator} {key} condition")))?;
+            strings(value)
+                .ok_or_else(|| problem(format!("its {operator} {key} is not a list of strings")))
+        };
+    if purpose == Purpose::CreateGrant {
+        let grant = condition
+            .and_then(|c| c.get("Bool"))
+            .and_then(|b| b.get(GRANT_FOR_AWS_RESOURCE))
+            .and_then(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .or_else(|| v.as_bool().map(|b| b.to_string()))
+            });
+        if grant.as_deref() != Some("true") {
+            return Err(problem(format!(
+                "it lacks the Bool {GRANT_FOR_AWS_RESOURCE} = true condition"
+            )));
+        }
+    }
+    match audience {
+        Audience::Organizations | Audience::OrganizationalUnits => {
+            let anyone = principal == &json!("*") || principal == &json!({ "AWS": "*" });
+            if !anyone {
+                return Err(problem("its Principal is not {\"AWS\": \"*\"}".into()));
+            }
+            let org_ids = condition_values("StringEquals", ORG_ID_KEY)?;
+            if org_ids.is_empty() {
+                return Err(problem(format!("its {ORG_ID_KEY} condition is empty")));
+            }
+            if audience == Audience::Organizations {
+                return Ok(org_ids);
+            }
+            condition_values("ForAnyValue:StringLike", ORG_PATHS_KEY)
+        }
+        Audience::Accounts => {
+            let arns = principal.get("AWS").and_then(strings).ok_or_else(|| {
+                problem("its Principal is not {\"AWS\": [account root ARNs]}".into())
+            })?;
+            arns.iter()
+                .map(|arn| {
+                    let account = arn
+                        .strip_prefix(&format!("arn:{partition}:iam::"))
+                        .and_then(|rest| rest.strip_suffix(":root"))
+                        .unwrap_or(arn);
+                    if crate::targets::is_account_id(account) {
+                        Ok(account.to_string())
+                    } else {
+                        Err(problem(format!(
+                            "its principal {arn:?} is not an account root (arn:{partition}:iam::<account>:root)"
+                        )))
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// A JSON string or list of strings, as policy documents write one or several values.
+fn strings(value: &Value) -> Option<BTreeSet<String>> {
+    match value {
+        Value::String(s) => Some([s.clone()].into()),
+        Value::Array(items) => items
+            .iter()
+            .map(|i| i.as_str().map(str::to_string))
+            .collect(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const ORG: &str = "o-a1b2c3d4e5";
+    const OU_PATH: &str = "o-a1b2c3d4e5/*/ou-ab12-cd34ef56/*";
+
+    /// The default policy KMS gives a key made in the console (its first statement), plus one of the owner's.
+    fn default_policy() -> String {
+        json!({
+            "Version": "2012-10-17",
+            "Id": "key-consolepolicy-3",
+            "Statement": [
+                {"Sid": "Enable IAM User Permissions", "Effect": "Allow",
+                 "Principal": {"AWS": "arn:aws:iam::123456789012:root"}, "Action": "kms:*", "Resource": "*"},
+                {"Sid": "Allow use of the key by the build role", "Effect": "Allow",
+                 "Principal": {"AWS": "arn:aws:iam::123456789012:role/packer"},
+                 "Action": ["kms:Encrypt", "kms:Decrypt"], "Resource": "*"}
+            ]
+        })
+        .to_string()
+    }
+
+    fn grantees(orgs: &[&str], paths: &[&str], accounts: &[&str]) -> KeyGrantees {
+        let set = |items: &[&str]| items.iter().map(|s| s.to_string()).collect();
+        KeyGrantees {
+            organizations: set(orgs),
+            ou_paths: set(paths),
+            accounts: set(accounts),
+        }
+    }
+
+    fn statements(policy: &str) -> Vec<Value> {
+        serde_json::from_str::<Value>(policy).unwrap()["Statement"]
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    #[test]
+    fn share_targets_become_grantees_and_the_key_owner_needs_none() {
+        let org: LaunchPermission = LaunchPermission::Organization(
+            format!("arn:aws:organizations::123456789012:organization/{ORG}")
+                .parse()
+                .unwrap(),
+        );
+        let ou = LaunchPermission::OrganizationalUnit(
+            "arn:aws:organizations::123456789012:ou/o-a1b2c3d4e5/ou-ab12-cd34ef56"
+                .parse()
+                .unwrap(),
+        );
+        let partner = LaunchPermission::Account("210987654321".parse().unwrap());
+        let owner = LaunchPermission::Account("123456789012".parse().unwrap());
+        let g = KeyGrantees::for_launch_permissions(
+            [&org, &ou, &partner, &owner, &LaunchPermission::Public],
+            "123456789012",
+        );
+        assert_eq!(g, grantees(&[ORG], &[OU_PATH], &["210987654321"]));
+        assert_eq!(
+            g.to_string(),
+            format!("organization {ORG}, OU path {OU_PATH}, account 210987654321")
+        );
+    }
+
+    #[test]
+    fn the_merge_appends_ami_shares_statements_and_keeps_the_others_as_they_were() {
+        let want = grantees(&[ORG], &[OU_PATH], &["210987654321"]);
+        let merged = merge(&default_policy(), &want, "aws").unwrap().unwrap();
+        assert_eq!(merged.admitted, want);
+        let after = statements(&merged.policy);
+        let before = statements(&default_policy());
+        assert_eq!(
+            after[..2],
+            before[..],
+            "foreign statements first, unchanged"
+        );
+        let document: Value = serde_json::from_str(&merged.policy).unwrap();
+        assert_eq!(document["Id"], "key-consolepolicy-3");
+        let use_actions = json!(USE_ACTIONS);
+        let grant = json!({"kms:GrantIsForAWSResource": "true"});
+        assert_eq!(
+            after[2..],
+            [
+                json!({"Sid": "AmiShareOrganizationsUseKey", "Effect": "Allow", "Principal": {"AWS": "*"},
+                       "Action": use_actions, "Resource": "*",
+                       "Condition": {"StringEquals": {"aws:PrincipalOrgID": [ORG]}}}),
+                json!({"Sid": "AmiShareOrganizationsCreateGrant", "Effect": "Allow", "Principal": {"AWS": "*"},
+                       "Action": "kms:CreateGrant", "Resource": "*",
+                       "Condition": {"StringEquals": {"aws:PrincipalOrgID": [ORG]}, "Bool": grant}}),
+                json!({"Sid": "AmiShareOrganizationalUnitsUseKey", "Effect": "Allow", "Principal": {"AWS": "*"},
+                       "Action": use_actions, "Resource": "*",
+                       "Condition": {"StringEquals": {"aws:PrincipalOrgID": [ORG]},
+                                     "ForAnyValue:StringLike": {"aws:PrincipalOrgPaths": [OU_PATH]}}}),
+                json!({"Sid": "AmiShareOrganizationalUnitsCreateGrant", "Effect": "Allow", "Principal": {"AWS": "*"},
+                       "Action": "kms:CreateGrant", "Resource": "*",
+                       "Condition": {"StringEquals": {"aws:PrincipalOrgID": [ORG]},
+                                     "ForAnyValue:StringLike": {"aws:PrincipalOrgPaths": [OU_PATH]},
+                                     "Bool": grant}}),
+                json!({"Sid": "AmiShareAccountsUseKey", "Effect": "Allow",
+                       "Principal": {"AWS": ["arn:aws:iam::210987654321:root"]},
+                       "Action": use_actions, "Resource": "*"}),
+                json!({"Sid": "AmiShareAccountsCreateGrant", "Effect": "Allow",
+                       "Principal": {"AWS": ["arn:aws:iam::210987654321:root"]},
+                       "Action": "kms:CreateGrant", "Resource": "*", "Condition": {"Bool": grant}}),
+            ]
+        );
+        assert_eq!(admitted(&merged.policy, "aws").unwrap(), want);
+    }
+
+    #[test]
+    fn merging_what_is_already_admitted_writes_nothing() {
+        let want = grantees(&[ORG], &[OU_PATH], &["210987654321"]);
+        let once = merge(&default_policy(), &want, "aws").unwrap().unwrap();
+        assert_eq!(merge(&once.policy, &want, "aws").unwrap(), None);
+        let fewer = grantees(&[], &[OU_PATH], &[]);
+        assert_eq!(merge(&once.policy, &fewer, "aws").unwrap(), None);
+    }
+
+    #[test]
+    fn new_grantees_are_united_into_ami_shares_statements() {
+        let first = merge(
+            &default_policy(),
+            &grantees(&[], &[OU_PATH], &["210987654321"]),
+            "aws",
+        )
+        .unwrap()
+        .unwrap();
+        let other_path = "o-a1b2c3d4e5/*/ou-ab12-99999999/*";
+        let second = merge(
+            &first.policy,
+            &grantees(&[], &[other_path], &["111122223333"]),
+            "aws",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            second.admitted,
+            grantees(&[], &[other_path], &["111122223333"])
+        );
+        assert_eq!(
+            admitted(&second.policy, "aws").unwrap(),
+            grantees(
+                &[],
+                &[OU_PATH, other_path],
+                &["111122223333", "210987654321"]
+            )
+        );
+        assert_eq!(
+            statements(&second.policy).len(),
+            2 + 4,
+            "no duplicate statements"
+        );
+    }
+
+    #[test]
+    fn a_grantee_missing_from_one_of_its_two_statements_is_written_again() {
+        let once = merge(&default_policy(), &grantees(&[ORG], &[], &[]), "aws")
+            .unwrap()
+            .unwrap();
+        let mut document: Value = serde_json::from_str(&once.policy).unwrap();
+        document["Statement"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|s| s["Sid"] != "AmiShareOrganizationsCreateGrant");
+        let damaged = document.to_string();
+        assert_eq!(admitted(&damaged, "aws").unwrap(), KeyGrantees::default());
+        let repaired = merge(&damaged, &grantees(&[ORG], &[], &[]), "aws")
+            .unwrap()
+            .unwrap();
+        assert_eq!(repaired.policy, once.policy);
+    }
+
+    #[test]
+    fn other_partitions_name_account_roots_in_their_partition() {
+        let merged = merge(
+            &default_policy(),
+            &grantees(&[], &[], &["210987654321"]),
+            "aws-cn",
+        )
+        .unwrap()
+        .unwrap();
+        assert!(merged.policy.contains("arn:aws-cn:iam::210987654321:root"));
+        assert_eq!(
+            admitted(&merged.policy, "aws-cn").unwrap().accounts,
+            ["210987654321".to_string()].into()
+        );
+    }
+
+    #[test]
+    fn a_single_statement_object_and_a_missing_version_are_handled() {
+        let single = json!({"Statement": {"Sid": "Root", "Effect": "Allow",
+            "Principal": {"AWS": "arn:aws:iam::123456789012:root"}, "Action": "kms:*", "Resource": "*"}});
+        let merged = merge(&single.to_string(), &grantees(&[ORG], &[], &[]), "aws")
+            .unwrap()
+            .unwrap();
+        let document: Value = serde_json::from_str(&merged.policy).unwrap();
+        assert_eq!(document["Version"], "2012-10-17");
+        assert_eq!(document["Statement"][0], single["Statement"]);
+        assert_eq!(document["Statement"].as_array().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn an_unreadable_policy_is_refused_not_rewritten() {
+        let want = grantees(&[ORG], &[], &[]);
+        for (policy, expected) in [
+            ("not json", "not JSON"),
+            ("[]", "a JSON array, not an object"),
+            ("{\"Statement\": \"x\"}", "\"Statement\" is a JSON string"),
+        ] {
+            let e = merge(policy, &want, "aws").unwrap_err();
+            assert!(matches!(e, KeyPolicyError::Unreadable(_)), "{e}");
+            assert!(e.to_string().contains(expected), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_hand_edited_statement_with_an_owned_sid_is_refused() {
+        let want = grantees(&[ORG], &[], &[]);
+        let cases = [
+            (
+                json!({"Sid": "AmiShareOrganizationsUseKey", "Effect": "Allow", "Principal": "*",
+                       "Action": "kms:Decrypt", "Resource": "*"}),
+                "no StringEquals aws:PrincipalOrgID condition",
+            ),
+            (
+                json!({"Sid": "AmiShareOrganizationsUseKey", "Effect": "Allow", "Principal": "*",
+                       "Action": "kms:Decrypt", "Resource": "*",
+                       "Condition": {"StringEquals": {"aws:PrincipalOrgID": []}}}),
+                "condition is empty",
+            ),
+            (
+                json!({"Sid": "AmiShareAccountsUseKey", "Effect": "Allow",
+                       "Principal": {"AWS": "arn:aws:iam::210987654321:user/bob"},
+                       "Action": "kms:Decrypt", "Resource": "*"}),
+                "is not an account root",
+            ),
+            (
+                json!({"Sid": "AmiShareAccountsCreateGrant", "Effect": "Allow",
+                       "Principal": {"AWS": "210987654321"}, "Action": "kms:CreateGrant", "Resource": "*"}),
+                "lacks the Bool kms:GrantIsForAWSResource = true",
+            ),
+            (
+                json!({"Sid": "AmiShareAccountsUseKey", "Effect": "Deny",
+                       "Principal": {"AWS": "210987654321"}, "Action": "kms:*", "Resource": "*"}),
+                "Effect is not Allow",
+            ),
+        ];
+        for (statement, expected) in cases {
+            let policy = json!({"Version": "2012-10-17", "Statement": [statement]}).to_string();
+            let e = merge(&policy, &want, "aws").unwrap_err();
+            assert!(matches!(e, KeyPolicyError::ForeignEdit { .. }), "{e}");
+            assert!(e.to_string().contains(expected), "{expected}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_policy_that_would_exceed_32_kb_is_refused_and_one_that_fits_only_compact_is_compact() {
+        let padded = |pad: usize| {
+            json!({"Version": "2012-10-17", "Statement": [
+                {"Sid": "Big", "Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::123456789012:root"},
+                 "Action": "kms:*", "Resource": "*", "Condition": {"StringEquals": {"aws:PrincipalTag/x": "y".repeat(pad)}}}
+            ]})
+            .to_string()
+        };
+        let want = grantees(&[ORG], &[OU_PATH], &["210987654321"]);
+        let e = merge(&padded(MAX_POLICY_BYTES), &want, "aws").unwrap_err();
+        match &e {
+            KeyPolicyError::TooLarge { bytes } => assert!(*bytes > MAX_POLICY_BYTES),
+            other => panic!("{other}"),
+        }
+        assert!(e.to_string().contains("over KMS's limit of 32768"), "{e}");
+        // Near the limit: the pretty form would not fit, the compact one does.
+        let near = padded(MAX_POLICY_BYTES - 2_000);
+        let merged = merge(&near, &want, "aws").unwrap().unwrap();
+        assert!(merged.policy.len() <= MAX_POLICY_BYTES);
+        assert!(!merged.policy.contains('\n'), "compact");
+    }
+
+    // --- properties -----------------------------------------------------------------------------------
+
+    fn grantees_strategy() -> impl Strategy<Value = KeyGrantees> {
+        // Small pools, so that sets overlap and merges meet grantees already admitted.
+        let orgs =
+            prop::sample::subsequence(vec!["o-aaaaaaaaaa", "o-bbbbbbbbbb", "o-cccccccccc"], 0..=3);
+        let paths = prop::sample::subsequence(
+            vec![
+                "o-aaaaaaaaaa/*/ou-aa11-11111111/*",
+                "o-aaaaaaaaaa/*/ou-aa11-22222222/*",
+                "o-bbbbbbbbbb/*/ou-bb22-33333333/*",
+                "o-cccccccccc/*/ou-cc33-44444444/*",
+            ],
+            0..=4,
+        );
+        let accounts = prop::sample::subsequence(
+            vec![
+                "111111111111",
+                "222222222222",
+                "333333333333",
+                "444444444444",
+            ],
+            0..=4,
+        );
+        (orgs, paths, accounts).prop_map(|(o, p, a)| grantees(&o, &p, &a))
+    }
+
+    /// Statements ami-share does not own: various Sids (or none), principals, actions, conditions.
+    fn foreign_strategy() -> impl Strategy<Value = Vec<Value>> {
+        let statement = (
+            prop::option::of("[A-Za-z ]{1,20}"),
+            prop::sample::select(vec!["kms:*", "kms:Decrypt", "kms:Encrypt"]),
+            "[0-9]{12}",
+            prop::option::of("[a-z]{1,10}"),
+        )
+            .prop_map(|(sid, action, account, tag)| {
+                let mut s = json!({"Effect": "Allow",
+                    "Principal": {"AWS": format!("arn:aws:iam::{account}:root")},
+                    "Action": action, "Resource": "*"});
+                if let Some(tag) = tag {
+                    s["Condition"] = json!({"StringEquals": {"aws:PrincipalTag/team": tag}});
+                }
+                if let Some(sid) = sid {
+                    // A Sid of the key's owner, never one of ami-share's.
+                    s["Sid"] = json!(format!("Owner {sid}"));
+                }
+                s
+            });
+        prop::collection::vec(statement, 0..6).prop_map(|mut statements| {
+            // Sids are unique within a policy.
+            let mut seen = BTreeSet::new();
+            for s in &mut statements {
+                if let Some(sid) = s.get("Sid").and_then(Value::as_str).map(str::to_string)
+                    && !seen.insert(sid)
+                {
+                    s.as_object_mut().unwrap().remove("Sid");
+                }
+            }
+            statements
+        })
+    }
+
+    /// A starting policy: foreign statements with, maybe, ami-share's statements of an earlier merge placed
+    /// anywhere among them, pretty or compact.
+    fn policy_strategy() -> impl Strategy<Value = (String, Vec<Value>)> {
+        (
+            foreign_strategy(),
+            grantees_strategy(),
+            any::<prop::sample::Index>(),
+            any::<bool>(),
+        )
+            .prop_map(|(foreign, earlier, at, pretty)| {
+                let mut all = foreign.clone();
+                let owned: Vec<Value> = OWNED
+                    .iter()
+                    .filter_map(|(a, p)| render(*a, *p, &earlier, "aws"))
+                    .collect();
+                let at = at.index(all.len() + 1);
+                all.splice(at..at, owned);
+                let document =
+                    json!({"Version": "2012-10-17", "Id": "key-policy", "Statement": all});
+                let text = if pretty {
+                    serde_json::to_string_pretty(&document).unwrap()
+                } else {
+                    document.to_string()
+                };
+                (text, foreign)
+            })
+    }
+
+    /// The policy after an apply: the merged one, or the same when there was nothing to write.
+    fn apply(policy: &str, want: &KeyGrantees) -> String {
+        match merge(policy, want, "aws").unwrap() {
+            Some(merged) => merged.policy,
+            None => policy.to_string(),
+        }
+    }
+
+    /// The number of cases each property runs (reported in the issue note).
+    const CASES: u32 = 2_000;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+        #[test]
+        fn merging_twice_is_merging_once((policy, _) in policy_strategy(), want in grantees_strategy()) {
+            let once = apply(&policy, &want);
+            prop_assert_eq!(merge(&once, &want, "aws").unwrap(), None);
+            prop_assert_eq!(apply(&once, &want), once);
+        }
+
+        #[test]
+        fn the_order_of_merges_does_not_matter(
+            (policy, _) in policy_strategy(),
+            a in grantees_strategy(),
+            b in grantees_strategy(),
+        ) {
+            prop_assert_eq!(apply(&apply(&policy, &a), &b), apply(&apply(&policy, &b), &a));
+        }
+
+        #[test]
+        fn every_foreign_statement_survives_in_order_and_unchanged(
+            (policy, foreign) in policy_strategy(),
+            want in grantees_strategy(),
+        ) {
+            let after = statements(&apply(&policy, &want));
+            let kept: Vec<Value> = after
+                .iter()
+                .filter(|s| s.get("Sid").and_then(Value::as_str).is_none_or(|sid| owned(sid).is_none()))
+                .cloned()
+                .collect();
+            prop_assert_eq!(kept, foreign);
+        }
+
+        #[test]
+        fn the_result_is_a_valid_policy_admitting_old_and_new_grantees_under_unique_sids(
+            (policy, _) in policy_strategy(),
+            want in grantees_strategy(),
+        ) {
+            let before = admitted(&policy, "aws").unwrap();
+            let after_text = apply(&policy, &want);
+            let document: Value = serde_json::from_str(&after_text).unwrap();
+            prop_assert_eq!(&document["Version"], "2012-10-17");
+            let after = admitted(&after_text, "aws").unwrap();
+            prop_assert!(want.is_subset(&after));
+            prop_assert!(before.is_subset(&after), "nothing admitted before is dropped");
+            let sids: Vec<&str> = document["Statement"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|s| s.get("Sid").and_then(Value::as_str))
+                .collect();
+            let unique: BTreeSet<&str> = sids.iter().copied().collect();
+            prop_assert_eq!(unique.len(), sids.len(), "{:?}", sids);
+            prop_assert!(after_text.len() <= MAX_POLICY_BYTES);
+        }
+
+        #[test]
+        fn anyone_is_never_admitted_without_an_organization_condition(
+            (policy, _) in policy_strategy(),
+            want in grantees_strategy(),
+        ) {
+            for statement in statements(&apply(&policy, &want)) {
+                let principal = &statement["Principal"];
+                let anyone = principal == &json!("*") || principal["AWS"] == json!("*");
+                if anyone {
+                    let orgs = strings(&statement["Condition"]["StringEquals"][ORG_ID_KEY]);
+                    prop_assert!(orgs.is_some_and(|o| !o.is_empty()), "{}", statement);
+                }
+            }
+        }
+
+        #[test]
+        fn the_size_guard_refuses_exactly_the_policies_kms_would(
+            pad in 28_000usize..33_000,
+            want in grantees_strategy(),
+        ) {
+            let policy = json!({"Version": "2012-10-17", "Statement": [
+                {"Sid": "Big", "Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::123456789012:root"},
+                 "Action": "kms:*", "Resource": "*", "Condition": {"StringEquals": {"aws:PrincipalTag/x": "y".repeat(pad)}}}
+            ]}).to_string();
+            match merge(&policy, &want, "aws") {
+                Ok(Some(merged)) => prop_assert!(merged.policy.len() <= MAX_POLICY_BYTES),
+                Ok(None) => prop_assert!(want.is_empty()),
+                Err(KeyPolicyError::TooLarge { bytes }) => {
+                    prop_assert!(bytes > MAX_POLICY_BYTES);
+                    // Compact is the smallest form: with it, the policy really is too large.
+                    let (mut document, mut statements) = parse(&policy).unwrap();
+                    statements.extend(OWNED.iter().filter_map(|(a, p)| render(*a, *p, &want, "aws")));
+                    document.insert("Statement".into(), Value::Array(statements));
+                    prop_assert!(Value::Object(document).to_string().len() > MAX_POLICY_BYTES);
+                }
+                Err(other) => prop_assert!(false, "{}", other),
+            }
+        }
+    }
+}

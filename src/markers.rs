@@ -1,0 +1,107 @@
+//! The tags ami-share writes on its own account: an AMI's sharing status, and the marks on the copies it
+//! makes. One home for their keys and values, so the config can refuse them as rule tags and every part of
+//! the flow reads and writes the same names.
+
+use crate::observed::Tags;
+
+/// Why an AMI is not shared as the config says, or that it is (written only once a status was needed).
+pub const STATUS: &str = "ami-share:status";
+/// A sentence an operator can act on, beside [`STATUS`].
+pub const STATUS_REASON: &str = "ami-share:status-reason";
+/// On a copy ami-share made: the image it copied.
+pub const SOURCE_IMAGE: &str = "ami-share:source-image";
+/// On a copy ami-share made: the region of the image it copied.
+pub const SOURCE_REGION: &str = "ami-share:source-region";
+/// On a copy ami-share made: why it exists ([`COPY_REENCRYPTED`]).
+pub const COPY_KIND: &str = "ami-share:copy-kind";
+
+/// [`COPY_KIND`] of a copy re-encrypted with a customer managed key, shared in place of its source.
+pub const COPY_REENCRYPTED: &str = "re-encrypted";
+
+/// Tag keys a rule may not set: ami-share's own bookkeeping would be overwritten.
+pub const RESERVED: [&str; 5] = [
+    STATUS,
+    STATUS_REASON,
+    SOURCE_IMAGE,
+    SOURCE_REGION,
+    COPY_KIND,
+];
+
+/// EC2's limit on a tag value.
+const MAX_TAG_VALUE_CHARS: usize = 256;
+
+/// [`STATUS`] values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// The AMI's snapshots use a key ami-share cannot open to the share targets; it is not shared.
+    NotShared,
+    /// As [`Status::NotShared`], but a re-encrypted copy is shared instead.
+    SharedAsCopy,
+    /// Shared as configured (written only to replace an earlier status).
+    Shared,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotShared => "not-shared",
+            Self::SharedAsCopy => "shared-as-copy",
+            Self::Shared => "shared",
+        }
+    }
+}
+
+/// The status tags, the reason cut to EC2's 256-character limit.
+pub fn status_tags(status: Status, reason: &str) -> Tags {
+    let reason: String = if reason.chars().count() > MAX_TAG_VALUE_CHARS {
+        let mut cut: String = reason.chars().take(MAX_TAG_VALUE_CHARS - 1).collect();
+        cut.push('…');
+        cut
+    } else {
+        reason.to_string()
+    };
+    [
+        (STATUS.to_string(), status.as_str().to_string()),
+        (STATUS_REASON.to_string(), reason),
+    ]
+    .into()
+}
+
+/// The marks on a re-encrypted copy of `source_image` in `region`.
+pub fn reencrypted_copy_tags(source_image: &str, region: &str) -> Tags {
+    [
+        (SOURCE_IMAGE.to_string(), source_image.to_string()),
+        (SOURCE_REGION.to_string(), region.to_string()),
+        (COPY_KIND.to_string(), COPY_REENCRYPTED.to_string()),
+    ]
+    .into()
+}
+
+/// The image a copy made by ami-share was copied from, read from its marks: (region, image id).
+pub fn copy_source(tags: &Tags) -> Option<(&str, &str)> {
+    tags.get(COPY_KIND)?;
+    Some((tags.get(SOURCE_REGION)?, tags.get(SOURCE_IMAGE)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_reason_is_cut_to_the_tag_value_limit() {
+        let tags = status_tags(Status::NotShared, &"x".repeat(300));
+        assert_eq!(tags[STATUS], "not-shared");
+        assert_eq!(tags[STATUS_REASON].chars().count(), 256);
+        assert!(tags[STATUS_REASON].ends_with('…'));
+        assert_eq!(status_tags(Status::Shared, "short")[STATUS_REASON], "short");
+    }
+
+    #[test]
+    fn a_copy_is_known_by_its_marks() {
+        let marks = reencrypted_copy_tags("ami-12345678", "eu-west-1");
+        assert_eq!(copy_source(&marks), Some(("eu-west-1", "ami-12345678")));
+        let mut partial = marks.clone();
+        partial.remove(COPY_KIND);
+        assert_eq!(copy_source(&partial), None, "all marks are needed");
+    }
+}
