@@ -7,13 +7,17 @@ then serves until stdin closes (the test that started it ended) or SIGTERM/SIGIN
 
 Running moto in this process (not as `moto_server`) lets us adjust its backend where it differs from AWS on
 the paths ami-share depends on (launch-permission validation, pending images, DescribeImages owners,
-the SourceImageId/SourceInstanceId that tell how an image was made). Each fix below is small, named after the AWS behaviour it reproduces, and
+the SourceImageId/SourceInstanceId that tell how an image was made, encrypted snapshots and their KMS keys,
+CopyImage, key policy validation). Each fix below is small, named after the AWS behaviour it reproduces, and
 shown by a test in tests/emulator_fidelity.rs. A test that passes only because moto is lax proves nothing.
 
 Test-only control endpoints (never part of any AWS API), under /_ami_share/:
     POST /_ami_share/organization {"ous": ["eng", ...]}  create the organization (once) and OUs under the root
     POST /_ami_share/image-state  {"region", "image_id", "state"}      set an image's state (e.g. "pending")
     POST /_ami_share/image-owner  {"region", "image_id", "owner_id"}   make an image another account's
+    POST /_ami_share/key-policy-race {"region", "key_id", "writes"}     simulate a concurrent writer: each of
+         the next `writes` PutKeyPolicy calls on the key is overwritten, right after, by the policy the key had
+         before it (as a writer that read the policy earlier and wrote it later would)
     GET  /_ami_share/requests                                           every AWS request served so far
 """
 
@@ -25,9 +29,15 @@ import sys
 import threading
 import urllib.parse
 
+from moto.core.exceptions import JsonRESTError
+from moto.core.responses import ActionResult
 from moto.ec2.exceptions import EC2ClientError, UnvailableAMIIdError
 from moto.ec2.models import ec2_backends
-from moto.ec2.models.amis import AmiBackend
+from moto.ec2.models.amis import Ami, AmiBackend
+from moto.ec2.models.elastic_block_store import EBSBackend
+from moto.ec2.responses.amis import AmisResponse
+from moto.kms.models import KmsBackend, kms_backends
+from moto.kms.responses import KmsResponse
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 from werkzeug.serving import WSGIRequestHandler, make_server
 
@@ -117,10 +127,133 @@ def create_image(self, instance_id, name, description, tag_specifications):
     return ami
 
 
-AmiBackend.create_image = create_image
+_create_snapshot = EBSBackend.create_snapshot
+
+
+def create_snapshot(self, volume_id, description, owner_id=None, from_ami=None):
+    """AWS: a snapshot of an encrypted volume is encrypted with the volume's KMS key. moto keeps the flag and
+    drops the key."""
+    snapshot = _create_snapshot(self, volume_id, description, owner_id=owner_id, from_ami=from_ami)
+    snapshot.kms_key_id = self.get_volume(volume_id).kms_key_id
+    return snapshot
+
+
+def create_image_from_the_instance_root_volume(self, instance_id, name, description, tag_specifications):
+    """AWS: CreateImage snapshots the instance's volumes, so the image's snapshot is encrypted as the root
+    volume is, with its key. moto gives every image a fresh unencrypted snapshot."""
+    ami = create_image(self, instance_id, name, description, tag_specifications)
+    instance = self.get_instance(instance_id)
+    root = instance.block_device_mapping.get(instance.root_device_name)
+    if root is not None:
+        volume = self.get_volume(root.volume_id)
+        ami.ebs_snapshot.encrypted = bool(volume.encrypted)
+        ami.ebs_snapshot.kms_key_id = volume.kms_key_id if volume.encrypted else None
+    return ami
+
+
+def block_device_mappings(self):
+    """AWS: DescribeImages reports whether each EBS snapshot is encrypted (Ebs.Encrypted); moto never does."""
+    return [
+        {
+            "DeviceName": self.root_device_name,
+            "Ebs": {
+                "SnapshotId": self.ebs_snapshot.id,
+                "VolumeSize": 15,
+                "DeleteOnTermination": False,
+                "VolumeType": "standard",
+                "Encrypted": bool(self.ebs_snapshot.encrypted),
+            },
+        }
+    ]
+
+
+_client_tokens = {}
+
+
+def copy_image_response(self):
+    """AWS CopyImage: the copy is `pending` at first; Encrypted+KmsKeyId encrypt its snapshots with that key
+    (Encrypted alone: the account's default EBS key; neither: as the source); TagSpecifications tag the new
+    image and snapshots; the same ClientToken returns the same copy. moto: an unencrypted copy, available at
+    once, untagged, and a new one per call."""
+    source_image_id = self._get_param("SourceImageId")
+    source_region = self._get_param("SourceRegion")
+    token = self._get_param("ClientToken")
+    self.error_on_dryrun()
+    seen = (self.current_account, self.region, token)
+    if token and seen in _client_tokens:
+        return ActionResult({"ImageId": _client_tokens[seen]})
+    image = self.ec2_backend.copy_image(
+        source_image_id, source_region, self._get_param("Name"), self._get_param("Description")
+    )
+    source = ec2_backends[self.current_account][source_region].amis[source_image_id].ebs_snapshot
+    kms_key_id = self._get_param("KmsKeyId")
+    if kms_key_id:
+        key_arn = kms_backends[self.current_account][self.region].describe_key(kms_key_id).arn
+        encrypted = True
+    elif self._get_bool_param("Encrypted", False):
+        key_arn = self.ec2_backend.default_kms_key_id or self.ec2_backend._create_default_encryption_key()
+        encrypted = True
+    else:
+        encrypted, key_arn = source.encrypted, source.kms_key_id
+    image.ebs_snapshot.encrypted = bool(encrypted)
+    image.ebs_snapshot.kms_key_id = key_arn if encrypted else None
+    for spec in self._get_param("TagSpecifications", []):
+        target = {"image": image, "snapshot": image.ebs_snapshot}[spec["ResourceType"]]
+        for tag in spec.get("Tags", []):
+            target.add_tag(tag["Key"], tag["Value"])
+    image.state = "pending"
+    if token:
+        _client_tokens[seen] = image.id
+    return ActionResult({"ImageId": image.id})
+
+
+_create_alias = KmsBackend.create_alias
+
+
+def create_alias(self, target_key_id, alias_name):
+    """AWS: a key behind an `alias/aws/…` alias (aws/ebs, made on first use) is AWS managed
+    (KeyManager AWS). moto reports every key as CUSTOMER."""
+    alias = _create_alias(self, target_key_id, alias_name)
+    if alias_name.startswith("alias/aws/"):
+        self.keys[self.get_key_id(target_key_id)].key_manager = "AWS"
+    return alias
+
+
+MAX_KEY_POLICY_BYTES = 32 * 1024
+_put_key_policy = KmsResponse.put_key_policy
+_key_policy_races = {}
+
+
+def put_key_policy(self):
+    """AWS PutKeyPolicy refuses a document that is not JSON (MalformedPolicyDocumentException) or over the
+    32 KB key policy quota (LimitExceededException); moto stores anything."""
+    policy = self._get_param("Policy")
+    try:
+        json.loads(policy)
+    except (TypeError, ValueError):
+        raise JsonRESTError("MalformedPolicyDocumentException", "The new key policy is not valid JSON.")
+    if len(policy.encode()) > MAX_KEY_POLICY_BYTES:
+        raise JsonRESTError("LimitExceededException", "The key policy exceeds the maximum size of 32 KB.")
+    backend = kms_backends[self.current_account][self.region]
+    key = backend.keys[backend.get_key_id(self._get_param("KeyId"))]
+    before = key.policy
+    result = _put_key_policy(self)
+    race = (self.current_account, self.region, key.id)
+    if _key_policy_races.get(race, 0) > 0:
+        _key_policy_races[race] -= 1
+        key.policy = before
+    return result
+
+
+AmiBackend.create_image = create_image_from_the_instance_root_volume
 AmiBackend.modify_image_attribute = modify_image_attribute
 AmiBackend.describe_images = describe_images
 AmiBackend.copy_image = copy_image
+EBSBackend.create_snapshot = create_snapshot
+Ami.block_device_mappings = property(block_device_mappings)
+AmisResponse.copy_image = copy_image_response
+KmsBackend.create_alias = create_alias
+KmsResponse.put_key_policy = put_key_policy
 
 # --- test control and request log --------------------------------------------------------------------
 
@@ -181,6 +314,11 @@ class Emulator:
     def control_image_owner(self, region, image_id, owner_id):
         ec2_backends[ACCOUNT][region].amis[image_id].owner_id = owner_id
         return {"image_id": image_id, "owner_id": owner_id}
+
+    def control_key_policy_race(self, region, key_id, writes):
+        backend = kms_backends[ACCOUNT][region]
+        _key_policy_races[(ACCOUNT, region, backend.get_key_id(key_id))] = writes
+        return {"key_id": key_id, "writes": writes}
 
     def control_organization(self, ous=()):
         import boto3

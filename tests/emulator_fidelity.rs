@@ -155,3 +155,185 @@ async fn a_copy_records_its_source_image_and_region() {
     assert_eq!(copy.source_image_region(), Some(REGION));
     assert_eq!(copy.source_instance_id(), None);
 }
+
+#[tokio::test]
+async fn an_image_of_an_encrypted_volume_is_encrypted_with_the_volumes_key() {
+    let emulator = Emulator::start();
+    let (ec2, kms) = (emulator.ec2().await, emulator.kms().await);
+    let key = create_key(&kms).await;
+    let (image, snapshots) = create_image_with(&ec2, "enc", &[], RootVolume::Key(&key)).await;
+    let described = ec2
+        .describe_images()
+        .image_ids(&image)
+        .send()
+        .await
+        .unwrap();
+    let ebs = described.images()[0].block_device_mappings()[0]
+        .ebs()
+        .unwrap();
+    assert_eq!(
+        ebs.encrypted(),
+        Some(true),
+        "DescribeImages reports Ebs.Encrypted"
+    );
+    assert_eq!(
+        snapshot_encryption(&ec2, &snapshots[0]).await,
+        (true, Some(key)),
+        "the snapshot keeps the volume's key"
+    );
+    let (plain, snapshots) = create_image(&ec2, "plain", &[]).await;
+    let described = ec2
+        .describe_images()
+        .image_ids(&plain)
+        .send()
+        .await
+        .unwrap();
+    let ebs = described.images()[0].block_device_mappings()[0]
+        .ebs()
+        .unwrap();
+    assert_eq!(ebs.encrypted(), Some(false));
+    assert_eq!(
+        snapshot_encryption(&ec2, &snapshots[0]).await,
+        (false, None)
+    );
+}
+
+#[tokio::test]
+async fn the_default_ebs_key_is_aws_managed_and_customer_keys_are_not() {
+    let emulator = Emulator::start();
+    let (ec2, kms) = (emulator.ec2().await, emulator.kms().await);
+    let (_, snapshots) = create_image_with(&ec2, "default-key", &[], RootVolume::DefaultKey).await;
+    let (encrypted, key) = snapshot_encryption(&ec2, &snapshots[0]).await;
+    assert!(encrypted);
+    let manager = |key: String| {
+        let kms = kms.clone();
+        async move {
+            let described = kms.describe_key().key_id(key).send().await.unwrap();
+            let metadata = described.key_metadata().unwrap().clone();
+            (
+                metadata.arn().unwrap().to_string(),
+                metadata.key_manager().unwrap().as_str().to_string(),
+            )
+        }
+    };
+    let (arn, aws_managed) = manager(key.unwrap()).await;
+    assert_eq!(aws_managed, "AWS");
+    assert_eq!(
+        manager("alias/aws/ebs".into()).await.0,
+        arn,
+        "the default key is aws/ebs"
+    );
+    let (_, customer) = manager(create_key(&kms).await).await;
+    assert_eq!(customer, "CUSTOMER");
+}
+
+#[tokio::test]
+async fn copy_image_is_pending_encrypted_with_the_key_tagged_and_idempotent() {
+    use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
+    let emulator = Emulator::start();
+    let (ec2, kms) = (emulator.ec2().await, emulator.kms().await);
+    let key = create_key(&kms).await;
+    let (source, _) = create_image_with(&ec2, "source", &[], RootVolume::DefaultKey).await;
+    let spec = |kind, key: &str| {
+        TagSpecification::builder()
+            .resource_type(kind)
+            .tags(Tag::builder().key(key).value("yes").build())
+            .build()
+    };
+    let copy = || {
+        ec2.copy_image()
+            .source_image_id(&source)
+            .source_region(REGION)
+            .name("source-copy")
+            .encrypted(true)
+            .kms_key_id(&key)
+            .client_token("one-copy-please")
+            .tag_specifications(spec(ResourceType::Image, "on-image"))
+            .tag_specifications(spec(ResourceType::Snapshot, "on-snapshot"))
+            .send()
+    };
+    let first = copy().await.unwrap().image_id().unwrap().to_string();
+    let again = copy().await.unwrap().image_id().unwrap().to_string();
+    assert_eq!(first, again, "the same ClientToken returns the same copy");
+    let described = ec2
+        .describe_images()
+        .image_ids(&first)
+        .send()
+        .await
+        .unwrap();
+    let image = &described.images()[0];
+    assert_eq!(image.state().unwrap().as_str(), "pending");
+    assert_eq!(image_tags(&ec2, &first).await, tags(&[("on-image", "yes")]));
+    let snapshot = image_snapshots(&ec2, &first).await.remove(0);
+    assert_eq!(
+        snapshot_encryption(&ec2, &snapshot).await,
+        (true, Some(key))
+    );
+    assert_eq!(
+        snapshot_tags(&ec2, &snapshot).await,
+        tags(&[("on-snapshot", "yes")])
+    );
+}
+
+#[tokio::test]
+async fn put_key_policy_refuses_what_kms_refuses_and_keeps_what_it_accepts_as_written() {
+    use aws_sdk_kms::error::ProvideErrorMetadata;
+    let emulator = Emulator::start();
+    let kms = emulator.kms().await;
+    let key = create_key(&kms).await;
+    let before = key_policy(&kms, &key).await;
+    let put = |policy: String| {
+        kms.put_key_policy()
+            .key_id(&key)
+            .policy_name("default")
+            .policy(policy)
+            .send()
+    };
+    let code = |r: Result<_, aws_sdk_kms::error::SdkError<_, _>>| {
+        r.map(|_| ())
+            .map_err(|e| e.code().unwrap_or("none").to_string())
+    };
+    assert_eq!(
+        code(put("not json".into()).await),
+        Err("MalformedPolicyDocumentException".into())
+    );
+    let big = format!(
+        r#"{{"Version":"2012-10-17","Statement":[],"Id":"{}"}}"#,
+        "x".repeat(33_000)
+    );
+    assert_eq!(code(put(big).await), Err("LimitExceededException".into()));
+    assert_eq!(key_policy(&kms, &key).await, before, "nothing half-written");
+    let pretty = format!(
+        "{}\n",
+        serde_json::to_string_pretty(&serde_json::from_str::<serde_json::Value>(&before).unwrap())
+            .unwrap()
+    );
+    assert_eq!(code(put(pretty.clone()).await), Ok(()));
+    assert_eq!(
+        key_policy(&kms, &key).await,
+        pretty,
+        "returned byte for byte"
+    );
+}
+
+#[tokio::test]
+async fn a_simulated_concurrent_writer_undoes_exactly_the_next_writes() {
+    let emulator = Emulator::start();
+    let kms = emulator.kms().await;
+    let key = create_key(&kms).await;
+    let original = key_policy(&kms, &key).await;
+    emulator.race_key_policy(&key, 1);
+    let mine = r#"{"Version":"2012-10-17","Statement":[]}"#;
+    put_key_policy(&kms, &key, mine).await;
+    assert_eq!(
+        key_policy(&kms, &key).await,
+        original,
+        "the racing writer won"
+    );
+    put_key_policy(&kms, &key, mine).await;
+    assert_eq!(
+        key_policy(&kms, &key).await,
+        mine,
+        "only the next write was raced"
+    );
+}

@@ -95,6 +95,19 @@ impl Emulator {
         aws_sdk_ec2::Client::new(&self.sdk_config().await)
     }
 
+    pub async fn kms(&self) -> aws_sdk_kms::Client {
+        aws_sdk_kms::Client::new(&self.sdk_config().await)
+    }
+
+    /// The next `writes` PutKeyPolicy calls on `key_id` are each overwritten, right after, by the policy the
+    /// key had before: a concurrent writer that read the policy earlier and wrote it later.
+    pub fn race_key_policy(&self, key_id: &str, writes: u32) {
+        self.control(
+            "key-policy-race",
+            Some(json!({"region": REGION, "key_id": key_id, "writes": writes})),
+        );
+    }
+
     /// Calls a test control endpoint of tests/emulator.py (`None` body: GET).
     pub fn control(&self, what: &str, body: Option<Value>) -> Value {
         let address = self.endpoint.trim_start_matches("http://");
@@ -172,18 +185,52 @@ pub fn is_mutating(request: &str) -> bool {
         .any(|p| action.starts_with(p))
 }
 
+/// How the root volume of the instance behind a new AMI is encrypted.
+#[derive(Debug, Clone, Copy)]
+pub enum RootVolume<'a> {
+    Unencrypted,
+    /// With the account's default EBS key, the AWS managed `aws/ebs`.
+    DefaultKey,
+    /// With this customer managed key.
+    Key(&'a str),
+}
+
 /// Makes an AMI by CreateImage from a fresh instance, with the given tags. Returns (image id, snapshot ids).
 pub async fn create_image(
     ec2: &aws_sdk_ec2::Client,
     name: &str,
     tags: &[(&str, &str)],
 ) -> (String, Vec<String>) {
+    create_image_with(ec2, name, tags, RootVolume::Unencrypted).await
+}
+
+/// As [`create_image`], the instance's root volume (and so the AMI's snapshot) encrypted as `root` says.
+pub async fn create_image_with(
+    ec2: &aws_sdk_ec2::Client,
+    name: &str,
+    tags: &[(&str, &str)],
+    root: RootVolume<'_>,
+) -> (String, Vec<String>) {
+    let ebs = aws_sdk_ec2::types::EbsBlockDevice::builder().volume_size(8);
+    let ebs = match root {
+        RootVolume::Unencrypted => None,
+        RootVolume::DefaultKey => Some(ebs.encrypted(true)),
+        RootVolume::Key(key) => Some(ebs.encrypted(true).kms_key_id(key)),
+    };
     // ami-12c6146b is one of the images moto ships in us-east-1.
     let run = ec2
         .run_instances()
         .image_id("ami-12c6146b")
         .min_count(1)
         .max_count(1)
+        .set_block_device_mappings(ebs.map(|ebs| {
+            vec![
+                aws_sdk_ec2::types::BlockDeviceMapping::builder()
+                    .device_name("/dev/sda1")
+                    .ebs(ebs.build())
+                    .build(),
+            ]
+        }))
         .send()
         .await
         .expect("RunInstances");
@@ -296,6 +343,60 @@ pub fn sample_event(file: &str, image_id: &str, region: &str) -> Value {
         detail["responseElements"]["imageId"] = json!(image_id);
     }
     event
+}
+
+/// A new customer managed key (with KMS's default policy). Returns its ARN.
+pub async fn create_key(kms: &aws_sdk_kms::Client) -> String {
+    kms.create_key()
+        .description("ami-share test key")
+        .send()
+        .await
+        .expect("CreateKey")
+        .key_metadata()
+        .unwrap()
+        .arn()
+        .unwrap()
+        .to_string()
+}
+
+pub async fn key_policy(kms: &aws_sdk_kms::Client, key: &str) -> String {
+    kms.get_key_policy()
+        .key_id(key)
+        .policy_name("default")
+        .send()
+        .await
+        .expect("GetKeyPolicy")
+        .policy()
+        .unwrap()
+        .to_string()
+}
+
+pub async fn put_key_policy(kms: &aws_sdk_kms::Client, key: &str, policy: &str) {
+    kms.put_key_policy()
+        .key_id(key)
+        .policy_name("default")
+        .policy(policy)
+        .send()
+        .await
+        .expect("PutKeyPolicy");
+}
+
+/// The snapshot's (encrypted, KMS key id), as DescribeSnapshots reports them.
+pub async fn snapshot_encryption(
+    ec2: &aws_sdk_ec2::Client,
+    snapshot_id: &str,
+) -> (bool, Option<String>) {
+    let snapshots = ec2
+        .describe_snapshots()
+        .snapshot_ids(snapshot_id)
+        .send()
+        .await
+        .expect("DescribeSnapshots");
+    let snapshot = &snapshots.snapshots()[0];
+    (
+        snapshot.encrypted().unwrap_or(false),
+        snapshot.kms_key_id().map(str::to_string),
+    )
 }
 
 pub fn tags(pairs: &[(&str, &str)]) -> Tags {
