@@ -319,6 +319,8 @@ async fn created_by_is_read_from_the_image_when_the_event_does_not_say() {
         .image_id()
         .unwrap()
         .to_string();
+    // A copy is pending at first (as on AWS); its state-change event comes when it is available.
+    s.emulator.set_image_state(REGION, &copy, "available");
     // The state-change event carries no operation: the copy's SourceImageId says CopyImage.
     let answer = s
         .handler
