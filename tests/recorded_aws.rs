@@ -1,0 +1,425 @@
+//! Paths no emulator reproduces, covered with recorded AWS responses replayed through the real SDK
+//! clients and their deserializers (aws-smithy-mocks): an AMI encrypted with another account's key (moto
+//! keeps each account's keys apart), KMS as AWS answers it for the AWS managed `aws/ebs` key and for a
+//! function whose IAM only reaches tagged keys, KMS refusing a policy, and KMS throttling.
+//!
+//! The bodies below are in the shapes AWS documents for these operations (EC2 query protocol XML, KMS
+//! JSON 1.1); ids and ARNs are examples.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ami_share::aws::sdk::SdkAws;
+use ami_share::config::Config;
+use ami_share::handler::Handler;
+use ami_share::reconcile::KeyPolicyWrites;
+use aws_config::retry::RetryConfig;
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_ec2::config::Credentials;
+use aws_smithy_mocks::{MockResponseInterceptor, Rule, RuleMode, create_mock_http_client, mock};
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
+use aws_smithy_runtime_api::http::StatusCode;
+use aws_smithy_types::body::SdkBody;
+use serde_json::{Value, json};
+
+const REGION: &str = "us-east-1";
+const IMAGE: &str = "ami-0abcdef1234567890";
+const SNAPSHOT: &str = "snap-1234567890abcdef0";
+const OWN_KEY: &str = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+const FOREIGN_KEY: &str =
+    "arn:aws:kms:us-east-1:999988887777:key/0987dcba-09fe-87dc-65ba-ab0987654321";
+const DEFAULT_POLICY: &str = r#"{
+  "Version" : "2012-10-17",
+  "Id" : "key-default-1",
+  "Statement" : [ {
+    "Sid" : "Enable IAM User Permissions",
+    "Effect" : "Allow",
+    "Principal" : {
+      "AWS" : "arn:aws:iam::123456789012:root"
+    },
+    "Action" : "kms:*",
+    "Resource" : "*"
+  } ]
+}"#;
+
+fn response(status: u16, body: impl Into<String>) -> HttpResponse {
+    HttpResponse::new(
+        StatusCode::try_from(status).unwrap(),
+        SdkBody::from(body.into()),
+    )
+}
+
+/// DescribeImages for an available AMI made by CreateImage whose one EBS snapshot is encrypted.
+const DESCRIBE_IMAGES: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
+<DescribeImagesResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">
+    <requestId>59dbff89-35bd-4eac-99ed-be587EXAMPLE</requestId>
+    <imagesSet>
+        <item>
+            <imageId>ami-0abcdef1234567890</imageId>
+            <imageLocation>123456789012/golden-al2023-2026.11.25</imageLocation>
+            <imageState>available</imageState>
+            <imageOwnerId>123456789012</imageOwnerId>
+            <creationDate>2026-11-25T09:12:44.000Z</creationDate>
+            <isPublic>false</isPublic>
+            <architecture>x86_64</architecture>
+            <imageType>machine</imageType>
+            <sriovNetSupport>simple</sriovNetSupport>
+            <name>golden-al2023-2026.11.25</name>
+            <rootDeviceType>ebs</rootDeviceType>
+            <rootDeviceName>/dev/xvda</rootDeviceName>
+            <blockDeviceMapping>
+                <item>
+                    <deviceName>/dev/xvda</deviceName>
+                    <ebs>
+                        <snapshotId>snap-1234567890abcdef0</snapshotId>
+                        <volumeSize>8</volumeSize>
+                        <deleteOnTermination>true</deleteOnTermination>
+                        <volumeType>gp3</volumeType>
+                        <iops>3000</iops>
+                        <throughput>125</throughput>
+                        <encrypted>true</encrypted>
+                    </ebs>
+                </item>
+            </blockDeviceMapping>
+            <virtualizationType>hvm</virtualizationType>
+            <hypervisor>xen</hypervisor>
+            <enaSupport>true</enaSupport>
+            <bootMode>uefi-preferred</bootMode>
+            <sourceInstanceId>i-1234567890abcdef0</sourceInstanceId>
+            <sourceImageId>ami-0fedcba0987654321</sourceImageId>
+        </item>
+    </imagesSet>
+</DescribeImagesResponse>"#;
+
+const NO_LAUNCH_PERMISSIONS: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
+<DescribeImageAttributeResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">
+    <requestId>59dbff89-35bd-4eac-99ed-be587EXAMPLE</requestId>
+    <imageId>ami-0abcdef1234567890</imageId>
+    <launchPermission/>
+</DescribeImageAttributeResponse>"#;
+
+fn describe_snapshots(kms_key_id: &str) -> String {
+    format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<DescribeSnapshotsResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">
+    <requestId>6b7a3c8d-5bc1-4a4c-8e7c-0c5dEXAMPLE</requestId>
+    <snapshotSet>
+        <item>
+            <snapshotId>snap-1234567890abcdef0</snapshotId>
+            <volumeId>vol-049df61146c4d7901</volumeId>
+            <status>completed</status>
+            <startTime>2026-11-25T09:10:02.000Z</startTime>
+            <progress>100%</progress>
+            <ownerId>123456789012</ownerId>
+            <volumeSize>8</volumeSize>
+            <description>Created by CreateImage(i-1234567890abcdef0) for ami-0abcdef1234567890</description>
+            <encrypted>true</encrypted>
+            <kmsKeyId>{kms_key_id}</kmsKeyId>
+            <storageTier>standard</storageTier>
+        </item>
+    </snapshotSet>
+</DescribeSnapshotsResponse>"#
+    )
+}
+
+const EC2_TRUE: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
+<CreateTagsResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">
+    <requestId>7a62c49f-347e-4fc4-9331-6e8eEXAMPLE</requestId>
+    <return>true</return>
+</CreateTagsResponse>"#;
+
+const MODIFY_IMAGE_ATTRIBUTE: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
+<ModifyImageAttributeResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">
+    <requestId>7a62c49f-347e-4fc4-9331-6e8eEXAMPLE</requestId>
+    <return>true</return>
+</ModifyImageAttributeResponse>"#;
+
+fn describe_key(arn: &str, manager: &str) -> String {
+    let description = match manager {
+        "AWS" => "Default key that protects my EBS volumes when no other key is defined",
+        _ => "golden images",
+    };
+    json!({"KeyMetadata": {
+        "AWSAccountId": "123456789012", "Arn": arn, "CreationDate": 1.764061964526E9,
+        "CustomerMasterKeySpec": "SYMMETRIC_DEFAULT", "Description": description, "Enabled": true,
+        "EncryptionAlgorithms": ["SYMMETRIC_DEFAULT"], "KeyId": arn.rsplit('/').next().unwrap(),
+        "KeyManager": manager, "KeySpec": "SYMMETRIC_DEFAULT", "KeyState": "Enabled",
+        "KeyUsage": "ENCRYPT_DECRYPT", "MultiRegion": false, "Origin": "AWS_KMS"
+    }})
+    .to_string()
+}
+
+fn kms_error(kind: &str, message: &str) -> HttpResponse {
+    response(400, json!({"__type": kind, "message": message}).to_string())
+}
+
+/// A client of `$krate` that answers from `$rules` instead of HTTP, with quick retries.
+macro_rules! recorded_client {
+    ($krate:ident, $rules:expr) => {{
+        let mut interceptor = MockResponseInterceptor::new().rule_mode(RuleMode::MatchAny);
+        for rule in $rules {
+            interceptor = interceptor.with_rule(rule);
+        }
+        $krate::Client::from_conf(
+            $krate::config::Builder::new()
+                .behavior_version(BehaviorVersion::latest())
+                .region(Region::new(REGION))
+                .credentials_provider(Credentials::new(
+                    "recorded", "recorded", None, None, "recorded",
+                ))
+                .http_client(create_mock_http_client())
+                .retry_config(
+                    RetryConfig::standard()
+                        .with_max_attempts(3)
+                        .with_initial_backoff(Duration::from_millis(1)),
+                )
+                .interceptor(interceptor)
+                .build(),
+        )
+    }};
+}
+
+fn handler(ec2_rules: &[&Rule], kms_rules: &[&Rule]) -> Handler<SdkAws> {
+    let ec2 = recorded_client!(aws_sdk_ec2, ec2_rules);
+    let kms = recorded_client!(aws_sdk_kms, kms_rules);
+    let base = SdkConfig::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(REGION))
+        .build();
+    let config = Config::parse(
+        r#"
+        [[rule]]
+        name = "golden"
+        match.name = ["golden-*"]
+        tags = { "cost-center" = "platform" }
+        tag_snapshots = false
+        share.organizations = ["arn:aws:organizations::111111111111:organization/o-a1b2c3d4e5"]
+        share.accounts = ["210987654321"]
+        "#,
+    )
+    .unwrap();
+    Handler::new(
+        config,
+        SdkAws::new(base).with_region_clients(REGION, ec2, kms),
+        REGION,
+    )
+    .with_key_policy_writes(KeyPolicyWrites {
+        settle: Duration::ZERO,
+        max_writes: 3,
+    })
+}
+
+fn event() -> Value {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("events/create-image.json"),
+    )
+    .unwrap();
+    let mut event: Value = serde_json::from_str(&text).unwrap();
+    event["region"] = json!(REGION);
+    event["detail"]["responseElements"]["imageId"] = json!(IMAGE);
+    event
+}
+
+/// The EC2 answers every scenario shares; CreateTags requests are captured.
+struct Ec2Answers {
+    rules: Vec<Rule>,
+    tagged: Arc<Mutex<Vec<(Vec<String>, Vec<(String, String)>)>>>,
+    shares: Rule,
+}
+
+fn ec2_answers(snapshot_key: &str) -> Ec2Answers {
+    let tagged = Arc::new(Mutex::new(Vec::new()));
+    let capture = tagged.clone();
+    let snapshots = describe_snapshots(snapshot_key);
+    let shares = mock!(aws_sdk_ec2::Client::modify_image_attribute)
+        .then_http_response(|| response(200, MODIFY_IMAGE_ATTRIBUTE));
+    Ec2Answers {
+        rules: vec![
+            mock!(aws_sdk_ec2::Client::describe_images)
+                .then_http_response(|| response(200, DESCRIBE_IMAGES)),
+            mock!(aws_sdk_ec2::Client::describe_image_attribute)
+                .then_http_response(|| response(200, NO_LAUNCH_PERMISSIONS)),
+            mock!(aws_sdk_ec2::Client::describe_snapshots)
+                .then_http_response(move || response(200, snapshots.clone())),
+            mock!(aws_sdk_ec2::Client::create_tags)
+                .match_requests(move |req| {
+                    let tags = req
+                        .tags()
+                        .iter()
+                        .map(|t| (t.key().unwrap().to_string(), t.value().unwrap().to_string()))
+                        .collect();
+                    capture
+                        .lock()
+                        .unwrap()
+                        .push((req.resources().to_vec(), tags));
+                    true
+                })
+                .then_http_response(|| response(200, EC2_TRUE)),
+        ],
+        tagged,
+        shares,
+    }
+}
+
+impl Ec2Answers {
+    fn all(&self) -> Vec<&Rule> {
+        self.rules.iter().chain([&self.shares]).collect()
+    }
+
+    fn status_tags(&self) -> Vec<(String, String)> {
+        self.tagged
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|(_, tags)| tags.clone())
+            .filter(|(k, _)| k.starts_with("ami-share:status"))
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn an_ami_on_another_accounts_key_is_not_shared_and_kms_is_not_called() {
+    // Recorded: moto keeps each account's keys apart, so no emulated snapshot has another account's key.
+    let ec2 = ec2_answers(FOREIGN_KEY);
+    let any_kms =
+        mock!(aws_sdk_kms::Client::describe_key).then_http_response(|| response(500, "{}"));
+    let answer = handler(&ec2.all(), &[&any_kms])
+        .handle(event())
+        .await
+        .unwrap();
+    assert_eq!(answer["status"], "blocked", "{answer:#}");
+    let blocked = answer["outcome"]["blocked"][0].as_str().unwrap();
+    assert!(
+        blocked.contains("of account 999988887777: only that account can let others use it"),
+        "{blocked}"
+    );
+    assert_eq!(
+        any_kms.num_calls(),
+        0,
+        "another account's key policy cannot be changed from here"
+    );
+    assert_eq!(ec2.shares.num_calls(), 0);
+    let status = ec2.status_tags();
+    assert_eq!(status[0], ("ami-share:status".into(), "not-shared".into()));
+    assert_eq!(
+        status[1].1,
+        "snap-1234567890abcdef0 uses KMS key 0987dcba-09fe-87dc-65ba-ab0987654321 of account 999988887777; to share a re-encrypted copy instead, set reencrypt.kms_key"
+    );
+}
+
+#[tokio::test]
+async fn aws_ebs_as_kms_describes_it_is_blocked_even_when_its_policy_cannot_be_read() {
+    // Recorded: KMS's KeyManager AWS for aws/ebs, and the AccessDeniedException GetKeyPolicy gives a
+    // function whose IAM reaches only tagged keys (template parameter KmsKeyScope=tagged).
+    let ec2 = ec2_answers(OWN_KEY);
+    let describe = mock!(aws_sdk_kms::Client::describe_key)
+        .then_http_response(|| response(200, describe_key(OWN_KEY, "AWS")));
+    let get = mock!(aws_sdk_kms::Client::get_key_policy).then_http_response(|| {
+        kms_error(
+            "AccessDeniedException",
+            "User: arn:aws:sts::123456789012:assumed-role/ami-share/fn is not authorized to perform: kms:GetKeyPolicy on this resource because no identity-based policy allows the kms:GetKeyPolicy action",
+        )
+    });
+    let put = mock!(aws_sdk_kms::Client::put_key_policy).then_http_response(|| response(200, "{}"));
+    let answer = handler(&ec2.all(), &[&describe, &get, &put])
+        .handle(event())
+        .await
+        .unwrap();
+    assert_eq!(answer["status"], "blocked", "{answer:#}");
+    assert!(answer["outcome"].get("failures").is_none(), "{answer:#}");
+    assert_eq!(put.num_calls(), 0);
+    assert_eq!(ec2.shares.num_calls(), 0);
+    assert!(ec2.status_tags()[1].1.contains("AWS managed key aws/ebs"));
+}
+
+#[tokio::test]
+async fn kms_refusing_the_policy_is_a_clear_final_error_and_the_ami_stays_unshared() {
+    let ec2 = ec2_answers(OWN_KEY);
+    let describe = mock!(aws_sdk_kms::Client::describe_key)
+        .then_http_response(|| response(200, describe_key(OWN_KEY, "CUSTOMER")));
+    let get = mock!(aws_sdk_kms::Client::get_key_policy).then_http_response(|| {
+        response(
+            200,
+            json!({"Policy": DEFAULT_POLICY, "PolicyName": "default"}).to_string(),
+        )
+    });
+    let put = mock!(aws_sdk_kms::Client::put_key_policy).then_http_response(|| {
+        kms_error(
+            "MalformedPolicyDocumentException",
+            "The new key policy will not allow you to update the key policy in the future.",
+        )
+    });
+    let error = handler(&ec2.all(), &[&describe, &get, &put])
+        .handle(event())
+        .await
+        .unwrap_err();
+    assert_eq!(error.error_type(), "NotRetryable");
+    let message = error.to_string();
+    assert!(
+        message.contains("PutKeyPolicy on arn:aws:kms:us-east-1:123456789012:key/")
+            && message.contains("MalformedPolicyDocumentException")
+            && message.contains("the key is unchanged"),
+        "{message}"
+    );
+    assert!(message.contains("not done: share"), "{message}");
+    assert_eq!(put.num_calls(), 1, "a refusal is not retried");
+    assert_eq!(
+        ec2.shares.num_calls(),
+        0,
+        "no share the receivers could not launch"
+    );
+}
+
+#[tokio::test]
+async fn kms_throttling_is_retried_by_the_sdk_and_the_ami_is_shared() {
+    // A recorded KMS that remembers what was put, so the read-back after the write sees it.
+    let ec2 = ec2_answers(OWN_KEY);
+    let stored = Arc::new(Mutex::new(DEFAULT_POLICY.to_string()));
+    let describe = mock!(aws_sdk_kms::Client::describe_key)
+        .then_http_response(|| response(200, describe_key(OWN_KEY, "CUSTOMER")));
+    let read = stored.clone();
+    let get = mock!(aws_sdk_kms::Client::get_key_policy).then_http_response(move || {
+        response(
+            200,
+            json!({"Policy": *read.lock().unwrap(), "PolicyName": "default"}).to_string(),
+        )
+    });
+    let write = stored.clone();
+    // The SDK's retries replay the same rule: two throttled attempts, then the write.
+    let put = mock!(aws_sdk_kms::Client::put_key_policy)
+        .match_requests(move |req| {
+            *write.lock().unwrap() = req.policy().unwrap().to_string();
+            true
+        })
+        .sequence()
+        .http_response(|| kms_error("ThrottlingException", "Rate exceeded"))
+        .times(2)
+        .http_response(|| response(200, ""))
+        .build();
+    let answer = handler(&ec2.all(), &[&describe, &get, &put])
+        .handle(event())
+        .await
+        .unwrap();
+    assert_eq!(answer["status"], "done", "{answer:#}");
+    assert_eq!(put.num_calls(), 3, "two throttled attempts, then the write");
+    assert_eq!(ec2.shares.num_calls(), 1);
+    let policy: Value = serde_json::from_str(&stored.lock().unwrap()).unwrap();
+    assert_eq!(policy["Id"], "key-default-1");
+    let sids: Vec<&str> = policy["Statement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["Sid"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        sids,
+        [
+            "Enable IAM User Permissions",
+            "AmiShareOrganizationsUseKey",
+            "AmiShareOrganizationsCreateGrant",
+            "AmiShareAccountsUseKey",
+            "AmiShareAccountsCreateGrant"
+        ],
+        "no OU in this config: no OU statements"
+    );
+}
