@@ -223,7 +223,8 @@ fn event() -> Value {
 /// The EC2 answers every scenario shares; CreateTags requests are captured.
 struct Ec2Answers {
     rules: Vec<Rule>,
-    tagged: Arc<Mutex<Vec<(Vec<String>, Vec<(String, String)>)>>>,
+    /// Every (key, value) of every CreateTags request.
+    tagged: Arc<Mutex<Vec<(String, String)>>>,
     shares: Rule,
 }
 
@@ -243,15 +244,11 @@ fn ec2_answers(snapshot_key: &str) -> Ec2Answers {
                 .then_http_response(move || response(200, snapshots.clone())),
             mock!(aws_sdk_ec2::Client::create_tags)
                 .match_requests(move |req| {
-                    let tags = req
-                        .tags()
-                        .iter()
-                        .map(|t| (t.key().unwrap().to_string(), t.value().unwrap().to_string()))
-                        .collect();
-                    capture
-                        .lock()
-                        .unwrap()
-                        .push((req.resources().to_vec(), tags));
+                    capture.lock().unwrap().extend(
+                        req.tags().iter().map(|t| {
+                            (t.key().unwrap().to_string(), t.value().unwrap().to_string())
+                        }),
+                    );
                     true
                 })
                 .then_http_response(|| response(200, EC2_TRUE)),
@@ -271,8 +268,8 @@ impl Ec2Answers {
             .lock()
             .unwrap()
             .iter()
-            .flat_map(|(_, tags)| tags.clone())
             .filter(|(k, _)| k.starts_with("ami-share:status"))
+            .cloned()
             .collect()
     }
 }
@@ -303,7 +300,9 @@ async fn an_ami_on_another_accounts_key_is_not_shared_and_kms_is_not_called() {
     assert_eq!(status[0], ("ami-share:status".into(), "not-shared".into()));
     assert_eq!(
         status[1].1,
-        "snap-1234567890abcdef0 uses KMS key 0987dcba-09fe-87dc-65ba-ab0987654321 of account 999988887777; to share a re-encrypted copy instead, set reencrypt.kms_key"
+        format!(
+            "{SNAPSHOT} uses KMS key 0987dcba-09fe-87dc-65ba-ab0987654321 of account 999988887777; to share a re-encrypted copy instead, set reencrypt.kms_key"
+        )
     );
 }
 
