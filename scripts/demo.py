@@ -21,6 +21,13 @@ def free_port():
         return s.getsockname()[1]
 
 
+def show_policy(kms, key_arn, title):
+    policy = json.loads(kms.get_key_policy(KeyId=key_arn, PolicyName="default")["Policy"])
+    print(f"\n--- {title}: key policy of {key_arn} ---")
+    for statement in policy["Statement"]:
+        print("    " + json.dumps(statement))
+
+
 def show(ec2, image_id, title):
     image = ec2.describe_images(ImageIds=[image_id])["Images"][0]
     snapshot = image["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"]
@@ -28,12 +35,23 @@ def show(ec2, image_id, title):
     perms = ec2.describe_image_attribute(ImageId=image_id, Attribute="launchPermission")["LaunchPermissions"]
     print(f"\n--- {title}: {image_id} ({image['Name']}) ---")
     print("  AMI tags:        ", {t["Key"]: t["Value"] for t in image.get("Tags", [])})
+    snapshot_info = ec2.describe_snapshots(SnapshotIds=[snapshot])["Snapshots"][0]
+    print(f"  {snapshot} encrypted:", snapshot_info["Encrypted"], snapshot_info.get("KmsKeyId", ""))
     print(f"  {snapshot} tags:", {t["Key"]: t["Value"] for t in snap_tags})
     print("  launch permissions:")
     for p in perms:
         print("    ", " ".join(f"{k}={v}" for k, v in p.items()))
     if not perms:
         print("     (none)")
+
+
+def make_image(ec2, name, encryption=None):
+    """CreateImage from a fresh instance whose root volume is encrypted as `encryption` says; tagged stage=release."""
+    mappings = [{"DeviceName": "/dev/sda1", "Ebs": dict(VolumeSize=8, **encryption)}] if encryption else []
+    instance = ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1, BlockDeviceMappings=mappings)
+    image = ec2.create_image(InstanceId=instance["Instances"][0]["InstanceId"], Name=name)["ImageId"]
+    ec2.create_tags(Resources=[image], Tags=[{"Key": "stage", "Value": "release"}])
+    return image
 
 
 def main():
@@ -54,9 +72,7 @@ def main():
 
         ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=endpoint,
                            aws_access_key_id="testing", aws_secret_access_key="testing")
-        instance = ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
-        image_id = ec2.create_image(InstanceId=instance, Name="golden-al2023-2026.11.25")["ImageId"]
-        ec2.create_tags(Resources=[image_id], Tags=[{"Key": "stage", "Value": "release"}])
+        image_id = make_image(ec2, "golden-al2023-2026.11.25")
 
         config = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
         config.write(f"""# The demo's rules (the same form as config/ami-share.toml)
@@ -66,6 +82,8 @@ match.name = ["golden-*"]
 match.tags = {{ stage = "release" }}
 tags = {{ "ami-share:distributed" = "org", "cost-center" = "platform" }}
 share.organizations = ["{org['arn']}"]
+# AMIs on the AWS managed aws/ebs key cannot be shared: share a copy re-encrypted with this key.
+reencrypt.kms_key = "alias/ami-share"
 
 [[rule]]
 name = "engineering-ou"
@@ -91,29 +109,72 @@ share.accounts = ["210987654321"]
             except OSError:
                 time.sleep(0.2)
 
-        with open(os.path.join(ROOT, "events/create-image.json")) as f:
-            event = json.load(f)
-        event["detail"]["responseElements"]["imageId"] = image_id
-        event_file = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
-        json.dump(event, event_file)
-        event_file.close()
-
-        for label in ["CreateImage event", "the same event again (EventBridge delivers at least once)"]:
-            print(f"\n>>> cargo lambda invoke ami-share-lambda --data-file <events/create-image.json with {image_id}>  ({label})")
+        def invoke(event_file, image, label):
+            with open(os.path.join(ROOT, "events", event_file)) as f:
+                event = json.load(f)
+            event["region"] = REGION
+            if "ImageId" in event["detail"]:
+                event["detail"]["ImageId"] = image
+                event["resources"] = [f"arn:aws:ec2:{REGION}::image/{image}"]
+            else:
+                event["detail"]["awsRegion"] = REGION
+                event["detail"]["responseElements"]["imageId"] = image
+            data = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
+            json.dump(event, data)
+            data.close()
+            print(f"\n>>> cargo lambda invoke ami-share-lambda --data-file <events/{event_file} with {image}>  ({label})")
             out = subprocess.run(
                 ["cargo", "lambda", "invoke", "ami-share-lambda", "--invoke-address", "127.0.0.1", "--invoke-port", str(port),
-                 "--data-file", event_file.name],
-                cwd=ROOT, env=env, capture_output=True, text=True, check=True,
+                 "--data-file", data.name],
+                cwd=ROOT, env=env, capture_output=True, text=True,
             )
+            if out.returncode != 0:
+                print(f"the function failed (Lambda would retry the event):\n{out.stdout}{out.stderr}")
+                return
             answer = json.loads(out.stdout)
             outcome = answer.get("outcome", {})
-            print(f"status: {answer['status']}; rules: {outcome.get('rules')}")
+            print(f"status: {answer['status']}; image: {outcome.get('image_id')}; rules: {outcome.get('rules')}")
+            if outcome.get("event_image_id"):
+                print(f"  (the event named {outcome['event_image_id']}, ami-share's re-encrypted copy: its source is reconciled)")
             for action in outcome.get("done", []):
                 print("  done:", json.dumps(action))
-            if not outcome.get("done"):
+            for reason in outcome.get("blocked", []):
+                print("  not shared as it is:", reason)
+            for reason in outcome.get("deferred", []):
+                print("  deferred:", reason)
+            if not outcome.get("done") and not outcome.get("blocked"):
                 print("  nothing to do: already as configured (no mutating call)")
 
+        print("\n=== 1. An unencrypted AMI ===")
+        for label in ["CreateImage event", "the same event again (EventBridge delivers at least once)"]:
+            invoke("create-image.json", image_id, label)
         show(ec2, image_id, "AFTER")
+
+        print("\n=== 2. An AMI encrypted with a customer managed key ===")
+        kms = boto3.client("kms", region_name=REGION, endpoint_url=endpoint,
+                           aws_access_key_id="testing", aws_secret_access_key="testing")
+        key = kms.create_key(Description="golden images")["KeyMetadata"]["Arn"]
+        encrypted = make_image(ec2, "golden-al2023-encrypted-2026.11.25", {"Encrypted": True, "KmsKeyId": key})
+        show(ec2, encrypted, "BEFORE")
+        show_policy(kms, key, "BEFORE")
+        invoke("create-image.json", encrypted, "CreateImage event")
+        invoke("create-image.json", encrypted, "the same event again")
+        show(ec2, encrypted, "AFTER")
+        show_policy(kms, key, "AFTER")
+
+        print("\n=== 3. An AMI encrypted with the AWS managed aws/ebs key ===")
+        copy_key = kms.create_key(Description="re-encrypted copies for sharing")["KeyMetadata"]["Arn"]
+        kms.create_alias(AliasName="alias/ami-share", TargetKeyId=copy_key)
+        legacy = make_image(ec2, "golden-al2023-legacy-2026.11.25", {"Encrypted": True})
+        invoke("create-image.json", legacy, "CreateImage event")
+        show(ec2, legacy, "AFTER (the original: not shared, and why)")
+        copy = ec2.describe_images(Owners=["self"], Filters=[{"Name": "tag:ami-share:source-image", "Values": [legacy]}])["Images"][0]["ImageId"]
+        invoke("copy-image.json", copy, "the copy's own CopyImage event, while it is pending")
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/_ami_share/image-state", data=json.dumps(
+            {"region": REGION, "image_id": copy, "state": "available"}).encode()))
+        invoke("ami-state-available.json", copy, "the copy is available")
+        show(ec2, copy, "AFTER (the re-encrypted copy: shared)")
+        show_policy(kms, copy_key, "AFTER")
     finally:
         if watch:
             watch.terminate()
