@@ -66,7 +66,16 @@ fn validate_refuses_a_bad_config_with_exit_code_2_and_every_problem() {
 async fn plan_prints_the_actions_and_changes_nothing() {
     let emulator = Emulator::start();
     let ec2 = emulator.ec2().await;
-    let (image, snapshots) = create_image(&ec2, "golden-al2023", &[("stage", "release")]).await;
+    let kms = emulator.kms().await;
+    let key = create_key(&kms).await;
+    let policy_before = key_policy(&kms, &key).await;
+    let (image, snapshots) = create_image_with(
+        &ec2,
+        "golden-al2023",
+        &[("stage", "release")],
+        RootVolume::Key(&key),
+    )
+    .await;
     let config = std::env::temp_dir().join(format!("ami-share-plan-{}.toml", std::process::id()));
     std::fs::write(
         &config,
@@ -108,6 +117,12 @@ async fn plan_prints_the_actions_and_changes_nothing() {
     );
     assert!(
         stdout.contains(&format!(
+            "would: let account 210987654321 use KMS key {key} in us-east-1 (ami-share's statements in its key policy)"
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
             "would: share {image} in us-east-1 with account 210987654321"
         )),
         "{stdout}"
@@ -116,6 +131,7 @@ async fn plan_prints_the_actions_and_changes_nothing() {
         emulator.mutating_requests_since(before),
         Vec::<String>::new()
     );
+    assert_eq!(key_policy(&kms, &key).await, policy_before);
     assert!(
         emulator.requests().len() > before,
         "plan reads the real state"
