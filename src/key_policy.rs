@@ -31,7 +31,7 @@ use std::fmt;
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
-use crate::targets::LaunchPermission;
+use crate::targets::{LaunchPermission, is_account_id, is_org_id, is_ou_id};
 use crate::trigger::json_kind;
 
 /// KMS's limit on the size of a key policy document.
@@ -403,8 +403,9 @@ fn render(
     Some(Value::Object(statement))
 }
 
-/// The grantees an owned statement names. Refuses a statement that is not in the form `render` writes,
-/// rather than rewrite (and so lose) what someone else put there.
+/// The grantees an owned statement names. Refuses a statement that is not exactly what `render` writes
+/// for those grantees (other actions, another condition, a malformed id): rewriting it would lose, or widen,
+/// what someone changed by hand. (If a later version writes other actions, it must also accept these.)
 fn read_owned(
     statement: &Value,
     audience: Audience,
@@ -416,72 +417,95 @@ fn read_owned(
         sid: sid.to_string(),
         problem,
     };
-    if statement.get("Effect").and_then(Value::as_str) != Some("Allow") {
-        return Err(problem("its Effect is not Allow".into()));
-    }
-    let principal = statement
-        .get("Principal")
-        .ok_or_else(|| problem("it has no Principal".into()))?;
-    let condition = statement.get("Condition");
     let condition_values =
         |operator: &str, key: &str| -> Result<BTreeSet<String>, KeyPolicyError> {
-            let value = condition
+            let value = statement
+                .get("Condition")
                 .and_then(|c| c.get(operator))
                 .and_then(|o| o.get(key))
                 .ok_or_else(|| problem(format!("it has no {operator} {key} condition")))?;
             strings(value)
                 .ok_or_else(|| problem(format!("its {operator} {key} is not a list of strings")))
         };
-    if purpose == Purpose::CreateGrant {
-        let grant = condition
-            .and_then(|c| c.get("Bool"))
-            .and_then(|b| b.get(GRANT_FOR_AWS_RESOURCE))
-            .and_then(|v| {
-                v.as_str()
-                    .map(str::to_string)
-                    .or_else(|| v.as_bool().map(|b| b.to_string()))
-            });
-        if grant.as_deref() != Some("true") {
-            return Err(problem(format!(
-                "it lacks the Bool {GRANT_FOR_AWS_RESOURCE} = true condition"
-            )));
-        }
-    }
-    match audience {
-        Audience::Organizations | Audience::OrganizationalUnits => {
-            let anyone = principal == &json!("*") || principal == &json!({ "AWS": "*" });
-            if !anyone {
-                return Err(problem("its Principal is not {\"AWS\": \"*\"}".into()));
-            }
+    let grantees = match audience {
+        Audience::Organizations => {
             let org_ids = condition_values("StringEquals", ORG_ID_KEY)?;
-            if org_ids.is_empty() {
-                return Err(problem(format!("its {ORG_ID_KEY} condition is empty")));
+            if let Some(bad) = org_ids.iter().find(|id| !is_org_id(id)) {
+                return Err(problem(format!(
+                    "{bad:?} in its {ORG_ID_KEY} condition is not an organization id"
+                )));
             }
-            if audience == Audience::Organizations {
-                return Ok(org_ids);
+            org_ids
+        }
+        Audience::OrganizationalUnits => {
+            let paths = condition_values("ForAnyValue:StringLike", ORG_PATHS_KEY)?;
+            if let Some(bad) = paths.iter().find(|path| !is_ou_path(path)) {
+                return Err(problem(format!(
+                    "{bad:?} in its {ORG_PATHS_KEY} condition is not an OU path of the form o-…/*/ou-…/*"
+                )));
             }
-            condition_values("ForAnyValue:StringLike", ORG_PATHS_KEY)
+            paths
         }
         Audience::Accounts => {
-            let arns = principal.get("AWS").and_then(strings).ok_or_else(|| {
-                problem("its Principal is not {\"AWS\": [account root ARNs]}".into())
-            })?;
+            let arns = statement
+                .get("Principal")
+                .and_then(|p| p.get("AWS"))
+                .and_then(strings)
+                .ok_or_else(|| {
+                    problem("its Principal is not {\"AWS\": [account root ARNs]}".into())
+                })?;
             arns.iter()
                 .map(|arn| {
-                    let account = arn
-                        .strip_prefix(&format!("arn:{partition}:iam::"))
+                    arn.strip_prefix(&format!("arn:{partition}:iam::"))
                         .and_then(|rest| rest.strip_suffix(":root"))
-                        .unwrap_or(arn);
-                    if crate::targets::is_account_id(account) {
-                        Ok(account.to_string())
-                    } else {
-                        Err(problem(format!(
-                            "its principal {arn:?} is not an account root (arn:{partition}:iam::<account>:root)"
-                        )))
-                    }
+                        .filter(|account| is_account_id(account))
+                        .map(str::to_string)
+                        .ok_or_else(|| {
+                            problem(format!(
+                                "its principal {arn:?} is not an account root (arn:{partition}:iam::<account>:root)"
+                            ))
+                        })
                 })
-                .collect()
+                .collect::<Result<_, _>>()?
         }
+    };
+    let mut named = KeyGrantees::default();
+    named.set_mut(audience).extend(grantees.iter().cloned());
+    let expected = render(audience, purpose, &named, partition);
+    if !expected.is_some_and(|expected| same_policy_value(statement, &expected)) {
+        return Err(problem(
+            "its effect, principal, actions, resource or conditions differ from what ami-share writes for the grantees it names".into(),
+        ));
+    }
+    Ok(grantees)
+}
+
+/// `o-…/*/ou-…/*`, as [`KeyGrantees::for_launch_permissions`] derives it from an OU ARN.
+fn is_ou_path(path: &str) -> bool {
+    let parts: Vec<&str> = path.split('/').collect();
+    matches!(parts.as_slice(), [org, "*", ou, "*"] if is_org_id(org) && is_ou_id(ou))
+}
+
+/// Equality as policy documents mean it: a string equals a list of that one string, and the order of a
+/// list's items, or of an object's keys, does not matter.
+fn same_policy_value(a: &Value, b: &Value) -> bool {
+    let contains = |list: &[Value], item: &Value| list.iter().any(|x| same_policy_value(x, item));
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| same_policy_value(v, w)))
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len()
+                && x.iter().all(|i| contains(y, i))
+                && y.iter().all(|i| contains(x, i))
+        }
+        (Value::String(_), Value::Array(list)) | (Value::Array(list), Value::String(_)) => {
+            let string = if a.is_string() { a } else { b };
+            list.len() == 1 && list[0] == *string
+        }
+        _ => a == b,
     }
 }
 
@@ -714,44 +738,107 @@ mod tests {
         }
     }
 
+    /// ami-share's statements for `grantees`, as written.
+    fn owned_statements(g: &KeyGrantees) -> Vec<Value> {
+        OWNED
+            .iter()
+            .filter_map(|(a, p)| render(*a, *p, g, "aws"))
+            .collect()
+    }
+
     #[test]
-    fn a_hand_edited_statement_with_an_owned_sid_is_refused() {
+    fn a_hand_edited_statement_with_an_owned_sid_is_refused_not_rewritten() {
         let want = grantees(&[ORG], &[], &[]);
-        let cases = [
+        let all = grantees(&[ORG], &[OU_PATH], &["210987654321"]);
+        let differs = "differ from what ami-share writes";
+        let edit = |sid: &str, change: &dyn Fn(&mut Value)| {
+            let mut statements = owned_statements(&all);
+            let s = statements.iter_mut().find(|s| s["Sid"] == sid).unwrap();
+            change(s);
+            json!({"Version": "2012-10-17", "Statement": statements}).to_string()
+        };
+        let cases: Vec<(String, &str)> = vec![
             (
-                json!({"Sid": "AmiShareOrganizationsUseKey", "Effect": "Allow", "Principal": "*",
-                       "Action": "kms:Decrypt", "Resource": "*"}),
+                edit("AmiShareAccountsUseKey", &|s| {
+                    s["Action"] = json!("kms:Decrypt");
+                    s["Condition"] =
+                        json!({"StringEquals": {"kms:ViaService": "ec2.us-east-1.amazonaws.com"}});
+                }),
+                differs,
+            ),
+            (
+                edit("AmiShareAccountsCreateGrant", &|s| {
+                    s["Action"] = json!("kms:*")
+                }),
+                differs,
+            ),
+            (
+                edit("AmiShareOrganizationsUseKey", &|s| {
+                    s["Effect"] = json!("Deny")
+                }),
+                differs,
+            ),
+            (
+                edit("AmiShareOrganizationsUseKey", &|s| {
+                    s["Resource"] = json!("arn:aws:kms:*")
+                }),
+                differs,
+            ),
+            (
+                edit("AmiShareOrganizationsUseKey", &|s| {
+                    s["Condition"]["StringEquals"]["aws:PrincipalOrgID"] = json!(["*"])
+                }),
+                "\"*\" in its aws:PrincipalOrgID condition is not an organization id",
+            ),
+            (
+                edit("AmiShareOrganizationalUnitsUseKey", &|s| {
+                    s["Condition"]["ForAnyValue:StringLike"]["aws:PrincipalOrgPaths"] = json!(["*"])
+                }),
+                "is not an OU path",
+            ),
+            (
+                edit("AmiShareOrganizationalUnitsUseKey", &|s| {
+                    s["Condition"]["StringEquals"]["aws:PrincipalOrgID"] = json!(["o-zzzzzzzzzz"])
+                }),
+                differs,
+            ),
+            (
+                edit("AmiShareOrganizationsUseKey", &|s| {
+                    s.as_object_mut().unwrap().remove("Condition");
+                }),
                 "no StringEquals aws:PrincipalOrgID condition",
             ),
             (
-                json!({"Sid": "AmiShareOrganizationsUseKey", "Effect": "Allow", "Principal": "*",
-                       "Action": "kms:Decrypt", "Resource": "*",
-                       "Condition": {"StringEquals": {"aws:PrincipalOrgID": []}}}),
-                "condition is empty",
-            ),
-            (
-                json!({"Sid": "AmiShareAccountsUseKey", "Effect": "Allow",
-                       "Principal": {"AWS": "arn:aws:iam::210987654321:user/bob"},
-                       "Action": "kms:Decrypt", "Resource": "*"}),
+                edit("AmiShareAccountsUseKey", &|s| {
+                    s["Principal"] = json!({"AWS": "arn:aws:iam::210987654321:user/bob"})
+                }),
                 "is not an account root",
             ),
             (
-                json!({"Sid": "AmiShareAccountsCreateGrant", "Effect": "Allow",
-                       "Principal": {"AWS": "210987654321"}, "Action": "kms:CreateGrant", "Resource": "*"}),
-                "lacks the Bool kms:GrantIsForAWSResource = true",
-            ),
-            (
-                json!({"Sid": "AmiShareAccountsUseKey", "Effect": "Deny",
-                       "Principal": {"AWS": "210987654321"}, "Action": "kms:*", "Resource": "*"}),
-                "Effect is not Allow",
+                edit("AmiShareAccountsCreateGrant", &|s| {
+                    s.as_object_mut().unwrap().remove("Condition");
+                }),
+                differs,
             ),
         ];
-        for (statement, expected) in cases {
-            let policy = json!({"Version": "2012-10-17", "Statement": [statement]}).to_string();
+        for (policy, expected) in cases {
             let e = merge(&policy, &want, "aws").unwrap_err();
             assert!(matches!(e, KeyPolicyError::ForeignEdit { .. }), "{e}");
             assert!(e.to_string().contains(expected), "{expected}: {e}");
         }
+    }
+
+    #[test]
+    fn a_statement_written_with_single_strings_or_in_another_order_is_still_read() {
+        let mut statements = owned_statements(&grantees(&[ORG], &[], &["210987654321"]));
+        statements[0]["Condition"]["StringEquals"]["aws:PrincipalOrgID"] = json!(ORG);
+        statements[0]["Action"].as_array_mut().unwrap().reverse();
+        statements[2]["Principal"]["AWS"] = json!("arn:aws:iam::210987654321:root");
+        let policy = json!({"Version": "2012-10-17", "Statement": statements}).to_string();
+        assert_eq!(
+            admitted(&policy, "aws").unwrap(),
+            grantees(&[ORG], &[], &["210987654321"])
+        );
     }
 
     #[test]
@@ -944,9 +1031,40 @@ mod tests {
                 let anyone = principal == &json!("*") || principal["AWS"] == json!("*");
                 if anyone {
                     let orgs = strings(&statement["Condition"]["StringEquals"][ORG_ID_KEY]);
-                    prop_assert!(orgs.is_some_and(|o| !o.is_empty()), "{}", statement);
+                    prop_assert!(
+                        orgs.is_some_and(|o| !o.is_empty() && o.iter().all(|id| is_org_id(id))),
+                        "{}",
+                        statement
+                    );
                 }
             }
+        }
+
+        #[test]
+        fn a_tampered_owned_statement_is_refused_never_rewritten(
+            earlier in grantees_strategy(),
+            want in grantees_strategy(),
+            which in any::<prop::sample::Index>(),
+            tamper in 0usize..6,
+        ) {
+            let mut statements = owned_statements(&earlier);
+            prop_assume!(!statements.is_empty());
+            let i = which.index(statements.len());
+            let s = statements[i].as_object_mut().unwrap();
+            match tamper {
+                0 => { s.insert("Action".into(), json!("kms:*")); }
+                1 => { s.insert("Effect".into(), json!("Deny")); }
+                2 => { s.insert("NotAction".into(), json!("kms:Decrypt")); }
+                3 => {
+                    let condition = s.entry("Condition").or_insert_with(|| json!({}));
+                    condition["StringEquals"]["kms:ViaService"] = json!("ec2.us-east-1.amazonaws.com");
+                }
+                4 => { s.insert("Principal".into(), json!("*")); s.remove("Condition"); }
+                _ => { s.insert("Resource".into(), json!("arn:aws:kms:us-east-1:123456789012:key/other")); }
+            }
+            let policy = json!({"Version": "2012-10-17", "Statement": statements}).to_string();
+            let refused = matches!(merge(&policy, &want, "aws"), Err(KeyPolicyError::ForeignEdit { .. }));
+            prop_assert!(refused, "{}", policy);
         }
 
         #[test]

@@ -34,13 +34,13 @@ fn is_lower_alnum(s: &str) -> bool {
 }
 
 /// `o-` followed by 10–32 lowercase letters or digits (the Organizations API's `organizationId` pattern).
-fn is_org_id(s: &str) -> bool {
+pub(crate) fn is_org_id(s: &str) -> bool {
     s.strip_prefix("o-")
         .is_some_and(|rest| (10..=32).contains(&rest.len()) && is_lower_alnum(rest))
 }
 
 /// `ou-` + 4–32 lowercase alphanumerics (the root part) + `-` + 8–32 lowercase alphanumerics.
-fn is_ou_id(s: &str) -> bool {
+pub(crate) fn is_ou_id(s: &str) -> bool {
     let Some(rest) = s.strip_prefix("ou-") else {
         return false;
     };
