@@ -41,10 +41,11 @@ pub enum Action {
         key_arn: String,
         /// The grantees the policy lacks now.
         admit: KeyGrantees,
-        /// Every grantee the image needs, to merge again if a concurrent writer replaces the policy.
+        /// Every grantee the image needs: apply merges them into a fresh read of the policy.
         #[serde(skip)]
         grantees: KeyGrantees,
-        /// The merged policy document to write.
+        /// The policy as merged into the one planning read: what the plan previews. (Apply writes a merge
+        /// into a policy read just before, in case it changed meanwhile.)
         #[serde(skip)]
         policy: String,
     },

@@ -35,8 +35,8 @@ pub enum Mode {
 
 /// How a key policy write is confirmed. KMS's PutKeyPolicy has no condition: two writers that read the
 /// same policy each write their own version, and the later one drops the other's grant. So after writing,
-/// ami-share waits `settle` (longer than another writer's read-merge-write takes), reads the policy back,
-/// and merges again if its grantees are missing, up to `max_writes` writes.
+/// ami-share waits `settle` (meant to outlast another writer's read-merge-write; nothing guarantees it),
+/// reads the policy back, and merges again if its grantees are missing, up to `max_writes` writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyPolicyWrites {
     pub settle: Duration,
@@ -459,12 +459,8 @@ impl<A: Aws> Reconciler<'_, A> {
                 region,
                 key_arn,
                 grantees,
-                policy,
                 ..
-            } => {
-                self.patch_key_policy(region, key_arn, grantees, policy)
-                    .await
-            }
+            } => self.patch_key_policy(region, key_arn, grantees).await,
             Action::CopyImage(copy) => {
                 let copy_id = self.aws.copy_image(copy).await?;
                 tracing::info!(
@@ -478,14 +474,15 @@ impl<A: Aws> Reconciler<'_, A> {
         }
     }
 
-    /// Writes `policy`, then confirms, after a pause, that the key still admits `grantees`; merges and
-    /// writes again while a concurrent writer has dropped them, at most `max_writes` times in all.
+    /// Admits `grantees` to the key: reads the policy, merges, writes, and after a pause reads it again to
+    /// confirm, merging and writing again while a concurrent writer has dropped them, at most `max_writes`
+    /// writes in all. Every write merges into a policy read just before it (not the one planning read), so
+    /// what anyone else wrote meanwhile is kept.
     async fn patch_key_policy(
         &self,
         region: &str,
         key_arn: &str,
         grantees: &KeyGrantees,
-        policy: &str,
     ) -> Result<(), AwsError> {
         let error = |message: String, retryable: bool| AwsError {
             operation: "PutKeyPolicy",
@@ -501,38 +498,44 @@ impl<A: Aws> Reconciler<'_, A> {
             .partition()
             .to_string();
         let KeyPolicyWrites { settle, max_writes } = self.key_policy_writes;
-        let mut policy = policy.to_string();
-        for write in 1..=max_writes {
-            self.aws.put_key_policy(region, key_arn, &policy).await?;
-            tokio::time::sleep(settle).await;
+        let mut writes = 0;
+        loop {
             let current = self.aws.get_key_policy(region, key_arn).await?;
-            match key_policy::merge(&current, grantees, &partition) {
+            let merged = match key_policy::merge(&current, grantees, &partition) {
                 Ok(None) => return Ok(()),
-                Ok(Some(merged)) => {
-                    tracing::warn!(
-                        key_arn,
-                        write,
-                        missing = %merged.admitted,
-                        "the policy of {key_arn} lost ami-share's grantees after write {write}: another writer replaced it; merging again"
-                    );
-                    policy = merged.policy;
-                }
+                Ok(Some(merged)) => merged,
                 Err(e) => {
                     return Err(error(
-                        format!(
-                            "after ami-share wrote it, another writer changed the key policy into one it cannot merge into: {e}"
-                        ),
+                        format!("the key policy changed into one ami-share cannot merge into: {e}"),
                         false,
                     ));
                 }
+            };
+            if writes == max_writes {
+                return Err(error(
+                    format!(
+                        "the key policy lost ami-share's grantees ({}) after each of {max_writes} writes: another writer keeps replacing it. If CloudFormation, Terraform or a script manages this key's policy, add ami-share's statements there (README, \"Encrypted AMIs\")",
+                        merged.admitted
+                    ),
+                    true,
+                ));
             }
+            if writes > 0 {
+                tracing::warn!(
+                    key_arn,
+                    writes,
+                    missing = %merged.admitted,
+                    "the policy of {key_arn} lost ami-share's grantees after write {writes}: another writer replaced it; merging again"
+                );
+            }
+            self.aws
+                .put_key_policy(region, key_arn, &merged.policy)
+                .await?;
+            writes += 1;
+            // Longer than another writer's read-merge-write usually takes: it makes a lost write visible
+            // to the read that follows. It narrows the race; without a conditional write, nothing closes it.
+            tokio::time::sleep(settle).await;
         }
-        Err(error(
-            format!(
-                "the key policy lost ami-share's grantees ({grantees}) after each of {max_writes} writes: another writer keeps replacing it. If CloudFormation, Terraform or a script manages this key's policy, add ami-share's statements there (README, \"Encrypted AMIs\")"
-            ),
-            true,
-        ))
     }
 }
 

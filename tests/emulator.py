@@ -18,6 +18,8 @@ Test-only control endpoints (never part of any AWS API), under /_ami_share/:
     POST /_ami_share/key-policy-race {"region", "key_id", "writes"}     simulate a concurrent writer: each of
          the next `writes` PutKeyPolicy calls on the key is overwritten, right after, by the policy the key had
          before it (as a writer that read the policy earlier and wrote it later would)
+    POST /_ami_share/key-policy-edit {"region", "key_id", "statement"}   simulate an operator's edit: right
+         after the next GetKeyPolicy of the key is answered, `statement` is appended to its policy
     GET  /_ami_share/requests                                           every AWS request served so far
 """
 
@@ -245,6 +247,23 @@ def put_key_policy(self):
     return result
 
 
+_get_key_policy = KmsResponse.get_key_policy
+_key_policy_edits = {}
+
+
+def get_key_policy(self):
+    """Unchanged AWS behaviour; only serves the test control key-policy-edit (see the module doc)."""
+    result = _get_key_policy(self)
+    backend = kms_backends[self.current_account][self.region]
+    key = backend.keys[backend.get_key_id(self._get_param("KeyId"))]
+    statement = _key_policy_edits.pop((self.current_account, self.region, key.id), None)
+    if statement is not None:
+        policy = json.loads(key.policy)
+        policy["Statement"].append(statement)
+        key.policy = json.dumps(policy)
+    return result
+
+
 AmiBackend.create_image = create_image_from_the_instance_root_volume
 AmiBackend.modify_image_attribute = modify_image_attribute
 AmiBackend.describe_images = describe_images
@@ -254,6 +273,7 @@ Ami.block_device_mappings = property(block_device_mappings)
 AmisResponse.copy_image = copy_image_response
 KmsBackend.create_alias = create_alias
 KmsResponse.put_key_policy = put_key_policy
+KmsResponse.get_key_policy = get_key_policy
 
 # --- test control and request log --------------------------------------------------------------------
 
@@ -319,6 +339,11 @@ class Emulator:
         backend = kms_backends[ACCOUNT][region]
         _key_policy_races[(ACCOUNT, region, backend.get_key_id(key_id))] = writes
         return {"key_id": key_id, "writes": writes}
+
+    def control_key_policy_edit(self, region, key_id, statement):
+        backend = kms_backends[ACCOUNT][region]
+        _key_policy_edits[(ACCOUNT, region, backend.get_key_id(key_id))] = statement
+        return {"key_id": key_id}
 
     def control_organization(self, ous=()):
         import boto3

@@ -218,6 +218,30 @@ async fn a_second_ami_on_the_same_key_adds_its_targets_and_keeps_the_firsts() {
 }
 
 #[tokio::test]
+async fn an_edit_made_after_ami_share_looked_at_the_policy_is_kept() {
+    let s = setup().await;
+    let handler = s.handler().await;
+    let key = create_key(&s.kms).await;
+    let (image, _) = create_image_with(&s.ec2, "golden-edit-1", &[], RootVolume::Key(&key)).await;
+    // The owner adds a statement right after ami-share's first read (the one its plan is made from).
+    let owners = json!({"Sid": "Backup role", "Effect": "Allow",
+        "Principal": {"AWS": "arn:aws:iam::123456789012:role/backup"}, "Action": "kms:Decrypt", "Resource": "*"});
+    s.emulator
+        .edit_key_policy_after_next_read(&key, owners.clone());
+    let answer = handler
+        .handle(sample_event("create-image.json", &image, REGION))
+        .await
+        .unwrap();
+    assert_eq!(answer["status"], "done", "{answer:#}");
+    let after = statements(&key_policy(&s.kms, &key).await);
+    assert_eq!(
+        after[1], owners,
+        "the owner's statement survives ami-share's write"
+    );
+    assert_eq!(after.len(), 2 + 6);
+}
+
+#[tokio::test]
 async fn an_ami_encrypted_with_aws_ebs_is_not_shared_and_says_why() {
     let s = setup().await;
     let handler = s.handler().await;

@@ -99,6 +99,15 @@ impl Emulator {
         aws_sdk_kms::Client::new(&self.sdk_config().await)
     }
 
+    /// Right after the next GetKeyPolicy of `key_id` is answered, `statement` is appended to its policy: an
+    /// operator's edit that lands between ami-share's reads.
+    pub fn edit_key_policy_after_next_read(&self, key_id: &str, statement: Value) {
+        self.control(
+            "key-policy-edit",
+            Some(json!({"region": REGION, "key_id": key_id, "statement": statement})),
+        );
+    }
+
     /// The next `writes` PutKeyPolicy calls on `key_id` are each overwritten, right after, by the policy the
     /// key had before: a concurrent writer that read the policy earlier and wrote it later.
     pub fn race_key_policy(&self, key_id: &str, writes: u32) {
