@@ -257,7 +257,7 @@ impl From<TagValue> for String {
 }
 
 /// EC2 allows 50 user tags per resource.
-const MAX_TAGS_PER_RESOURCE: usize = 50;
+pub const MAX_TAGS_PER_RESOURCE: usize = 50;
 
 impl Config {
     /// Reads and validates the file named by `AMI_SHARE_CONFIG`, or [`DEFAULT_CONFIG_PATH`].

@@ -8,6 +8,8 @@ use crate::observed::Tags;
 pub const STATUS: &str = "ami-share:status";
 /// A sentence an operator can act on, beside [`STATUS`].
 pub const STATUS_REASON: &str = "ami-share:status-reason";
+/// On an image shared as a re-encrypted copy: the copy's id.
+pub const REENCRYPTED_COPY: &str = "ami-share:reencrypted-copy";
 /// On a copy ami-share made: the image it copied.
 pub const SOURCE_IMAGE: &str = "ami-share:source-image";
 /// On a copy ami-share made: the region of the image it copied.

@@ -18,6 +18,7 @@ use std::fmt;
 
 use serde::Serialize;
 
+use crate::config::MAX_TAGS_PER_RESOURCE;
 use crate::key_policy::{self, KeyGrantees};
 use crate::keys::{KeyArn, KeyRef};
 use crate::markers::{self, Status};
@@ -57,6 +58,13 @@ pub enum Action {
     },
     /// EC2 CopyImage in the image's own region, re-encrypted with a customer managed key.
     CopyImage(ImageCopy),
+    /// EC2 CreateTags of ami-share's status tags: applied last, and only if every other action succeeded,
+    /// so the status never claims what did not happen.
+    SetStatus {
+        region: String,
+        image_id: String,
+        tags: Tags,
+    },
 }
 
 /// A copy of an image, re-encrypted with a customer managed key, marked as ami-share's by its tags
@@ -104,6 +112,11 @@ impl fmt::Display for Action {
                 let to: Vec<String> = permissions.iter().map(ToString::to_string).collect();
                 write!(f, "share {image_id} in {region} with {}", to.join(", "))
             }
+            Self::SetStatus {
+                region,
+                image_id,
+                tags,
+            } => write!(f, "mark {image_id} in {region}: {}", pairs(tags)),
             Self::CopyImage(ImageCopy {
                 region,
                 source_image_id,
@@ -187,11 +200,26 @@ pub fn keys_to_read(image: &ObservedImage) -> BTreeSet<String> {
 pub struct Blocker {
     pub summary: String,
     pub detail: String,
+    /// Whether a copy re-encrypted with a key of this account would be shareable: true for a snapshot on
+    /// the AWS managed key or on another account's key; false for a disabled key, a key policy ami-share
+    /// cannot merge into, or unknown encryption (a copy would fail, or meet the same problem).
+    pub cured_by_copy: bool,
 }
 
 impl Blocker {
     fn new(summary: String, detail: String) -> Self {
-        Self { summary, detail }
+        Self {
+            summary,
+            detail,
+            cured_by_copy: false,
+        }
+    }
+
+    fn cured_by_copy(summary: String, detail: String) -> Self {
+        Self {
+            cured_by_copy: true,
+            ..Self::new(summary, detail)
+        }
     }
 }
 
@@ -235,7 +263,7 @@ pub fn key_patches(desired: &Desired, image: &ObservedImage) -> Result<Vec<Actio
         };
         let id = key_id(&arn);
         if arn.account() != image.owner_id {
-            blocked.push(Blocker::new(
+            blocked.push(Blocker::cured_by_copy(
                 format!("{snapshots} uses KMS key {id} of account {}", arn.account()),
                 format!(
                     "snapshot {snapshots} is encrypted with KMS key {arn} of account {}: only that account can let others use it (add ami-share's statements to that key's policy there, see README), or set reencrypt on the rule",
@@ -252,7 +280,7 @@ pub fn key_patches(desired: &Desired, image: &ObservedImage) -> Result<Vec<Actio
             continue;
         };
         if key.manager == KeyManager::Aws {
-            blocked.push(Blocker::new(
+            blocked.push(Blocker::cured_by_copy(
                 format!("{snapshots} uses the AWS managed key aws/ebs, which cannot be shared"),
                 format!(
                     "snapshot {snapshots} is encrypted with the AWS managed key {arn} (aws/ebs), whose policy cannot be changed: AWS does not let anyone else use it"
@@ -337,20 +365,16 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
             return plan;
         }
     }
-    let mut image_tags = desired.image_tags.clone();
     let mut after_tags = Vec::new();
+    let mut status = None;
     if shares_now(desired, image) {
         match key_patches(desired, image) {
             Ok(patches) => {
                 after_tags.extend(patches);
                 after_tags.extend(share_action(desired, image));
                 // A status written while the image could not be shared is set right once it is.
-                if image
-                    .tags
-                    .get(markers::STATUS)
-                    .is_some_and(|s| s != Status::Shared.as_str())
-                {
-                    image_tags.extend(markers::status_tags(
+                if image.tags.contains_key(markers::STATUS) {
+                    status = Some(markers::status_tags(
                         Status::Shared,
                         "shared as configured: its snapshots' keys admit the share targets",
                     ));
@@ -358,7 +382,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
             }
             Err(blocked) => {
                 let (tags, copy_plan) = not_shareable(desired, observed, &blocked);
-                image_tags.extend(tags);
+                status = Some(tags);
                 plan.blocked = blocked.into_iter().map(|b| b.detail).collect();
                 if let Some(copy_plan) = copy_plan {
                     after_tags.extend(copy_plan.actions);
@@ -368,11 +392,37 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
             }
         }
     }
-    plan.actions
-        .extend(tag_actions(&image_tags, &desired.snapshot_tags, image));
+    plan.actions.extend(tag_actions(
+        &desired.image_tags,
+        &desired.snapshot_tags,
+        image,
+    ));
     plan.actions.extend(after_tags);
+    let missing_status: Tags = status
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, v)| image.tags.get(k) != Some(v))
+        .collect();
+    if !missing_status.is_empty() {
+        plan.actions.push(Action::SetStatus {
+            region: image.region.clone(),
+            image_id: image.image_id.clone(),
+            tags: missing_status,
+        });
+    }
     plan
 }
+
+/// Whether the image is to be shared, cannot be as it is, and a copy re-encrypted with the rule's key
+/// would cure that: then the reconciler observes the copy (or the key to make one with).
+pub fn wants_reencrypted_copy(desired: &Desired, image: &ObservedImage) -> bool {
+    desired.reencrypt_with.is_some()
+        && reads_needed(desired, image).keys
+        && key_patches(desired, image).is_err_and(|blocked| blocked.iter().all(|b| b.cured_by_copy))
+}
+
+/// At most this many re-encrypted copies of one image may fail before ami-share stops making new ones.
+const MAX_FAILED_COPIES: usize = 3;
 
 /// The status tags for an image that cannot be shared as it is, and the plan of its re-encrypted copy.
 fn not_shareable(
@@ -381,31 +431,38 @@ fn not_shareable(
     blocked: &[Blocker],
 ) -> (Tags, Option<Plan>) {
     let image = &observed.image;
-    let cause = match blocked {
+    // Lead with what a copy cannot cure: it is what the operator must act on.
+    let mut ordered: Vec<&Blocker> = blocked.iter().collect();
+    ordered.sort_by_key(|b| b.cured_by_copy);
+    let cause = match ordered.as_slice() {
         [one] => one.summary.clone(),
         [first, rest @ ..] => format!("{} (+{} more)", first.summary, rest.len()),
         [] => unreachable!("blocked has a reason"),
     };
-    let Some(key_ref) = &desired.reencrypt_with else {
-        let reason =
-            format!("{cause}; to share a re-encrypted copy instead, set reencrypt.kms_key");
-        return (markers::status_tags(Status::NotShared, &reason), None);
+    let curable = blocked.iter().all(|b| b.cured_by_copy);
+    let not_shared = |reason: String| markers::status_tags(Status::NotShared, &reason);
+    let key_ref = match &desired.reencrypt_with {
+        Some(key_ref) if curable => key_ref,
+        None if curable => {
+            let reason =
+                format!("{cause}; to share a re-encrypted copy instead, set reencrypt.kms_key");
+            return (not_shared(reason), None);
+        }
+        _ => return (not_shared(cause), None),
     };
-    let shared_as_copy = || {
-        markers::status_tags(
-            Status::SharedAsCopy,
-            &format!(
-                "{cause}; shared instead: a copy re-encrypted with {key_ref}, tagged {}={}",
-                markers::SOURCE_IMAGE,
-                image.image_id
-            ),
-        )
-    };
+    let mut shared_as_copy = markers::status_tags(
+        Status::SharedAsCopy,
+        &format!(
+            "{cause}; shared instead: a copy re-encrypted with {key_ref} (tag {})",
+            markers::REENCRYPTED_COPY
+        ),
+    );
     let Some(reencryption) = &observed.reencryption else {
         // Not observed: nothing can be planned for the copy yet (the reconciler observes it when needed).
-        return (shared_as_copy(), None);
+        return (shared_as_copy, None);
     };
     if let Some(copy) = chosen_copy(&reencryption.copies) {
+        shared_as_copy.insert(markers::REENCRYPTED_COPY.into(), copy.image_id.clone());
         let mut copy_plan = plan(
             &desired_for_copy(desired, image),
             &Observed {
@@ -413,25 +470,58 @@ fn not_shareable(
                 reencryption: None,
             },
         );
-        let duplicates: Vec<&ObservedImage> = usable(&reencryption.copies)
+        let duplicates: Vec<&str> = usable(&reencryption.copies)
             .filter(|c| c.image_id != copy.image_id)
+            .map(|c| c.image_id.as_str())
             .collect();
         if !duplicates.is_empty() {
-            let ids: Vec<&str> = duplicates.iter().map(|d| d.image_id.as_str()).collect();
             copy_plan.blocked.push(format!(
                 "{} also re-encrypted copies of {}; ami-share shares only {}: deregister the others",
-                ids.join(", "),
+                duplicates.join(", "),
                 image.image_id,
                 copy.image_id
             ));
         }
-        return (shared_as_copy(), Some(copy_plan));
+        return (shared_as_copy, Some(copy_plan));
     }
-    // No copy is usable: every one found failed (or was deregistered). A new one needs a new token.
-    let failed = reencryption.copies.len();
-    match copy_action(desired, image, key_ref, reencryption.key.as_ref(), failed) {
+    // No usable copy: the ones found failed; the one the image names may have been deregistered since.
+    let failed: BTreeSet<&str> = reencryption
+        .copies
+        .iter()
+        .map(|c| c.image_id.as_str())
+        .collect();
+    if failed.len() >= MAX_FAILED_COPIES {
+        let ids: Vec<&str> = failed.into_iter().collect();
+        let why = format!(
+            "{} re-encrypted copies failed ({}): deregister them to have ami-share try again",
+            ids.len(),
+            ids.join(", ")
+        );
+        return (
+            not_shared(format!("{cause}; {why}")),
+            Some(Plan {
+                blocked: vec![why],
+                ..Plan::default()
+            }),
+        );
+    }
+    let mut previous = failed;
+    previous.extend(
+        image
+            .tags
+            .get(markers::REENCRYPTED_COPY)
+            .map(String::as_str),
+    );
+    let previous: Vec<&str> = previous.into_iter().collect();
+    match copy_action(
+        desired,
+        image,
+        key_ref,
+        reencryption.key.as_ref(),
+        &previous,
+    ) {
         Ok(action) => (
-            shared_as_copy(),
+            shared_as_copy,
             Some(Plan {
                 actions: vec![action],
                 deferred: vec![format!(
@@ -441,16 +531,13 @@ fn not_shareable(
                 blocked: Vec::new(),
             }),
         ),
-        Err(why) => {
-            let reason = format!("{cause}; no re-encrypted copy: {why}");
-            (
-                markers::status_tags(Status::NotShared, &reason),
-                Some(Plan {
-                    blocked: vec![format!("no re-encrypted copy: {why}")],
-                    ..Plan::default()
-                }),
-            )
-        }
+        Err(why) => (
+            not_shared(format!("{cause}; no re-encrypted copy: {why}")),
+            Some(Plan {
+                blocked: vec![format!("no re-encrypted copy: {why}")],
+                ..Plan::default()
+            }),
+        ),
     }
 }
 
@@ -481,10 +568,20 @@ pub fn desired_for_copy(desired: &Desired, source: &ObservedImage) -> Desired {
     }
 }
 
-/// EC2's limits on an AMI's name and description, and on tags per resource.
+/// EC2's limits on an AMI's name and description.
 const MAX_NAME_CHARS: usize = 128;
 const MAX_DESCRIPTION_CHARS: usize = 255;
-const MAX_TAGS: usize = 50;
+
+/// FNV-1a, 64 bits: the same in every build (std's hasher is not promised to be), for idempotency tokens
+/// and names that must not change when the function is redeployed.
+fn stable_hash(parts: &[&str]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in parts.join("\n").bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
 
 /// The CopyImage that makes the re-encrypted copy, or why it cannot be made.
 fn copy_action(
@@ -492,7 +589,7 @@ fn copy_action(
     source: &ObservedImage,
     key_ref: &KeyRef,
     key: Option<&Option<crate::observed::ObservedKey>>,
-    failed_copies: usize,
+    previous: &[&str],
 ) -> Result<Action, String> {
     let key = match key {
         None => return Err(format!("KMS key {key_ref} was not read")),
@@ -517,7 +614,19 @@ fn copy_action(
     if !key.is_enabled() {
         return Err(format!("reencrypt key {key_ref} is {}", key.state));
     }
-    let suffix = "-reencrypted";
+    // The token repeats for a retry of this copy, and changes once an earlier copy failed or was
+    // deregistered: EC2 would otherwise answer a reused token with the earlier, unusable copy. AMI names
+    // are unique in an account and region: a copy after earlier ones gets a name of its own.
+    let hash = stable_hash(
+        &[source.image_id.as_str(), arn.as_str()]
+            .into_iter()
+            .chain(previous.iter().copied())
+            .collect::<Vec<_>>(),
+    );
+    let suffix = match previous {
+        [] => "-reencrypted".to_string(),
+        _ => format!("-reencrypted-{:08x}", hash >> 32),
+    };
     let base: String = source
         .name
         .as_deref()
@@ -540,7 +649,7 @@ fn copy_action(
         .iter()
         .filter(|(k, _)| !k.starts_with("aws:") && !markers::RESERVED.contains(&k.as_str()))
         .filter(|(k, _)| !marks.contains_key(*k))
-        .take(MAX_TAGS.saturating_sub(marks.len()))
+        .take(MAX_TAGS_PER_RESOURCE.saturating_sub(marks.len()))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     tags.extend(marks);
@@ -550,7 +659,7 @@ fn copy_action(
         name: format!("{base}{suffix}"),
         description,
         kms_key_arn: arn.to_string(),
-        client_token: format!("ami-share-reencrypt-{}-{failed_copies}", source.image_id),
+        client_token: format!("ami-share-{}-{hash:016x}", source.image_id),
         tags,
         snapshot_tags: desired.snapshot_tags.clone(),
     }))
@@ -724,6 +833,9 @@ mod tests {
                     .launch_permissions
                     .get_or_insert_default()
                     .extend(permissions.iter().cloned());
+            }
+            Action::SetStatus { image_id, tags, .. } if *image_id == image.image_id => {
+                image.tags.extend(tags.clone());
             }
             Action::PatchKeyPolicy {
                 key_arn, policy, ..
@@ -971,6 +1083,7 @@ mod tests {
                 Action::PatchKeyPolicy { .. } => "key",
                 Action::AddLaunchPermissions { .. } => "share",
                 Action::CopyImage(_) => "copy",
+                Action::SetStatus { .. } => "status",
             })
             .collect();
         assert_eq!(kinds, ["tag", "key", "share"]);
@@ -1022,13 +1135,14 @@ mod tests {
         );
     }
 
+    /// The status tags the plan sets on the source image.
     fn status_of(p: &Plan) -> Tags {
         p.actions
             .iter()
             .find_map(|a| match a {
-                Action::CreateTags {
-                    resources, tags, ..
-                } if resources[0] == "ami-12345678" => Some(tags.clone()),
+                Action::SetStatus { image_id, tags, .. } if image_id == "ami-12345678" => {
+                    Some(tags.clone())
+                }
                 _ => None,
             })
             .unwrap_or_default()
@@ -1063,8 +1177,11 @@ mod tests {
             status_of(&p)[markers::STATUS_REASON],
             "snap-1 uses the AWS managed key aws/ebs, which cannot be shared; to share a re-encrypted copy instead, set reencrypt.kms_key"
         );
-        // The rule's own tags still apply.
-        assert_eq!(status_of(&p)["team"], "platform");
+        // The rule's own tags still apply, and the status comes last.
+        assert!(
+            matches!(&p.actions[0], Action::CreateTags { tags, .. } if tags["team"] == "platform")
+        );
+        assert!(matches!(p.actions.last(), Some(Action::SetStatus { .. })));
     }
 
     #[test]
@@ -1159,7 +1276,10 @@ mod tests {
             ("us-east-1", "ami-12345678", "golden-reencrypted")
         );
         assert_eq!(kms_key_arn, REENCRYPT_KEY);
-        assert_eq!(client_token, "ami-share-reencrypt-ami-12345678-0");
+        assert!(
+            client_token.starts_with("ami-share-ami-12345678-") && client_token.len() <= 64,
+            "{client_token}"
+        );
         assert_eq!(copy_tags[markers::SOURCE_IMAGE], "ami-12345678");
         assert_eq!(copy_tags[markers::COPY_KIND], "re-encrypted");
         assert_eq!(copy_tags["Name"], "golden", "the source's own tags");
@@ -1173,10 +1293,13 @@ mod tests {
         );
         let status = status_of(&p);
         assert_eq!(status[markers::STATUS], "shared-as-copy");
+        assert_eq!(
+            status[markers::STATUS_REASON],
+            "snap-1 uses the AWS managed key aws/ebs, which cannot be shared; shared instead: a copy re-encrypted with alias/ami-share (tag ami-share:reencrypted-copy)"
+        );
         assert!(
-            status[markers::STATUS_REASON]
-                == "snap-1 uses the AWS managed key aws/ebs, which cannot be shared; shared instead: a copy re-encrypted with alias/ami-share, tagged ami-share:source-image=ami-12345678",
-            "{status:?}"
+            !status.contains_key(markers::REENCRYPTED_COPY),
+            "its id is not known yet"
         );
         assert!(p.deferred[0].contains("waits until the copy is available"));
     }
@@ -1210,33 +1333,106 @@ mod tests {
         let on_copy: Vec<String> = p
             .actions
             .iter()
-            .filter(|a| !matches!(a, Action::CreateTags { .. }))
+            .filter(|a| !matches!(a, Action::CreateTags { .. } | Action::SetStatus { .. }))
             .map(ToString::to_string)
             .collect();
         assert_eq!(on_copy.len(), 2, "{p:#?}");
         assert!(on_copy[0].contains(REENCRYPT_KEY), "{on_copy:?}");
         assert!(on_copy[1].starts_with("share ami-copy0001"), "{on_copy:?}");
+        assert_eq!(status_of(&p)[markers::REENCRYPTED_COPY], "ami-copy0001");
+    }
+
+    fn copy_of(p: &Plan) -> Option<&ImageCopy> {
+        p.actions.iter().find_map(|a| match a {
+            Action::CopyImage(c) => Some(c),
+            _ => None,
+        })
+    }
+
+    fn failed_copy(id: &str) -> ObservedImage {
+        let mut failed = encrypted(REENCRYPT_KEY, None);
+        failed.image_id = id.into();
+        failed.state = ImageState::Failed;
+        failed
     }
 
     #[test]
-    fn after_a_failed_copy_a_new_one_is_made_and_duplicates_are_reported() {
-        let mut failed = encrypted(REENCRYPT_KEY, None);
-        failed.image_id = "ami-failed01".into();
-        failed.state = ImageState::Failed;
-        let p = plan(
-            &reencrypting(),
-            &reencryption(
-                vec![failed],
-                Some(Some(key(REENCRYPT_KEY, KeyManager::Customer))),
-            ),
-        );
-        assert!(
-            p.actions
-                .iter()
-                .any(|a| matches!(a, Action::CopyImage(c) if c.client_token.ends_with("-1"))),
-            "{p:#?}"
+    fn after_a_failed_or_vanished_copy_a_new_one_gets_its_own_token_and_name() {
+        let key = || Some(Some(key(REENCRYPT_KEY, KeyManager::Customer)));
+        let first = plan(&reencrypting(), &reencryption(vec![], key()));
+        let first = copy_of(&first).unwrap().clone();
+        let again = plan(&reencrypting(), &reencryption(vec![], key()));
+        assert_eq!(
+            copy_of(&again),
+            Some(&first),
+            "a retry repeats the token: EC2 returns the same copy"
         );
 
+        let after_failure = plan(
+            &reencrypting(),
+            &reencryption(vec![failed_copy("ami-failed01")], key()),
+        );
+        let after_failure = copy_of(&after_failure).unwrap();
+        assert_ne!(after_failure.client_token, first.client_token);
+        assert!(
+            after_failure.name.starts_with("golden-reencrypted-")
+                && after_failure.name != first.name
+        );
+
+        // The copy the image names was deregistered: EC2 no longer lists it.
+        let mut obs = reencryption(vec![], key());
+        obs.image
+            .tags
+            .insert(markers::REENCRYPTED_COPY.into(), "ami-gone0001".into());
+        let after_vanished = plan(&reencrypting(), &obs);
+        let after_vanished = copy_of(&after_vanished).unwrap();
+        assert_ne!(after_vanished.client_token, first.client_token);
+        assert_ne!(after_vanished.client_token, after_failure.client_token);
+    }
+
+    #[test]
+    fn after_three_failed_copies_no_more_are_made() {
+        let failed = vec![
+            failed_copy("ami-failed01"),
+            failed_copy("ami-failed02"),
+            failed_copy("ami-failed03"),
+        ];
+        let p = plan(
+            &reencrypting(),
+            &reencryption(failed, Some(Some(key(REENCRYPT_KEY, KeyManager::Customer)))),
+        );
+        assert!(copy_of(&p).is_none(), "{p:#?}");
+        let status = status_of(&p);
+        assert_eq!(status[markers::STATUS], "not-shared");
+        assert!(
+            status[markers::STATUS_REASON].contains("3 re-encrypted copies failed"),
+            "{status:?}"
+        );
+    }
+
+    #[test]
+    fn a_copy_is_made_only_for_what_a_copy_cures() {
+        let mut disabled = key(CMK, KeyManager::Customer);
+        disabled.state = "Disabled".into();
+        let obs = Observed {
+            image: encrypted(CMK, Some(disabled)),
+            reencryption: Some(ObservedReencryption {
+                copies: vec![],
+                key: Some(Some(key(REENCRYPT_KEY, KeyManager::Customer))),
+            }),
+        };
+        assert!(!wants_reencrypted_copy(&reencrypting(), &obs.image));
+        let p = plan(&reencrypting(), &obs);
+        assert!(copy_of(&p).is_none(), "{p:#?}");
+        assert_eq!(status_of(&p)[markers::STATUS], "not-shared");
+        assert!(wants_reencrypted_copy(
+            &reencrypting(),
+            &encrypted(AWS_EBS, Some(key(AWS_EBS, KeyManager::Aws)))
+        ));
+    }
+
+    #[test]
+    fn duplicate_copies_are_reported_and_the_lowest_id_is_shared() {
         let mut a = encrypted(
             REENCRYPT_KEY,
             Some(key(REENCRYPT_KEY, KeyManager::Customer)),
@@ -1252,6 +1448,7 @@ mod tests {
                     && m.contains("shares only ami-copy000a")),
             "{p:#?}"
         );
+        assert_eq!(status_of(&p)[markers::REENCRYPTED_COPY], "ami-copy000a");
     }
 
     #[test]

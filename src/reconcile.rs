@@ -400,35 +400,39 @@ impl<A: Aws> Reconciler<'_, A> {
         Ok(key)
     }
 
-    /// Tags, key policies and copies first, concurrently; then the shares, only if every key policy
-    /// patch succeeded.
+    /// Three phases, each concurrent within: tags, key policies and copies; then the shares, only if every
+    /// key policy patch succeeded; then the status tags, only if nothing failed (a status never claims
+    /// what did not happen).
     async fn apply(&self, actions: Vec<Action>, outcome: &mut Outcome) {
+        let (status, actions): (Vec<Action>, Vec<Action>) = actions
+            .into_iter()
+            .partition(|a| matches!(a, Action::SetStatus { .. }));
         let (shares, first): (Vec<Action>, Vec<Action>) = actions
             .into_iter()
             .partition(|a| matches!(a, Action::AddLaunchPermissions { .. }));
-        let results = join_all(first.iter().map(|action| self.apply_one(action))).await;
-        let mut key_failed = false;
-        for (action, result) in first.into_iter().zip(results) {
-            match result {
-                Ok(()) => outcome.done.push(action),
-                Err(e) => {
-                    key_failed |= matches!(action, Action::PatchKeyPolicy { .. });
-                    outcome.not_done.push(action);
-                    outcome.failures.push(e);
-                }
-            }
-        }
-        if key_failed {
-            if !shares.is_empty() {
-                outcome.blocked.push(
-                    "not shared yet: a key policy could not be patched (see the failure), and receivers could not launch from it".into(),
-                );
-            }
+        self.apply_phase(first, outcome).await;
+        let key_failed = outcome
+            .not_done
+            .iter()
+            .any(|a| matches!(a, Action::PatchKeyPolicy { .. }));
+        if key_failed && !shares.is_empty() {
+            outcome.blocked.push(
+                "not shared yet: a key policy could not be patched (see the failure), and receivers could not launch from it".into(),
+            );
             outcome.not_done.extend(shares);
-            return;
+        } else {
+            self.apply_phase(shares, outcome).await;
         }
-        let results = join_all(shares.iter().map(|action| self.apply_one(action))).await;
-        for (action, result) in shares.into_iter().zip(results) {
+        if outcome.failures.is_empty() {
+            self.apply_phase(status, outcome).await;
+        } else {
+            outcome.not_done.extend(status);
+        }
+    }
+
+    async fn apply_phase(&self, actions: Vec<Action>, outcome: &mut Outcome) {
+        let results = join_all(actions.iter().map(|action| self.apply_one(action))).await;
+        for (action, result) in actions.into_iter().zip(results) {
             match result {
                 Ok(()) => outcome.done.push(action),
                 Err(e) => {
@@ -446,6 +450,15 @@ impl<A: Aws> Reconciler<'_, A> {
                 resources,
                 tags,
             } => self.aws.create_tags(region, resources, tags).await,
+            Action::SetStatus {
+                region,
+                image_id,
+                tags,
+            } => {
+                self.aws
+                    .create_tags(region, std::slice::from_ref(image_id), tags)
+                    .await
+            }
             Action::AddLaunchPermissions {
                 region,
                 image_id,
@@ -568,6 +581,8 @@ mod tests {
         aliases: BTreeMap<String, String>,
         /// Puts after which a "concurrent writer" puts back the policy it read before them.
         overwrites_left: usize,
+        /// CopyImage client tokens and the copies they made.
+        copy_tokens: BTreeMap<String, String>,
     }
 
     /// An in-memory AWS account in one region: images, snapshots, keys. Records every call and can fail
@@ -767,7 +782,28 @@ mod tests {
         async fn copy_image(&self, copy: &ImageCopy) -> Result<String, AwsError> {
             self.call("CopyImage", &copy.region)?;
             let mut state = self.state.lock().unwrap();
+            // As EC2: a repeated client token returns the copy it made; AMI names are unique.
+            if let Some(id) = state.copy_tokens.get(&copy.client_token) {
+                return Ok(id.clone());
+            }
+            if state
+                .images
+                .values()
+                .any(|i| i.name.as_deref() == Some(&copy.name))
+            {
+                return Err(AwsError {
+                    operation: "CopyImage",
+                    region: copy.region.clone(),
+                    resource: copy.source_image_id.clone(),
+                    code: Some("InvalidAMIName.Duplicate".into()),
+                    message: format!("AMI name {} is already in use", copy.name),
+                    retryable: false,
+                });
+            }
             let id = format!("ami-c{:07}", state.images.len());
+            state
+                .copy_tokens
+                .insert(copy.client_token.clone(), id.clone());
             let snapshot = format!("snap-{id}");
             let mut image = state.images[&copy.source_image_id].clone();
             image.image_id = id.clone();
@@ -1106,8 +1142,8 @@ mod tests {
         let first = apply(&aws, &config).await;
         assert_eq!(
             aws.writes(),
-            ["CreateTags", "CreateTags", "CopyImage"],
-            "{}",
+            ["CreateTags", "CopyImage", "CreateTags"],
+            "the rule's tags and the copy, then the status: {}",
             first.headline()
         );
         let copy_id = aws
@@ -1125,9 +1161,13 @@ mod tests {
         assert_eq!(copy.tags["t"], "1");
         assert_eq!(aws.image(IMAGE).tags[markers::STATUS], "shared-as-copy");
 
-        // A duplicate of the source's event, and the copy's CopyImage event while it is pending: no new copy.
+        // A duplicate of the source's event, and the copy's CopyImage event while it is pending: no new
+        // copy; the source only records its copy's id, once.
         let writes = aws.writes().len();
         apply(&aws, &config).await;
+        assert_eq!(aws.writes()[writes..], ["CreateTags"]);
+        assert_eq!(aws.image(IMAGE).tags[markers::REENCRYPTED_COPY], copy_id);
+        let writes = aws.writes().len();
         let outcome = run(
             &aws,
             &config,

@@ -136,7 +136,9 @@ def create_snapshot(self, volume_id, description, owner_id=None, from_ami=None):
     """AWS: a snapshot of an encrypted volume is encrypted with the volume's KMS key. moto keeps the flag and
     drops the key."""
     snapshot = _create_snapshot(self, volume_id, description, owner_id=owner_id, from_ami=from_ami)
-    snapshot.kms_key_id = self.get_volume(volume_id).kms_key_id
+    key = self.get_volume(volume_id).kms_key_id
+    # AWS reports the key as its ARN, however the volume's key was named.
+    snapshot.kms_key_id = kms_backends[self.account_id][self.region_name].describe_key(key).arn if key else None
     return snapshot
 
 
@@ -174,25 +176,40 @@ _client_tokens = {}
 
 def copy_image_response(self):
     """AWS CopyImage: the copy is `pending` at first; Encrypted+KmsKeyId encrypt its snapshots with that key
-    (Encrypted alone: the account's default EBS key; neither: as the source); TagSpecifications tag the new
-    image and snapshots; the same ClientToken returns the same copy. moto: an unencrypted copy, available at
-    once, untagged, and a new one per call."""
+    (Encrypted alone: the account's default EBS key; neither: as the source; KmsKeyId without Encrypted is
+    refused); TagSpecifications tag the new image and snapshots; the same ClientToken returns the same copy,
+    and is refused with other parameters; AMI names are unique in an account and region. moto: an
+    unencrypted copy, available at once, untagged, a new one per call, any name."""
     source_image_id = self._get_param("SourceImageId")
     source_region = self._get_param("SourceRegion")
+    name = self._get_param("Name")
     token = self._get_param("ClientToken")
+    kms_key_id = self._get_param("KmsKeyId")
+    encrypt = self._get_bool_param("Encrypted", False)
     self.error_on_dryrun()
+    if kms_key_id and not encrypt:
+        raise EC2ClientError("InvalidParameterDependency", "The parameter KmsKeyId requires the parameter Encrypted.")
+    request = json.dumps(
+        [source_image_id, source_region, name, kms_key_id, encrypt, self._get_param("TagSpecifications", [])],
+        sort_keys=True,
+    )
     seen = (self.current_account, self.region, token)
     if token and seen in _client_tokens:
-        return ActionResult({"ImageId": _client_tokens[seen]})
-    image = self.ec2_backend.copy_image(
-        source_image_id, source_region, self._get_param("Name"), self._get_param("Description")
-    )
+        image_id, earlier = _client_tokens[seen]
+        if earlier != request:
+            raise EC2ClientError(
+                "IdempotentParameterMismatch", "The client token was already used with other parameters."
+            )
+        return ActionResult({"ImageId": image_id})
+    taken = [a.id for a in self.ec2_backend.amis.values() if a.name == name and a.owner_id == self.current_account]
+    if taken:
+        raise EC2ClientError("InvalidAMIName.Duplicate", f"AMI name {name} is already in use by AMI {taken[0]}")
+    image = self.ec2_backend.copy_image(source_image_id, source_region, name, self._get_param("Description"))
     source = ec2_backends[self.current_account][source_region].amis[source_image_id].ebs_snapshot
-    kms_key_id = self._get_param("KmsKeyId")
     if kms_key_id:
         key_arn = kms_backends[self.current_account][self.region].describe_key(kms_key_id).arn
         encrypted = True
-    elif self._get_bool_param("Encrypted", False):
+    elif encrypt:
         key_arn = self.ec2_backend.default_kms_key_id or self.ec2_backend._create_default_encryption_key()
         encrypted = True
     else:
@@ -205,7 +222,7 @@ def copy_image_response(self):
             target.add_tag(tag["Key"], tag["Value"])
     image.state = "pending"
     if token:
-        _client_tokens[seen] = image.id
+        _client_tokens[seen] = (image.id, request)
     return ActionResult({"ImageId": image.id})
 
 

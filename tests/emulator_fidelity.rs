@@ -255,6 +255,44 @@ async fn copy_image_is_pending_encrypted_with_the_key_tagged_and_idempotent() {
     let first = copy().await.unwrap().image_id().unwrap().to_string();
     let again = copy().await.unwrap().image_id().unwrap().to_string();
     assert_eq!(first, again, "the same ClientToken returns the same copy");
+    use aws_sdk_ec2::error::ProvideErrorMetadata;
+    let code = |r: Result<_, aws_sdk_ec2::error::SdkError<_, _>>| {
+        r.map(|_| ())
+            .map_err(|e| e.code().unwrap_or("none").to_string())
+    };
+    let other_name = ec2
+        .copy_image()
+        .source_image_id(&source)
+        .source_region(REGION)
+        .name("another-name")
+        .client_token("one-copy-please")
+        .send()
+        .await;
+    assert_eq!(code(other_name), Err("IdempotentParameterMismatch".into()));
+    let same_name = ec2
+        .copy_image()
+        .source_image_id(&source)
+        .source_region(REGION)
+        .name("source-copy")
+        .send()
+        .await;
+    assert_eq!(
+        code(same_name),
+        Err("InvalidAMIName.Duplicate".into()),
+        "AMI names are unique"
+    );
+    let key_without_encrypted = ec2
+        .copy_image()
+        .source_image_id(&source)
+        .source_region(REGION)
+        .name("third")
+        .kms_key_id(&key)
+        .send()
+        .await;
+    assert_eq!(
+        code(key_without_encrypted),
+        Err("InvalidParameterDependency".into())
+    );
     let described = ec2
         .describe_images()
         .image_ids(&first)

@@ -342,7 +342,8 @@ async fn with_reencrypt_a_copy_is_made_once_finished_by_its_own_events_and_share
         (true, Some(copy_key.clone()))
     );
 
-    // The copy's own CopyImage event (while pending) and a duplicate of the source's: no second copy.
+    // The copy's own CopyImage event (while pending) and a duplicate of the source's: no second copy; the
+    // source records its copy's id, once.
     let before = s.requests();
     let answer = handler
         .handle(sample_event("copy-image.json", &copy, REGION))
@@ -357,7 +358,8 @@ async fn with_reencrypt_a_copy_is_made_once_finished_by_its_own_events_and_share
         .handle(sample_event("create-image.json", &source, REGION))
         .await
         .unwrap();
-    assert_eq!(s.mutating_since(before), Vec::<String>::new());
+    assert_eq!(s.mutating_since(before), ["ec2:CreateTags"]);
+    assert_eq!(image_tags(&s.ec2, &source).await["ami-share:reencrypted-copy"], copy);
 
     // The copy becomes available: its key admits the organization, then it is shared.
     s.emulator.set_image_state(REGION, &copy, "available");

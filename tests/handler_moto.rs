@@ -312,7 +312,7 @@ async fn created_by_is_read_from_the_image_when_the_event_does_not_say() {
         .copy_image()
         .source_image_id(&source)
         .source_region(REGION)
-        .name("copied-base")
+        .name("copied-base-2")
         .send()
         .await
         .unwrap()
