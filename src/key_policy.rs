@@ -19,8 +19,11 @@
 //! for the new volume (`kms:GenerateDataKey`, `kms:GenerateDataKeyWithoutPlaintext`), decrypt the
 //! snapshot's data key (`kms:Decrypt`), re-encrypt it when the volume or copy uses another key
 //! (`kms:ReEncryptFrom`, `kms:ReEncryptTo`), and create a grant so the instance can use the key while it
-//! runs (`kms:CreateGrant`, limited by `kms:GrantIsForAWSResource` to grants EBS makes; launches by Auto
-//! Scaling's service-linked role fail without it). AWS's own example also grants `kms:Encrypt`, `kms:List*`
+//! runs (`kms:CreateGrant`, limited by `kms:GrantIsForAWSResource` to grants EBS makes on the receiver's
+//! behalf). This is the list of AWS's EBS guide. Auto Scaling in a receiving account needs more: that
+//! account creates a grant for its own service-linked role, a grant not made for an AWS resource, which
+//! these statements do not allow (allowing it would let every principal of the organization create any
+//! grant); README, "Encrypted AMIs", says how to add it. AWS's own example also grants `kms:Encrypt`, `kms:List*`
 //! and `kms:Get*`: EBS needs none of them, and `kms:GetKeyPolicy` would show this key's whole policy to
 //! every account in the organization, so they are left out. Receivers also need an IAM policy in their
 //! own account allowing these actions on the key (README, "Encrypted AMIs").

@@ -39,28 +39,38 @@ impl KeyArn {
     }
 }
 
+/// `arn:<partition>:kms:<region>:<account>:<resource>` → (partition, region, account, resource).
+fn split_kms_arn(value: &str) -> Option<(&str, &str, &str, &str)> {
+    let parts: Vec<&str> = value.splitn(6, ':').collect();
+    match parts.as_slice() {
+        ["arn", partition, "kms", region, account, resource]
+            if !partition.is_empty() && !region.is_empty() =>
+        {
+            Some((partition, region, account, resource))
+        }
+        _ => None,
+    }
+}
+
 impl FromStr for KeyArn {
     type Err = String;
     fn from_str(value: &str) -> Result<Self, String> {
-        let parts: Vec<&str> = value.splitn(6, ':').collect();
-        let valid = parts.len() == 6
-            && parts[0] == "arn"
-            && !parts[1].is_empty()
-            && parts[2] == "kms"
-            && !parts[3].is_empty()
-            && is_account_id(parts[4])
-            && parts[5].strip_prefix("key/").is_some_and(is_key_id);
-        if !valid {
-            return Err(format!(
+        match split_kms_arn(value) {
+            Some((partition, region, account, resource))
+                if is_account_id(account)
+                    && resource.strip_prefix("key/").is_some_and(is_key_id) =>
+            {
+                Ok(Self {
+                    arn: value.to_string(),
+                    partition: partition.to_string(),
+                    region: region.to_string(),
+                    account: account.to_string(),
+                })
+            }
+            _ => Err(format!(
                 "{value:?} is not a KMS key ARN (arn:<partition>:kms:<region>:<12-digit account>:key/<key id>)"
-            ));
+            )),
         }
-        Ok(Self {
-            arn: value.to_string(),
-            partition: parts[1].to_string(),
-            region: parts[3].to_string(),
-            account: parts[4].to_string(),
-        })
     }
 }
 
@@ -108,12 +118,6 @@ impl KeyRef {
     pub fn as_str(&self) -> &str {
         &self.0
     }
-    /// The region an ARN names; `None` for aliases and key ids, which resolve in any region.
-    pub fn region(&self) -> Option<&str> {
-        self.0
-            .strip_prefix("arn:")
-            .and_then(|rest| rest.split(':').nth(2))
-    }
 }
 
 impl FromStr for KeyRef {
@@ -131,24 +135,22 @@ impl FromStr for KeyRef {
                 None
             }
         } else if value.starts_with("arn:") {
-            let parts: Vec<&str> = value.splitn(6, ':').collect();
-            let resource = parts.get(5).copied().unwrap_or_default();
-            if parts.len() != 6 || parts[2] != "kms" || parts[3].is_empty() {
-                Some(
+            match split_kms_arn(value).map(|(_, _, _, resource)| resource) {
+                None => Some(
                     "not a KMS ARN (arn:<partition>:kms:<region>:<account>:key/… or :alias/…)"
                         .into(),
-                )
-            } else if let Some(alias) = resource.strip_prefix("alias/") {
-                if alias.starts_with("aws/") {
-                    Some("aliases under alias/aws/ name AWS managed keys, whose policy cannot be changed".into())
-                } else {
-                    (!is_alias_name(alias)).then(|| "the alias name is not valid".into())
-                }
-            } else {
-                value
-                    .parse::<KeyArn>()
-                    .err()
-                    .map(|_| "not a valid key ARN".into())
+                ),
+                Some(resource) => match resource.strip_prefix("alias/") {
+                    Some(alias) if alias.starts_with("aws/") => Some(
+                        "aliases under alias/aws/ name AWS managed keys, whose policy cannot be changed"
+                            .into(),
+                    ),
+                    Some(alias) => (!is_alias_name(alias)).then(|| "the alias name is not valid".into()),
+                    None => value
+                        .parse::<KeyArn>()
+                        .err()
+                        .map(|_| "not a valid key ARN".into()),
+                },
             }
         } else if !is_key_id(value) {
             Some("not an alias, an ARN or a key id".into())
@@ -222,8 +224,6 @@ mod tests {
         ] {
             assert!(good.parse::<KeyRef>().is_ok(), "{good}");
         }
-        assert_eq!(KeyRef(KEY.into()).region(), Some("eu-west-1"));
-        assert_eq!(KeyRef("alias/x".into()).region(), None);
     }
 
     #[test]

@@ -78,6 +78,8 @@ pub enum KeyManager {
     Aws,
     /// A customer managed key: its owner decides its policy.
     Customer,
+    /// A value this version does not know: treated as a key ami-share cannot open.
+    Other(String),
 }
 
 /// A KMS key that encrypts an image's snapshots (or is configured to re-encrypt a copy).

@@ -279,6 +279,13 @@ pub fn key_patches(desired: &Desired, image: &ObservedImage) -> Result<Vec<Actio
             ));
             continue;
         };
+        if let KeyManager::Other(manager) = &key.manager {
+            blocked.push(Blocker::new(
+                format!("key {id} has key manager {manager}"),
+                format!("KMS reports key manager {manager:?} for KMS key {arn}, which ami-share does not know how to open"),
+            ));
+            continue;
+        }
         if key.manager == KeyManager::Aws {
             blocked.push(Blocker::cured_by_copy(
                 format!("{snapshots} uses the AWS managed key aws/ebs, which cannot be shared"),
@@ -602,8 +609,8 @@ fn copy_action(
         Some(Some(key)) => key,
     };
     let arn: KeyArn = key.arn.parse()?;
-    if key.manager == KeyManager::Aws {
-        return Err(format!("reencrypt key {key_ref} is AWS managed"));
+    if key.manager != KeyManager::Customer {
+        return Err(format!("reencrypt key {key_ref} is not customer managed"));
     }
     if arn.account() != source.owner_id || arn.region() != source.region {
         return Err(format!(
@@ -1206,6 +1213,12 @@ mod tests {
             &plan(&desired(), &observed(encrypted(CMK, Some(big)))),
             "over KMS's limit",
         );
+        let mut external = key(CMK, KeyManager::Customer);
+        external.manager = KeyManager::Other("EXTERNAL".into());
+        assert_not_shared(
+            &plan(&desired(), &observed(encrypted(CMK, Some(external)))),
+            "ami-share does not know how to open",
+        );
         let mut keyless = encrypted(CMK, None);
         keyless.snapshots[0].kms_key_id = None;
         assert_not_shared(
@@ -1457,7 +1470,10 @@ mod tests {
             "arn:aws:kms:eu-west-1:123456789012:key/77777777-12ab-34cd-56ef-1234567890ab";
         let cases = [
             (None, "reencrypt key alias/ami-share not found in us-east-1"),
-            (Some(key(AWS_EBS, KeyManager::Aws)), "is AWS managed"),
+            (
+                Some(key(AWS_EBS, KeyManager::Aws)),
+                "is not customer managed",
+            ),
             (
                 Some(key(other_region, KeyManager::Customer)),
                 "is not of account 123456789012 in us-east-1",

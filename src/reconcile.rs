@@ -21,7 +21,9 @@ use crate::config::{Config, CreatedBy};
 use crate::key_policy::{self, KeyGrantees};
 use crate::keys::KeyArn;
 use crate::markers;
-use crate::observed::{ImageState, Observed, ObservedImage, ObservedKey, ObservedReencryption};
+use crate::observed::{
+    ImageState, KeyManager, Observed, ObservedImage, ObservedKey, ObservedReencryption,
+};
 use crate::plan::{self, Action, Plan, desired_for_copy, keys_to_read, reads_needed};
 use crate::rules::{Desired, ImageFacts, desired_for};
 use crate::trigger::{EventKind, ImageEvent};
@@ -389,12 +391,12 @@ impl<A: Aws> Reconciler<'_, A> {
         let Some(mut key) = key? else {
             return Ok(ObservedKey {
                 arn: arn.to_string(),
-                manager: crate::observed::KeyManager::Customer,
+                manager: KeyManager::Customer,
                 state: "not found (deleted?)".into(),
                 policy: None,
             });
         };
-        if key.manager == crate::observed::KeyManager::Customer && key.is_enabled() {
+        if key.manager == KeyManager::Customer && key.is_enabled() {
             key.policy = Some(policy?);
         }
         Ok(key)
@@ -559,7 +561,7 @@ mod tests {
 
     use super::*;
     use crate::aws::Aws;
-    use crate::observed::{KeyManager, ObservedSnapshot, SnapshotFacts, Tags};
+    use crate::observed::{ObservedSnapshot, SnapshotFacts, Tags};
     use crate::plan::ImageCopy;
     use crate::targets::LaunchPermission;
     use crate::trigger::ImageRef;

@@ -359,7 +359,10 @@ async fn with_reencrypt_a_copy_is_made_once_finished_by_its_own_events_and_share
         .await
         .unwrap();
     assert_eq!(s.mutating_since(before), ["ec2:CreateTags"]);
-    assert_eq!(image_tags(&s.ec2, &source).await["ami-share:reencrypted-copy"], copy);
+    assert_eq!(
+        image_tags(&s.ec2, &source).await["ami-share:reencrypted-copy"],
+        copy
+    );
 
     // The copy becomes available: its key admits the organization, then it is shared.
     s.emulator.set_image_state(REGION, &copy, "available");

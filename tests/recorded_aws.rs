@@ -3,8 +3,10 @@
 //! keeps each account's keys apart), KMS as AWS answers it for the AWS managed `aws/ebs` key and for a
 //! function whose IAM only reaches tagged keys, KMS refusing a policy, and KMS throttling.
 //!
-//! The bodies below are in the shapes AWS documents for these operations (EC2 query protocol XML, KMS
-//! JSON 1.1); ids and ARNs are examples.
+//! The bodies below are written by hand in the shapes AWS's API reference documents for these operations
+//! (EC2 query protocol XML, KMS JSON 1.1), not captured from a live account: nothing here may reach AWS.
+//! Ids and ARNs are examples. What they prove is that the real SDK deserializers read these shapes the
+//! way ami-share expects (e.g. `kmsKeyId` as a key ARN, `KeyManager` AWS) and how ami-share acts on them.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

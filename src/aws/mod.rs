@@ -157,8 +157,17 @@ impl AwsError {
                 Some("AWS refused a launch permission: check the ARNs in the config")
             }
             "MalformedPolicyDocumentException" => Some(
-                "KMS refused the key policy ami-share wrote, so the key is unchanged; run `ami-share plan` on the image and report the policy it shows",
+                "KMS refused the key policy ami-share wrote, so the key is unchanged: KMS refuses a policy that would stop the caller from changing it again, or one with a principal that does not exist; check the key's other statements",
             ),
+            "IdempotentParameterMismatch" => Some(
+                "an earlier attempt made this copy with other parameters; the next event finds the copy",
+            ),
+            "InvalidAMIName.Duplicate" => Some(
+                "another AMI of this account and region has the copy's name: rename or deregister it",
+            ),
+            "ResourceLimitExceeded" => {
+                Some("too many copies in progress in this region; a retry makes room")
+            }
             "LimitExceededException" if kms => Some(
                 "the key policy would exceed KMS's 32 KB limit: share with organizations or OUs rather than many accounts",
             ),

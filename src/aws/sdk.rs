@@ -142,6 +142,10 @@ where
                 || code.as_deref() == Some("InvalidAMIID.Unavailable")
                 // KMS could not reach the key's store in time.
                 || code.as_deref() == Some("DependencyTimeoutException")
+                // Too many copies in progress: one finishing makes room.
+                || code.as_deref() == Some("ResourceLimitExceeded")
+                // An earlier attempt already made this copy (with other parameters): the next event finds it.
+                || code.as_deref() == Some("IdempotentParameterMismatch")
         }
         _ => false,
     };
@@ -460,7 +464,8 @@ impl Aws for SdkAws {
             arn: arn.to_string(),
             manager: match metadata.and_then(|m| m.key_manager()) {
                 Some(KeyManagerType::Aws) => KeyManager::Aws,
-                _ => KeyManager::Customer,
+                Some(KeyManagerType::Customer) => KeyManager::Customer,
+                other => KeyManager::Other(other.map_or("(none)", |m| m.as_str()).to_string()),
             },
             state: metadata
                 .and_then(|m| m.key_state())
@@ -479,7 +484,15 @@ impl Aws for SdkAws {
             .send()
             .await
             .map_err(|e| aws_error("GetKeyPolicy", region, key_arn, e))?;
-        Ok(output.policy().unwrap_or("{}").to_string())
+        // Never merge into a policy KMS did not give: the result would lack the owner's statements.
+        output.policy().map(str::to_string).ok_or_else(|| AwsError {
+            operation: "GetKeyPolicy",
+            region: region.to_string(),
+            resource: key_arn.to_string(),
+            code: None,
+            message: "KMS answered without the policy".into(),
+            retryable: true,
+        })
     }
 
     async fn put_key_policy(
