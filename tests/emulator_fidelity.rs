@@ -162,17 +162,8 @@ async fn an_image_of_an_encrypted_volume_is_encrypted_with_the_volumes_key() {
     let (ec2, kms) = (emulator.ec2().await, emulator.kms().await);
     let key = create_key(&kms).await;
     let (image, snapshots) = create_image_with(&ec2, "enc", &[], RootVolume::Key(&key)).await;
-    let described = ec2
-        .describe_images()
-        .image_ids(&image)
-        .send()
-        .await
-        .unwrap();
-    let ebs = described.images()[0].block_device_mappings()[0]
-        .ebs()
-        .unwrap();
     assert_eq!(
-        ebs.encrypted(),
+        image_root_encrypted(&ec2, &image).await,
         Some(true),
         "DescribeImages reports Ebs.Encrypted"
     );
@@ -182,16 +173,7 @@ async fn an_image_of_an_encrypted_volume_is_encrypted_with_the_volumes_key() {
         "the snapshot keeps the volume's key"
     );
     let (plain, snapshots) = create_image(&ec2, "plain", &[]).await;
-    let described = ec2
-        .describe_images()
-        .image_ids(&plain)
-        .send()
-        .await
-        .unwrap();
-    let ebs = described.images()[0].block_device_mappings()[0]
-        .ebs()
-        .unwrap();
-    assert_eq!(ebs.encrypted(), Some(false));
+    assert_eq!(image_root_encrypted(&ec2, &plain).await, Some(false));
     assert_eq!(
         snapshot_encryption(&ec2, &snapshots[0]).await,
         (false, None)

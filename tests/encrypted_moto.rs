@@ -88,6 +88,14 @@ impl Setup {
     }
 }
 
+/// Delivers the sample event `file`, naming `image`, and returns the handler's answer (it must succeed).
+async fn deliver(handler: &Handler<SdkAws>, file: &str, image: &str) -> Value {
+    handler
+        .handle(sample_event(file, image, REGION))
+        .await
+        .unwrap_or_else(|e| panic!("{file} for {image}: {e}"))
+}
+
 fn statements(policy: &str) -> Vec<Value> {
     serde_json::from_str::<Value>(policy).unwrap()["Statement"]
         .as_array()
@@ -105,10 +113,7 @@ async fn a_cmk_encrypted_ami_is_shared_after_its_key_policy_admits_the_targets()
         create_image_with(&s.ec2, "golden-enc-1", &[], RootVolume::Key(&key)).await;
 
     let before = s.requests();
-    let answer = handler
-        .handle(sample_event("create-image.json", &image, REGION))
-        .await
-        .unwrap();
+    let answer = deliver(&handler, "create-image.json", &image).await;
     assert_eq!(answer["status"], "done", "{answer:#}");
     assert_eq!(
         s.mutating_since(before),
@@ -166,14 +171,8 @@ async fn a_cmk_encrypted_ami_is_shared_after_its_key_policy_admits_the_targets()
 
     // EventBridge delivers at least once: the duplicate, and the later state-change event, change nothing.
     let before = s.requests();
-    handler
-        .handle(sample_event("create-image.json", &image, REGION))
-        .await
-        .unwrap();
-    handler
-        .handle(sample_event("ami-state-available.json", &image, REGION))
-        .await
-        .unwrap();
+    deliver(&handler, "create-image.json", &image).await;
+    deliver(&handler, "ami-state-available.json", &image).await;
     assert_eq!(s.mutating_since(before), Vec::<String>::new());
     assert_eq!(key_policy(&s.kms, &key).await, policy);
 }
@@ -184,10 +183,7 @@ async fn a_second_ami_on_the_same_key_adds_its_targets_and_keeps_the_firsts() {
     let handler = s.handler().await;
     let key = create_key(&s.kms).await;
     let (golden, _) = create_image_with(&s.ec2, "golden-enc-2", &[], RootVolume::Key(&key)).await;
-    handler
-        .handle(sample_event("create-image.json", &golden, REGION))
-        .await
-        .unwrap();
+    deliver(&handler, "create-image.json", &golden).await;
     // The owner edits the policy meanwhile: their statement must survive ami-share's next write.
     let mut document: Value = serde_json::from_str(&key_policy(&s.kms, &key).await).unwrap();
     let owners = json!({"Sid": "Build role", "Effect": "Allow",
@@ -201,10 +197,7 @@ async fn a_second_ami_on_the_same_key_adds_its_targets_and_keeps_the_firsts() {
     // A legacy AMI on the same key: its rule shares with the organization only, already admitted.
     let (legacy, _) = create_image_with(&s.ec2, "legacy-enc-2", &[], RootVolume::Key(&key)).await;
     let before = s.requests();
-    handler
-        .handle(sample_event("create-image.json", &legacy, REGION))
-        .await
-        .unwrap();
+    deliver(&handler, "create-image.json", &legacy).await;
     assert_eq!(
         s.mutating_since(before),
         ["ec2:CreateTags", "ec2:ModifyImageAttribute"],
@@ -228,10 +221,7 @@ async fn an_edit_made_after_ami_share_looked_at_the_policy_is_kept() {
         "Principal": {"AWS": "arn:aws:iam::123456789012:role/backup"}, "Action": "kms:Decrypt", "Resource": "*"});
     s.emulator
         .edit_key_policy_after_next_read(&key, owners.clone());
-    let answer = handler
-        .handle(sample_event("create-image.json", &image, REGION))
-        .await
-        .unwrap();
+    let answer = deliver(&handler, "create-image.json", &image).await;
     assert_eq!(answer["status"], "done", "{answer:#}");
     let after = statements(&key_policy(&s.kms, &key).await);
     assert_eq!(
@@ -247,10 +237,7 @@ async fn an_ami_encrypted_with_aws_ebs_is_not_shared_and_says_why() {
     let handler = s.handler().await;
     let (image, _) = create_image_with(&s.ec2, "golden-ebs-1", &[], RootVolume::DefaultKey).await;
     let before = s.requests();
-    let answer = handler
-        .handle(sample_event("create-image.json", &image, REGION))
-        .await
-        .unwrap();
+    let answer = deliver(&handler, "create-image.json", &image).await;
     assert_eq!(answer["status"], "blocked", "{answer:#}");
     let blocked = answer["outcome"]["blocked"][0].as_str().unwrap();
     assert!(
@@ -272,10 +259,7 @@ async fn an_ami_encrypted_with_aws_ebs_is_not_shared_and_says_why() {
     assert!(launch_permissions(&s.ec2, &image).await.is_empty());
 
     let before = s.requests();
-    handler
-        .handle(sample_event("ami-state-available.json", &image, REGION))
-        .await
-        .unwrap();
+    deliver(&handler, "ami-state-available.json", &image).await;
     assert_eq!(s.mutating_since(before), Vec::<String>::new());
 }
 
@@ -300,10 +284,7 @@ async fn with_reencrypt_a_copy_is_made_once_finished_by_its_own_events_and_share
     .await;
 
     let before = s.requests();
-    let answer = handler
-        .handle(sample_event("create-image.json", &source, REGION))
-        .await
-        .unwrap();
+    let answer = deliver(&handler, "create-image.json", &source).await;
     assert_eq!(answer["status"], "blocked", "{answer:#}");
     let mutating = s.mutating_since(before);
     assert_eq!(
@@ -345,19 +326,13 @@ async fn with_reencrypt_a_copy_is_made_once_finished_by_its_own_events_and_share
     // The copy's own CopyImage event (while pending) and a duplicate of the source's: no second copy; the
     // source records its copy's id, once.
     let before = s.requests();
-    let answer = handler
-        .handle(sample_event("copy-image.json", &copy, REGION))
-        .await
-        .unwrap();
+    let answer = deliver(&handler, "copy-image.json", &copy).await;
     assert_eq!(
         answer["outcome"]["image_id"],
         source.as_str(),
         "the copy's event reconciles its source"
     );
-    handler
-        .handle(sample_event("create-image.json", &source, REGION))
-        .await
-        .unwrap();
+    deliver(&handler, "create-image.json", &source).await;
     assert_eq!(s.mutating_since(before), ["ec2:CreateTags"]);
     assert_eq!(
         image_tags(&s.ec2, &source).await["ami-share:reencrypted-copy"],
@@ -367,10 +342,7 @@ async fn with_reencrypt_a_copy_is_made_once_finished_by_its_own_events_and_share
     // The copy becomes available: its key admits the organization, then it is shared.
     s.emulator.set_image_state(REGION, &copy, "available");
     let before = s.requests();
-    handler
-        .handle(sample_event("ami-state-available.json", &copy, REGION))
-        .await
-        .unwrap();
+    deliver(&handler, "ami-state-available.json", &copy).await;
     assert_eq!(
         s.mutating_since(before),
         ["kms:PutKeyPolicy", "ec2:ModifyImageAttribute"]
@@ -394,10 +366,7 @@ async fn with_reencrypt_a_copy_is_made_once_finished_by_its_own_events_and_share
         ("ami-state-available.json", &source),
         ("create-image.json", &source),
     ] {
-        handler
-            .handle(sample_event(file, id, REGION))
-            .await
-            .unwrap();
+        deliver(&handler, file, id).await;
     }
     assert_eq!(s.mutating_since(before), Vec::<String>::new());
 }
@@ -410,10 +379,7 @@ async fn a_concurrent_writer_that_drops_the_grant_is_merged_with_again() {
     let (image, _) = create_image_with(&s.ec2, "golden-race-1", &[], RootVolume::Key(&key)).await;
     s.emulator.race_key_policy(&key, 1);
     let before = s.requests();
-    let answer = handler
-        .handle(sample_event("create-image.json", &image, REGION))
-        .await
-        .unwrap();
+    let answer = deliver(&handler, "create-image.json", &image).await;
     assert_eq!(answer["status"], "done", "{answer:#}");
     let puts = s
         .mutating_since(before)

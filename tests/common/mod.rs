@@ -295,13 +295,33 @@ pub async fn image_tags(ec2: &aws_sdk_ec2::Client, image_id: &str) -> Tags {
 }
 
 pub async fn snapshot_tags(ec2: &aws_sdk_ec2::Client, snapshot_id: &str) -> Tags {
-    let snapshots = ec2
-        .describe_snapshots()
+    tag_map(describe_snapshot(ec2, snapshot_id).await.tags())
+}
+
+async fn describe_snapshot(
+    ec2: &aws_sdk_ec2::Client,
+    snapshot_id: &str,
+) -> aws_sdk_ec2::types::Snapshot {
+    ec2.describe_snapshots()
         .snapshot_ids(snapshot_id)
         .send()
         .await
-        .expect("DescribeSnapshots");
-    tag_map(snapshots.snapshots()[0].tags())
+        .expect("DescribeSnapshots")
+        .snapshots()[0]
+        .clone()
+}
+
+/// `Ebs.Encrypted` of the image's first block device, as DescribeImages reports it.
+pub async fn image_root_encrypted(ec2: &aws_sdk_ec2::Client, image_id: &str) -> Option<bool> {
+    let images = ec2
+        .describe_images()
+        .image_ids(image_id)
+        .send()
+        .await
+        .expect("DescribeImages");
+    images.images()[0].block_device_mappings()[0]
+        .ebs()?
+        .encrypted()
 }
 
 fn tag_map(tags: &[Tag]) -> Tags {
@@ -395,13 +415,7 @@ pub async fn snapshot_encryption(
     ec2: &aws_sdk_ec2::Client,
     snapshot_id: &str,
 ) -> (bool, Option<String>) {
-    let snapshots = ec2
-        .describe_snapshots()
-        .snapshot_ids(snapshot_id)
-        .send()
-        .await
-        .expect("DescribeSnapshots");
-    let snapshot = &snapshots.snapshots()[0];
+    let snapshot = describe_snapshot(ec2, snapshot_id).await;
     (
         snapshot.encrypted().unwrap_or(false),
         snapshot.kms_key_id().map(str::to_string),
