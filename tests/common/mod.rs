@@ -271,27 +271,26 @@ pub async fn create_image_with(
 }
 
 pub async fn image_snapshots(ec2: &aws_sdk_ec2::Client, image_id: &str) -> Vec<String> {
-    let images = ec2
-        .describe_images()
-        .image_ids(image_id)
-        .send()
+    describe_image(ec2, image_id)
         .await
-        .expect("DescribeImages");
-    images.images()[0]
         .block_device_mappings()
         .iter()
         .filter_map(|m| m.ebs()?.snapshot_id().map(str::to_string))
         .collect()
 }
 
-pub async fn image_tags(ec2: &aws_sdk_ec2::Client, image_id: &str) -> Tags {
-    let images = ec2
-        .describe_images()
+async fn describe_image(ec2: &aws_sdk_ec2::Client, image_id: &str) -> aws_sdk_ec2::types::Image {
+    ec2.describe_images()
         .image_ids(image_id)
         .send()
         .await
-        .expect("DescribeImages");
-    tag_map(images.images()[0].tags())
+        .expect("DescribeImages")
+        .images()[0]
+        .clone()
+}
+
+pub async fn image_tags(ec2: &aws_sdk_ec2::Client, image_id: &str) -> Tags {
+    tag_map(describe_image(ec2, image_id).await.tags())
 }
 
 pub async fn snapshot_tags(ec2: &aws_sdk_ec2::Client, snapshot_id: &str) -> Tags {
@@ -313,13 +312,7 @@ async fn describe_snapshot(
 
 /// `Ebs.Encrypted` of the image's first block device, as DescribeImages reports it.
 pub async fn image_root_encrypted(ec2: &aws_sdk_ec2::Client, image_id: &str) -> Option<bool> {
-    let images = ec2
-        .describe_images()
-        .image_ids(image_id)
-        .send()
-        .await
-        .expect("DescribeImages");
-    images.images()[0].block_device_mappings()[0]
+    describe_image(ec2, image_id).await.block_device_mappings()[0]
         .ebs()?
         .encrypted()
 }
