@@ -297,10 +297,8 @@ impl<A: Aws> Reconciler<'_, A> {
     /// and, when it cannot be shared as it is and a rule asks for it, its re-encrypted copy.
     async fn observe(&self, image: ObservedImage, desired: &Desired) -> Result<Observed, AwsError> {
         let image = self.observe_image(image, desired).await?;
-        let blocked =
-            reads_needed(desired, &image).keys && plan::key_patches(desired, &image).is_err();
         let reencryption = match &desired.reencrypt_with {
-            Some(key) if blocked => {
+            Some(key) if plan::wants_reencrypted_copy(desired, &image) => {
                 let region = &image.region;
                 let mut copies = self
                     .aws
@@ -1225,6 +1223,29 @@ mod tests {
         )
         .await;
         assert_eq!(aws.writes().len(), writes, "converged: {:?}", aws.writes());
+    }
+
+    #[tokio::test]
+    async fn no_copy_is_looked_for_when_a_copy_would_not_help() {
+        let aws = FakeAws::new(ImageState::Available, Some(CMK));
+        aws.state.lock().unwrap().keys.get_mut(CMK).unwrap().state = "Disabled".into();
+        let outcome = apply(&aws, &reencrypting_config()).await;
+        assert_eq!(outcome.status(), "blocked", "{}", outcome.headline());
+        let count = |op| aws.calls().iter().filter(|c| **c == op).count();
+        assert_eq!(
+            count("DescribeImages"),
+            1,
+            "no copy lookup: {:?}",
+            aws.calls()
+        );
+        assert_eq!(
+            count("DescribeKey"),
+            1,
+            "no re-encryption key read: {:?}",
+            aws.calls()
+        );
+        assert_eq!(count("CopyImage"), 0);
+        assert_eq!(aws.image(IMAGE).tags[markers::STATUS], "not-shared");
     }
 
     #[tokio::test]
