@@ -159,6 +159,23 @@ where
     }
 }
 
+/// An answer that lacks what the operation exists for: never acted on, and worth a retry.
+fn incomplete_answer(
+    operation: &'static str,
+    region: &str,
+    resource: &str,
+    missing: &str,
+) -> AwsError {
+    AwsError {
+        operation,
+        region: region.to_string(),
+        resource: resource.to_string(),
+        code: None,
+        message: format!("AWS answered without {missing}"),
+        retryable: true,
+    }
+}
+
 /// The HTTP status of a raw response, without naming the SDK's response type in signatures.
 trait HttpStatus {
     fn status(&self) -> u16;
@@ -432,17 +449,14 @@ impl Aws for SdkAws {
             .send()
             .await
             .map_err(|e| aws_error("CopyImage", region, &copy.source_image_id, e))?;
-        output
-            .image_id()
-            .map(str::to_string)
-            .ok_or_else(|| AwsError {
-                operation: "CopyImage",
-                region: region.to_string(),
-                resource: copy.source_image_id.clone(),
-                code: None,
-                message: "EC2 answered without the new image id".into(),
-                retryable: true,
-            })
+        output.image_id().map(str::to_string).ok_or_else(|| {
+            incomplete_answer(
+                "CopyImage",
+                region,
+                &copy.source_image_id,
+                "the new image id",
+            )
+        })
     }
 
     async fn describe_key(&self, region: &str, key: &str) -> Result<Option<ObservedKey>, AwsError> {
@@ -452,14 +466,9 @@ impl Aws for SdkAws {
             Err(e) => return Err(aws_error("DescribeKey", region, key, e)),
         };
         let metadata = output.key_metadata();
-        let arn = metadata.and_then(|m| m.arn()).ok_or_else(|| AwsError {
-            operation: "DescribeKey",
-            region: region.to_string(),
-            resource: key.to_string(),
-            code: None,
-            message: "KMS answered without the key's ARN".into(),
-            retryable: true,
-        })?;
+        let arn = metadata
+            .and_then(|m| m.arn())
+            .ok_or_else(|| incomplete_answer("DescribeKey", region, key, "the key's ARN"))?;
         Ok(Some(ObservedKey {
             arn: arn.to_string(),
             manager: match metadata.and_then(|m| m.key_manager()) {
@@ -485,14 +494,10 @@ impl Aws for SdkAws {
             .await
             .map_err(|e| aws_error("GetKeyPolicy", region, key_arn, e))?;
         // Never merge into a policy KMS did not give: the result would lack the owner's statements.
-        output.policy().map(str::to_string).ok_or_else(|| AwsError {
-            operation: "GetKeyPolicy",
-            region: region.to_string(),
-            resource: key_arn.to_string(),
-            code: None,
-            message: "KMS answered without the policy".into(),
-            retryable: true,
-        })
+        output
+            .policy()
+            .map(str::to_string)
+            .ok_or_else(|| incomplete_answer("GetKeyPolicy", region, key_arn, "the policy"))
     }
 
     async fn put_key_policy(
