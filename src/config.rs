@@ -13,6 +13,7 @@ use std::path::Path;
 use globset::{GlobBuilder, GlobMatcher};
 use serde::{Deserialize, Serialize};
 
+use crate::distribution::{CopySettings, ParameterName};
 use crate::keys::KeyRef;
 use crate::markers;
 use crate::targets::{AccountId, LaunchPermission, OrganizationArn, OrganizationalUnitArn};
@@ -65,7 +66,21 @@ pub struct Rule {
     /// another account): share a copy re-encrypted with this key instead. Absent: leave it unshared.
     #[serde(default)]
     pub reencrypt: Option<Reencrypt>,
+    /// Copies to other regions (`[rule.copy]`), each tagged and shared there like the source.
+    #[serde(default)]
+    pub copy: Option<CopySettings>,
+    /// Deprecate the AMI and its copies this many days after the AMI was created (EC2
+    /// EnableImageDeprecation): a deprecated AMI stays launchable but drops out of listings.
+    #[serde(default)]
+    pub deprecate_after_days: Option<u32>,
+    /// The SSM parameter that holds the latest AMI id of this rule, in each region where the rule has an
+    /// AMI (`{rule}`: the rule's name), written once the AMI is shared there.
+    #[serde(default)]
+    pub ssm_parameter: Option<ParameterName>,
 }
+
+/// EC2 refuses a deprecation time more than 10 years ahead.
+pub const MAX_DEPRECATE_AFTER_DAYS: u32 = 3650;
 
 /// A rule's opt-in to sharing re-encrypted copies of AMIs it cannot share as they are.
 #[derive(Debug, Clone, Deserialize)]
@@ -100,10 +115,14 @@ pub struct Selector {
 
 /// How an AMI came to be. Known from the CloudTrail event, or, for a state-change event, from the image
 /// itself (`SourceInstanceId` is set by CreateImage, `SourceImageId` by CopyImage).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub enum CreatedBy {
     CreateImage,
     CopyImage,
+    /// Also what an image reads as when it tells nothing of its making.
+    #[default]
     RegisterImage,
 }
 
@@ -127,6 +146,11 @@ pub struct ShareTargets {
     pub organizational_units: Vec<OrganizationalUnitArn>,
     #[serde(default)]
     pub accounts: Vec<AccountId>,
+    /// Also grant `accounts` createVolumePermission on the AMI's snapshots, which they need to copy the
+    /// AMI (AWS: "You do not have permission to access the storage of this ami"). Snapshots cannot be
+    /// shared with organizations or OUs: only the listed accounts get it.
+    #[serde(default)]
+    pub create_volume_permission: bool,
 }
 
 impl ShareTargets {
@@ -306,10 +330,30 @@ impl Config {
                     "{at}: name is used by an earlier rule; expected unique names"
                 ));
             }
-            if rule.tags.is_empty() && rule.share.is_empty() {
+            if rule.tags.is_empty() && rule.share.is_empty() && rule.copy.is_none() {
                 problems.push(format!(
-                    "{at}: the rule does nothing; expected `tags` and/or at least one of share.organizations, share.organizational_units, share.accounts"
+                    "{at}: the rule does nothing; expected `tags`, `copy.regions` and/or at least one of share.organizations, share.organizational_units, share.accounts"
                 ));
+            }
+            if rule.share.create_volume_permission && rule.share.accounts.is_empty() {
+                problems.push(format!(
+                    "{at}: share.create_volume_permission = true but share.accounts is empty; EC2 grants snapshot createVolumePermission to accounts only (not organizations or OUs): list the accounts that copy the AMI"
+                ));
+            }
+            if let Some(copy) = &rule.copy {
+                problems.extend(copy.problems().into_iter().map(|p| format!("{at}: {p}")));
+            }
+            if let Some(days) = rule.deprecate_after_days
+                && !(1..=MAX_DEPRECATE_AFTER_DAYS).contains(&days)
+            {
+                problems.push(format!(
+                    "{at}: deprecate_after_days = {days}; expected 1 to {MAX_DEPRECATE_AFTER_DAYS} (EC2 allows deprecation at most 10 years ahead)"
+                ));
+            }
+            if let Some(parameter) = &rule.ssm_parameter
+                && let Err(e) = parameter.check_rule(&rule.name)
+            {
+                problems.push(format!("{at}: ssm_parameter: {e}"));
             }
             if rule.tags.len() > MAX_TAGS_PER_RESOURCE {
                 problems.push(format!(

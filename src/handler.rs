@@ -1,9 +1,13 @@
 //! One EventBridge event in, one summary log record and one JSON answer out.
 //!
-//! Errors are for events that were not handled: an event of the wrong shape, or an AWS call that failed.
-//! Returning an error makes Lambda retry the asynchronous invocation and, when retries run out, send the
-//! event to the dead-letter queue: nothing is lost silently. Events that need no work (a failed
-//! CreateImage, an image no rule selects, one owned by another account) succeed with the reason.
+//! Errors are for events that a retry may still handle: an AWS call that failed in a way worth retrying
+//! (throttling, a 5xx, a time-out, a copy limit), or EC2 not having caught up with the event. Returning
+//! an error makes Lambda retry the asynchronous invocation (which redoes only what is still missing) and,
+//! when retries run out, send the event to the dead-letter queue: nothing is lost silently. An event of
+//! the wrong shape is an error too. A failure no retry can cure (access denied, a key policy KMS refuses,
+//! an opt-in region not enabled) is not retried: the invocation succeeds with status `failed`, and the
+//! summary log names it and every region's outcome. Events that need no work (a failed CreateImage, an
+//! image no rule selects, one owned by another account) succeed with the reason.
 
 use serde_json::{Value, json};
 
@@ -17,9 +21,10 @@ use crate::trigger::{self, Trigger, TriggerError};
 pub enum HandlerError {
     #[error(transparent)]
     UnsupportedEvent(#[from] TriggerError),
-    /// Some AWS call failed; the message is the outcome's headline (what was done, what failed).
+    /// A call failed in a way a retry may cure, or EC2 has not caught up; the message is the outcome's
+    /// headline (what was done, what failed, each region's outcome).
     #[error("{headline}")]
-    Incomplete { headline: String, retryable: bool },
+    Retryable { headline: String },
 }
 
 impl HandlerError {
@@ -27,12 +32,7 @@ impl HandlerError {
     pub fn error_type(&self) -> &'static str {
         match self {
             Self::UnsupportedEvent(_) => "UnsupportedEvent",
-            Self::Incomplete {
-                retryable: true, ..
-            } => "Retryable",
-            Self::Incomplete {
-                retryable: false, ..
-            } => "NotRetryable",
+            Self::Retryable { .. } => "Retryable",
         }
     }
 }
@@ -95,10 +95,9 @@ impl<A: Aws> Handler<A> {
         };
         let outcome = reconciler.reconcile(&event).await;
         log_summary(&outcome, event.event_id.as_deref());
-        if outcome.is_incomplete() {
-            return Err(HandlerError::Incomplete {
+        if outcome.is_incomplete() && outcome.retryable() {
+            return Err(HandlerError::Retryable {
                 headline: outcome.headline(),
-                retryable: outcome.retryable(),
             });
         }
         Ok(json!({ "status": outcome.status(), "outcome": outcome }))
@@ -123,6 +122,8 @@ fn log_summary(outcome: &Outcome, event_id: Option<&str>) {
         conflicts = %to_json(&outcome.conflicts),
         failures = %to_json(&outcome.failures),
         retry_reason = outcome.retry_reason.as_deref().unwrap_or_default(),
+        regions = %to_json(&outcome.regions),
+        copy_of = outcome.copy_of.as_deref().unwrap_or_default(),
         retryable = outcome.is_incomplete() && outcome.retryable(),
         "{}",
         outcome.headline()

@@ -118,6 +118,11 @@ impl KeyRef {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+    /// The region of a key or alias named by ARN; `None` for an alias name or key id, which name a key in
+    /// whichever region they are used.
+    pub fn arn_region(&self) -> Option<&str> {
+        split_kms_arn(&self.0).map(|(_, region, _, _)| region)
+    }
 }
 
 impl FromStr for KeyRef {

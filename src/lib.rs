@@ -12,6 +12,7 @@
 
 pub mod aws;
 pub mod config;
+pub mod distribution;
 pub mod handler;
 pub mod key_policy;
 pub mod keys;

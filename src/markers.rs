@@ -14,11 +14,14 @@ pub const REENCRYPTED_COPY: &str = "ami-share:reencrypted-copy";
 pub const SOURCE_IMAGE: &str = "ami-share:source-image";
 /// On a copy ami-share made: the region of the image it copied.
 pub const SOURCE_REGION: &str = "ami-share:source-region";
-/// On a copy ami-share made: why it exists ([`COPY_REENCRYPTED`]).
+/// On a copy ami-share made: why it exists ([`COPY_REENCRYPTED`] or [`COPY_REGIONAL`]). A copy is never
+/// copied again: this mark is what stops copy loops.
 pub const COPY_KIND: &str = "ami-share:copy-kind";
 
 /// [`COPY_KIND`] of a copy re-encrypted with a customer managed key, shared in place of its source.
 pub const COPY_REENCRYPTED: &str = "re-encrypted";
+/// [`COPY_KIND`] of a copy in another region, distributed as a rule's `copy.regions` say.
+pub const COPY_REGIONAL: &str = "regional";
 
 /// Tag keys a rule may not set: ami-share's own bookkeeping would be overwritten.
 pub const RESERVED: [&str; 5] = [
@@ -69,20 +72,31 @@ pub fn status_tags(status: Status, reason: &str) -> Tags {
     .into()
 }
 
-/// The marks on a re-encrypted copy of `source_image` in `region`.
-pub fn reencrypted_copy_tags(source_image: &str, region: &str) -> Tags {
+/// The marks on a copy of `source_image` (in `source_region`) of the given kind.
+pub fn copy_tags(kind: &str, source_image: &str, source_region: &str) -> Tags {
     [
         (SOURCE_IMAGE.to_string(), source_image.to_string()),
-        (SOURCE_REGION.to_string(), region.to_string()),
-        (COPY_KIND.to_string(), COPY_REENCRYPTED.to_string()),
+        (SOURCE_REGION.to_string(), source_region.to_string()),
+        (COPY_KIND.to_string(), kind.to_string()),
     ]
     .into()
 }
 
-/// The image a copy made by ami-share was copied from, read from its marks: (region, image id).
-pub fn copy_source(tags: &Tags) -> Option<(&str, &str)> {
-    tags.get(COPY_KIND)?;
-    Some((tags.get(SOURCE_REGION)?, tags.get(SOURCE_IMAGE)?))
+/// A copy made by ami-share, as its marks tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyMarks<'a> {
+    pub kind: &'a str,
+    pub source_region: &'a str,
+    pub source_image: &'a str,
+}
+
+/// The marks of a copy made by ami-share, if `tags` carry all of them.
+pub fn copy_marks(tags: &Tags) -> Option<CopyMarks<'_>> {
+    Some(CopyMarks {
+        kind: tags.get(COPY_KIND)?,
+        source_region: tags.get(SOURCE_REGION)?,
+        source_image: tags.get(SOURCE_IMAGE)?,
+    })
 }
 
 #[cfg(test)]
@@ -100,10 +114,17 @@ mod tests {
 
     #[test]
     fn a_copy_is_known_by_its_marks() {
-        let marks = reencrypted_copy_tags("ami-12345678", "eu-west-1");
-        assert_eq!(copy_source(&marks), Some(("eu-west-1", "ami-12345678")));
+        let marks = copy_tags(COPY_REGIONAL, "ami-12345678", "eu-west-1");
+        assert_eq!(
+            copy_marks(&marks),
+            Some(CopyMarks {
+                kind: COPY_REGIONAL,
+                source_region: "eu-west-1",
+                source_image: "ami-12345678"
+            })
+        );
         let mut partial = marks.clone();
         partial.remove(COPY_KIND);
-        assert_eq!(copy_source(&partial), None, "all marks are needed");
+        assert_eq!(copy_marks(&partial), None, "all marks are needed");
     }
 }

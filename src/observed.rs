@@ -10,8 +10,9 @@ use crate::config::CreatedBy;
 use crate::targets::LaunchPermission;
 
 /// An image's lifecycle state (EC2 `ImageState`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum ImageState {
+    #[default]
     Pending,
     Available,
     Failed,
@@ -61,6 +62,8 @@ pub struct ObservedSnapshot {
     /// `None` until read: DescribeSnapshots is called only when snapshot tags are wanted, or when the image
     /// is to be shared and its snapshots may be encrypted.
     pub tags: Option<Tags>,
+    /// The accounts with createVolumePermission on it; `None` until read (only when a rule grants it).
+    pub create_volume_accounts: Option<BTreeSet<String>>,
 }
 
 /// What DescribeSnapshots tells of one snapshot.
@@ -101,11 +104,16 @@ impl ObservedKey {
 }
 
 /// The image as DescribeImages (plus the attribute and snapshot reads) showed it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ObservedImage {
     pub image_id: String,
     pub region: String,
     pub name: Option<String>,
+    pub description: Option<String>,
+    /// EC2's `CreationDate` (ISO 8601).
+    pub creation_date: Option<String>,
+    /// EC2's `DeprecationTime`, when deprecation is set.
+    pub deprecation_time: Option<String>,
     pub owner_id: String,
     pub state: ImageState,
     pub tags: Tags,
@@ -119,6 +127,18 @@ pub struct ObservedImage {
     pub launch_permissions: Option<BTreeSet<LaunchPermission>>,
     /// The keys of this account that encrypt its snapshots, by key ARN; read only when it is to be shared.
     pub keys: BTreeMap<String, ObservedKey>,
+    /// The SSM parameters the rules name, in the image's region; read only once it can be shared.
+    pub parameters: BTreeMap<String, ObservedParameter>,
+}
+
+/// An SSM parameter that is to hold a rule's latest AMI id in a region.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ObservedParameter {
+    /// Its value; `None`: there is no such parameter yet.
+    pub value: Option<String>,
+    /// The `CreationDate` of the image the value names, when that is another image of this account in
+    /// the region: a newer one is never replaced by an older one (events arrive in any order).
+    pub value_created: Option<String>,
 }
 
 impl ObservedImage {
@@ -128,20 +148,26 @@ impl ObservedImage {
     }
 }
 
-/// The re-encryption side of an image that cannot be shared as it is, when a rule asks for a copy.
+/// ami-share's copies of an image of one kind in one region (a re-encrypted copy beside it, or a copy in
+/// another region), and the key to make one with.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ObservedReencryption {
-    /// ami-share's re-encrypted copies of the image (any state), each observed as an image.
+pub struct ObservedCopies {
+    /// The copies found by their marks (any state), each observed as an image; the one to be shared
+    /// with its launch permissions, snapshots and keys.
     pub copies: Vec<ObservedImage>,
-    /// The configured key as DescribeKey resolved it in the image's region: read only when a copy is to be
-    /// made. `Some(None)`: no such key there.
+    /// The configured key as DescribeKey resolved it in that region: read only when a copy is to be made
+    /// with a key. `Some(None)`: no such key there.
     pub key: Option<Option<ObservedKey>>,
 }
 
 /// Everything reconciling one image observed: the input of [`crate::plan::plan`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Observed {
     pub image: ObservedImage,
     /// Only when the image cannot be shared as it is and a selecting rule sets `reencrypt`.
-    pub reencryption: Option<ObservedReencryption>,
+    pub reencryption: Option<ObservedCopies>,
+    /// Per target region of the rules' `copy`: its copies, or `None` when that region could not be
+    /// observed (the reconciler records why; nothing is planned there). Read only once the image is
+    /// available (CopyImage needs an available source).
+    pub regional: BTreeMap<String, Option<ObservedCopies>>,
 }

@@ -19,11 +19,14 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::config::MAX_TAGS_PER_RESOURCE;
+use crate::distribution::{TemplateValues, same_minute};
 use crate::key_policy::{self, KeyGrantees};
 use crate::keys::{KeyArn, KeyRef};
 use crate::markers::{self, Status};
-use crate::observed::{ImageState, KeyManager, Observed, ObservedImage, Tags};
-use crate::rules::Desired;
+use crate::observed::{
+    ImageState, KeyManager, Observed, ObservedCopies, ObservedImage, ObservedKey, Tags,
+};
+use crate::rules::{CopyWanted, Desired};
 use crate::targets::LaunchPermission;
 
 /// One AWS call the plan needs. Plain data: it is what `plan` shows a person and what `apply` executes.
@@ -56,8 +59,28 @@ pub enum Action {
         image_id: String,
         permissions: Vec<LaunchPermission>,
     },
-    /// EC2 CopyImage in the image's own region, re-encrypted with a customer managed key.
+    /// EC2 CopyImage: a re-encrypted copy beside the image, or a copy in another region.
     CopyImage(ImageCopy),
+    /// EC2 ModifySnapshotAttribute createVolumePermission Add: lets the accounts copy the AMI. Applied
+    /// with the launch permissions, after the key patches.
+    AddCreateVolumePermission {
+        region: String,
+        snapshot_id: String,
+        accounts: Vec<String>,
+    },
+    /// EC2 EnableImageDeprecation.
+    DeprecateImage {
+        region: String,
+        image_id: String,
+        deprecate_at: String,
+    },
+    /// SSM PutParameter (DataType `aws:ec2:image`): the rule's latest AMI in the region. Applied last,
+    /// once the image is shared, so a launch template never follows it to an AMI it cannot launch.
+    PutParameter {
+        region: String,
+        name: String,
+        image_id: String,
+    },
     /// EC2 CreateTags of ami-share's status tags: applied last, and only if every other action succeeded,
     /// so the status never claims what did not happen.
     SetStatus {
@@ -67,15 +90,20 @@ pub enum Action {
     },
 }
 
-/// A copy of an image, re-encrypted with a customer managed key, marked as ami-share's by its tags
-/// (applied at creation, through TagSpecifications, so no event ever sees the copy unmarked).
+/// A copy of an image made by ami-share, marked as such by its tags (applied at creation, through
+/// TagSpecifications, so no event ever sees the copy unmarked, and a copy is never copied again).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ImageCopy {
+    /// Why the copy is made: [`markers::COPY_REENCRYPTED`] or [`markers::COPY_REGIONAL`].
+    pub kind: &'static str,
+    /// Where the copy is made (CopyImage is called there).
     pub region: String,
+    pub source_region: String,
     pub source_image_id: String,
     pub name: String,
     pub description: String,
-    pub kms_key_arn: String,
+    /// The key to encrypt the copy with; `None`: as EC2 does by default.
+    pub kms_key_arn: Option<String>,
     /// Makes a retried CopyImage return the copy already made instead of a second one.
     pub client_token: String,
     pub tags: Tags,
@@ -117,16 +145,44 @@ impl fmt::Display for Action {
                 image_id,
                 tags,
             } => write!(f, "mark {image_id} in {region}: {}", pairs(tags)),
-            Self::CopyImage(ImageCopy {
-                region,
-                source_image_id,
-                name,
-                kms_key_arn,
-                ..
-            }) => write!(
+            Self::CopyImage(copy) if copy.kind == markers::COPY_REENCRYPTED => write!(
                 f,
-                "copy {source_image_id} in {region} as {name:?}, re-encrypted with KMS key {kms_key_arn}, to share the copy instead"
+                "copy {} in {} as {:?}, re-encrypted with KMS key {}, to share the copy instead",
+                copy.source_image_id,
+                copy.region,
+                copy.name,
+                copy.kms_key_arn.as_deref().unwrap_or("(default)")
             ),
+            Self::CopyImage(copy) => {
+                write!(
+                    f,
+                    "copy {} from {} to {} as {:?}",
+                    copy.source_image_id, copy.source_region, copy.region, copy.name
+                )?;
+                match &copy.kms_key_arn {
+                    Some(key) => write!(f, ", encrypted with KMS key {key}"),
+                    None => Ok(()),
+                }
+            }
+            Self::AddCreateVolumePermission {
+                region,
+                snapshot_id,
+                accounts,
+            } => write!(
+                f,
+                "let {} create volumes from snapshot {snapshot_id} in {region} (needed to copy the AMI)",
+                accounts.join(", ")
+            ),
+            Self::DeprecateImage {
+                region,
+                image_id,
+                deprecate_at,
+            } => write!(f, "deprecate {image_id} in {region} at {deprecate_at}"),
+            Self::PutParameter {
+                region,
+                name,
+                image_id,
+            } => write!(f, "point SSM parameter {name} in {region} at {image_id}"),
         }
     }
 }
@@ -142,8 +198,28 @@ pub struct Plan {
     pub actions: Vec<Action>,
     /// Work deliberately not planned now (e.g. sharing a pending image), with the reason.
     pub deferred: Vec<String>,
-    /// Why the image is not shared as it is (its snapshots' keys), one sentence per cause.
+    /// Why the image is not shared as it is (its snapshots' keys), or a copy cannot be made, one
+    /// sentence per cause.
     pub blocked: Vec<String>,
+    /// Each target region of the rules' `copy`, and where its copy stands.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub regions: BTreeMap<String, RegionCopy>,
+}
+
+/// Where the copy of an image in one target region stands, as planning saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum RegionCopy {
+    /// The source is not available yet: CopyImage needs an available source.
+    Waiting,
+    /// No copy yet: the plan makes it.
+    ToCopy,
+    /// The copy exists; when available, the plan holds what it still lacks.
+    Copy { image_id: String, state: String },
+    /// No copy can be made: why.
+    Blocked { reason: String },
+    /// The region could not be read (the failure says why): nothing planned there.
+    Unread,
 }
 
 impl Plan {
@@ -160,6 +236,10 @@ pub struct Reads {
     pub snapshots: bool,
     /// DescribeKey and GetKeyPolicy of the keys the snapshots name (after DescribeSnapshots).
     pub keys: bool,
+    /// DescribeSnapshotAttribute createVolumePermission of each snapshot.
+    pub create_volume_permissions: bool,
+    /// GetParameter of the rules' SSM parameters (and the image each names).
+    pub parameters: bool,
 }
 
 /// Whether the image is to be shared now: available, and some rule shares it.
@@ -175,6 +255,10 @@ pub fn reads_needed(desired: &Desired, image: &ObservedImage) -> Reads {
         snapshots: !image.snapshots.is_empty()
             && (keys || (taggable && !desired.snapshot_tags.is_empty())),
         keys,
+        create_volume_permissions: shares_now(desired, image)
+            && !desired.create_volume_accounts.is_empty()
+            && !image.snapshots.is_empty(),
+        parameters: image.state == ImageState::Available && !desired.ssm_parameters.is_empty(),
     }
 }
 
@@ -374,11 +458,13 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
     }
     let mut after_tags = Vec::new();
     let mut status = None;
+    let mut shareable = true;
     if shares_now(desired, image) {
         match key_patches(desired, image) {
             Ok(patches) => {
                 after_tags.extend(patches);
                 after_tags.extend(share_action(desired, image));
+                after_tags.extend(create_volume_actions(desired, image));
                 // A status written while the image could not be shared is set right once it is.
                 if image.tags.contains_key(markers::STATUS) {
                     status = Some(markers::status_tags(
@@ -388,6 +474,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
                 }
             }
             Err(blocked) => {
+                shareable = false;
                 let (tags, copy_plan) = not_shareable(desired, observed, &blocked);
                 status = Some(tags);
                 plan.blocked = blocked.into_iter().map(|b| b.detail).collect();
@@ -404,6 +491,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
         &desired.snapshot_tags,
         image,
     ));
+    plan.actions.extend(deprecation_action(desired, image));
     plan.actions.extend(after_tags);
     let missing_status: Tags = status
         .unwrap_or_default()
@@ -417,7 +505,228 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
             tags: missing_status,
         });
     }
+    if shareable && image.state == ImageState::Available {
+        parameter_actions(desired, image, &mut plan);
+    }
+    if let Some(wanted) = &desired.copy {
+        regional_copies(desired, wanted, observed, &mut plan);
+    }
     plan
+}
+
+/// EnableImageDeprecation, when the image is not deprecated at the wanted minute.
+fn deprecation_action(desired: &Desired, image: &ObservedImage) -> Option<Action> {
+    let at = desired.deprecate_at.as_ref()?;
+    let set = image
+        .deprecation_time
+        .as_deref()
+        .is_some_and(|t| same_minute(t, at));
+    (!set).then(|| Action::DeprecateImage {
+        region: image.region.clone(),
+        image_id: image.image_id.clone(),
+        deprecate_at: at.clone(),
+    })
+}
+
+/// createVolumePermission for the accounts each snapshot lacks.
+fn create_volume_actions(desired: &Desired, image: &ObservedImage) -> Vec<Action> {
+    if desired.create_volume_accounts.is_empty() {
+        return Vec::new();
+    }
+    image
+        .snapshots
+        .iter()
+        .filter_map(|snapshot| {
+            let have = snapshot.create_volume_accounts.as_ref();
+            let missing: Vec<String> = desired
+                .create_volume_accounts
+                .iter()
+                .map(|a| a.as_str().to_string())
+                .filter(|a| !have.is_some_and(|h| h.contains(a)))
+                .collect();
+            (!missing.is_empty()).then(|| Action::AddCreateVolumePermission {
+                region: image.region.clone(),
+                snapshot_id: snapshot.snapshot_id.clone(),
+                accounts: missing,
+            })
+        })
+        .collect()
+}
+
+/// PutParameter for each rule parameter that does not name this image, unless it names a newer image
+/// (events arrive in any order: an older image's late event must not move the parameter back).
+fn parameter_actions(desired: &Desired, image: &ObservedImage, plan: &mut Plan) {
+    for name in &desired.ssm_parameters {
+        let Some(current) = image.parameters.get(name) else {
+            continue;
+        };
+        if current.value.as_deref() == Some(image.image_id.as_str()) {
+            continue;
+        }
+        if let (Some(theirs), Some(ours)) = (&current.value_created, &image.creation_date)
+            && theirs > ours
+        {
+            plan.deferred.push(format!(
+                "SSM parameter {name} in {} keeps {}, which is newer than {}",
+                image.region,
+                current.value.as_deref().unwrap_or_default(),
+                image.image_id
+            ));
+            continue;
+        }
+        plan.actions.push(Action::PutParameter {
+            region: image.region.clone(),
+            name: name.clone(),
+            image_id: image.image_id.clone(),
+        });
+    }
+}
+
+/// The copies to the rules' other regions: made once the source is available; each copy, once there,
+/// planned like an image of its own under the source's rules (tags, key, shares), and never copied again.
+fn regional_copies(desired: &Desired, wanted: &CopyWanted, observed: &Observed, plan: &mut Plan) {
+    let source = &observed.image;
+    let targets: Vec<(&String, &Option<KeyRef>)> = wanted
+        .regions
+        .iter()
+        .filter(|(region, _)| **region != source.region)
+        .collect();
+    if targets.is_empty() {
+        return;
+    }
+    if source.state != ImageState::Available {
+        let names: Vec<&str> = targets.iter().map(|(r, _)| r.as_str()).collect();
+        plan.deferred.push(format!(
+            "copies to {} wait until {} is available (CopyImage needs an available source)",
+            names.join(", "),
+            source.image_id
+        ));
+        for (region, _) in targets {
+            plan.regions.insert(region.clone(), RegionCopy::Waiting);
+        }
+        return;
+    }
+    for (region, key_ref) in targets {
+        let status = match observed.regional.get(region.as_str()) {
+            Some(Some(found)) => region_copy(
+                desired,
+                wanted,
+                source,
+                region,
+                key_ref.as_ref(),
+                found,
+                plan,
+            ),
+            None | Some(None) => RegionCopy::Unread,
+        };
+        plan.regions.insert(region.clone(), status);
+    }
+}
+
+fn region_copy(
+    desired: &Desired,
+    wanted: &CopyWanted,
+    source: &ObservedImage,
+    region: &str,
+    key_ref: Option<&KeyRef>,
+    found: &ObservedCopies,
+    plan: &mut Plan,
+) -> RegionCopy {
+    let copy_desired = desired_for_copy(desired, source, markers::COPY_REGIONAL);
+    if let Some(copy) = chosen_copy(&found.copies) {
+        let copy_plan = self::plan(
+            &copy_desired,
+            &Observed {
+                image: copy.clone(),
+                ..Observed::default()
+            },
+        );
+        plan.actions.extend(copy_plan.actions);
+        plan.deferred.extend(copy_plan.deferred);
+        plan.blocked.extend(copy_plan.blocked);
+        plan.blocked
+            .extend(duplicate_copies(&found.copies, copy, source, "copies"));
+        return RegionCopy::Copy {
+            image_id: copy.image_id.clone(),
+            state: copy.state.to_string(),
+        };
+    }
+    let mut blocked = |reason: String| {
+        plan.blocked.push(format!("no copy in {region}: {reason}"));
+        RegionCopy::Blocked { reason }
+    };
+    let failed = failed_copies(&found.copies);
+    if failed.len() >= MAX_FAILED_COPIES {
+        return blocked(too_many_failed(&failed, "copies"));
+    }
+    let key = match copy_key(key_ref, found.key.as_ref(), &source.owner_id, region) {
+        Ok(key) => key,
+        Err(why) => return blocked(why),
+    };
+    let values = TemplateValues {
+        name: source.name.as_deref().unwrap_or(&source.image_id),
+        description: source.description.as_deref().unwrap_or_default(),
+        image_id: &source.image_id,
+        source_region: &source.region,
+        region,
+    };
+    let own = match wanted.source_tags {
+        true => own_tags(source),
+        false => Tags::new(),
+    };
+    plan.actions.push(Action::CopyImage(new_copy(CopyDraft {
+        kind: markers::COPY_REGIONAL,
+        source,
+        region,
+        key: key.as_ref(),
+        name: wanted.name.render(&values, MAX_NAME_CHARS),
+        description: wanted.description.render(&values, MAX_DESCRIPTION_CHARS),
+        tags: with_marks(own, copy_desired.image_tags),
+        snapshot_tags: desired.snapshot_tags.clone(),
+        previous: &failed.into_iter().collect::<Vec<_>>(),
+    })));
+    plan.deferred.push(format!(
+        "sharing the copy of {} in {region} waits until the copy is available",
+        source.image_id
+    ));
+    RegionCopy::ToCopy
+}
+
+/// The ids of ami-share's copies (of one kind, in one region) that can no longer be used.
+fn failed_copies(copies: &[ObservedImage]) -> BTreeSet<&str> {
+    copies.iter().map(|c| c.image_id.as_str()).collect()
+}
+
+/// Why no more copies are made; `what`: "copies" or "re-encrypted copies".
+fn too_many_failed(failed: &BTreeSet<&str>, what: &str) -> String {
+    let ids: Vec<&str> = failed.iter().copied().collect();
+    format!(
+        "{} {what} failed ({}): deregister them to have ami-share try again",
+        ids.len(),
+        ids.join(", ")
+    )
+}
+
+/// A note on usable copies beside the chosen one (made outside ami-share's idempotency, e.g. by hand).
+fn duplicate_copies(
+    copies: &[ObservedImage],
+    chosen: &ObservedImage,
+    source: &ObservedImage,
+    what: &str,
+) -> Option<String> {
+    let duplicates: Vec<&str> = usable(copies)
+        .filter(|c| c.image_id != chosen.image_id)
+        .map(|c| c.image_id.as_str())
+        .collect();
+    (!duplicates.is_empty()).then(|| {
+        format!(
+            "{} also {what} of {} in {}; ami-share shares only {}: deregister the others",
+            duplicates.join(", "),
+            source.image_id,
+            chosen.region,
+            chosen.image_id
+        )
+    })
 }
 
 /// Whether the image is to be shared, cannot be as it is, and a copy re-encrypted with the rule's key
@@ -451,9 +760,15 @@ fn not_shareable(
     let key_ref = match &desired.reencrypt_with {
         Some(key_ref) if curable => key_ref,
         None if curable => {
-            let reason =
-                format!("{cause}; to share a re-encrypted copy instead, set reencrypt.kms_key");
-            return (not_shared(reason), None);
+            // ami-share never copies its own copies: a regional copy is cured at its making.
+            let remedy = match markers::copy_marks(&image.tags) {
+                Some(marks) if marks.kind == markers::COPY_REGIONAL => format!(
+                    "to share copies in {}, set its kms_key in the rule's copy.regions",
+                    image.region
+                ),
+                _ => "to share a re-encrypted copy instead, set reencrypt.kms_key".to_string(),
+            };
+            return (not_shared(format!("{cause}; {remedy}")), None);
         }
         _ => return (not_shared(cause), None),
     };
@@ -471,39 +786,24 @@ fn not_shareable(
     if let Some(copy) = chosen_copy(&reencryption.copies) {
         shared_as_copy.insert(markers::REENCRYPTED_COPY.into(), copy.image_id.clone());
         let mut copy_plan = plan(
-            &desired_for_copy(desired, image),
+            &desired_for_copy(desired, image, markers::COPY_REENCRYPTED),
             &Observed {
                 image: copy.clone(),
-                reencryption: None,
+                ..Observed::default()
             },
         );
-        let duplicates: Vec<&str> = usable(&reencryption.copies)
-            .filter(|c| c.image_id != copy.image_id)
-            .map(|c| c.image_id.as_str())
-            .collect();
-        if !duplicates.is_empty() {
-            copy_plan.blocked.push(format!(
-                "{} also re-encrypted copies of {}; ami-share shares only {}: deregister the others",
-                duplicates.join(", "),
-                image.image_id,
-                copy.image_id
-            ));
-        }
+        copy_plan.blocked.extend(duplicate_copies(
+            &reencryption.copies,
+            copy,
+            image,
+            "re-encrypted copies",
+        ));
         return (shared_as_copy, Some(copy_plan));
     }
     // No usable copy: the ones found failed; the one the image names may have been deregistered since.
-    let failed: BTreeSet<&str> = reencryption
-        .copies
-        .iter()
-        .map(|c| c.image_id.as_str())
-        .collect();
+    let failed = failed_copies(&reencryption.copies);
     if failed.len() >= MAX_FAILED_COPIES {
-        let ids: Vec<&str> = failed.into_iter().collect();
-        let why = format!(
-            "{} re-encrypted copies failed ({}): deregister them to have ami-share try again",
-            ids.len(),
-            ids.join(", ")
-        );
+        let why = too_many_failed(&failed, "re-encrypted copies");
         return (
             not_shared(format!("{cause}; {why}")),
             Some(Plan {
@@ -520,24 +820,42 @@ fn not_shareable(
             .map(String::as_str),
     );
     let previous: Vec<&str> = previous.into_iter().collect();
-    match copy_action(
-        desired,
-        image,
-        key_ref,
+    let key = copy_key(
+        Some(key_ref),
         reencryption.key.as_ref(),
-        &previous,
-    ) {
-        Ok(action) => (
-            shared_as_copy,
-            Some(Plan {
-                actions: vec![action],
-                deferred: vec![format!(
-                    "sharing the re-encrypted copy of {} waits until the copy is available",
-                    image.image_id
-                )],
-                blocked: Vec::new(),
-            }),
-        ),
+        &image.owner_id,
+        &image.region,
+    );
+    match key {
+        Ok(key) => {
+            let description = format!(
+                "{} re-encrypted with {key_ref} by ami-share, to be shared in its place",
+                image.image_id
+            );
+            let marks = desired_for_copy(desired, image, markers::COPY_REENCRYPTED).image_tags;
+            let copy = new_copy(CopyDraft {
+                kind: markers::COPY_REENCRYPTED,
+                source: image,
+                region: &image.region,
+                key: key.as_ref(),
+                name: image.name.clone().unwrap_or_else(|| image.image_id.clone()),
+                description: description.chars().take(MAX_DESCRIPTION_CHARS).collect(),
+                tags: with_marks(own_tags(image), marks),
+                snapshot_tags: desired.snapshot_tags.clone(),
+                previous: &previous,
+            });
+            (
+                shared_as_copy,
+                Some(Plan {
+                    actions: vec![Action::CopyImage(copy)],
+                    deferred: vec![format!(
+                        "sharing the re-encrypted copy of {} waits until the copy is available",
+                        image.image_id
+                    )],
+                    ..Plan::default()
+                }),
+            )
+        }
         Err(why) => (
             not_shared(format!("{cause}; no re-encrypted copy: {why}")),
             Some(Plan {
@@ -555,21 +873,20 @@ fn usable(copies: &[ObservedImage]) -> impl Iterator<Item = &ObservedImage> {
         .filter(|c| matches!(c.state, ImageState::Available | ImageState::Pending))
 }
 
-/// The re-encrypted copy ami-share shares when there are several: the usable one with the lowest id.
+/// The copy ami-share shares when there are several: the usable one with the lowest id.
 pub fn chosen_copy(copies: &[ObservedImage]) -> Option<&ObservedImage> {
     usable(copies).min_by(|a, b| a.image_id.cmp(&b.image_id))
 }
 
-/// What the re-encrypted copy of `source` must have: the source's wanted tags and shares, plus its marks.
-pub fn desired_for_copy(desired: &Desired, source: &ObservedImage) -> Desired {
+/// What a copy of `source` must have: the source's wanted tags, shares, snapshot permissions,
+/// deprecation and parameters, plus its marks; never a copy of its own.
+pub fn desired_for_copy(desired: &Desired, source: &ObservedImage, kind: &str) -> Desired {
     let mut image_tags = desired.image_tags.clone();
-    image_tags.extend(markers::reencrypted_copy_tags(
-        &source.image_id,
-        &source.region,
-    ));
+    image_tags.extend(markers::copy_tags(kind, &source.image_id, &source.region));
     Desired {
         image_tags,
         reencrypt_with: None,
+        copy: None,
         conflicts: Vec::new(),
         ..desired.clone()
     }
@@ -590,86 +907,131 @@ fn stable_hash(parts: &[&str]) -> u64 {
     hash
 }
 
-/// The CopyImage that makes the re-encrypted copy, or why it cannot be made.
-fn copy_action(
-    desired: &Desired,
-    source: &ObservedImage,
-    key_ref: &KeyRef,
-    key: Option<&Option<crate::observed::ObservedKey>>,
-    previous: &[&str],
-) -> Result<Action, String> {
+/// The key a copy in `region` is to be encrypted with: `None` when none is configured, else the
+/// configured key as KMS resolved it there, which must be an enabled customer managed key of the account
+/// in that region; or why it cannot be used.
+fn copy_key(
+    key_ref: Option<&KeyRef>,
+    key: Option<&Option<ObservedKey>>,
+    owner_id: &str,
+    region: &str,
+) -> Result<Option<KeyArn>, String> {
+    let Some(key_ref) = key_ref else {
+        return Ok(None);
+    };
     let key = match key {
         None => return Err(format!("KMS key {key_ref} was not read")),
         Some(None) => {
             return Err(format!(
-                "reencrypt key {key_ref} not found in {}",
-                source.region
+                "KMS key {key_ref} not found in {region}: create it there (an alias names a key per region)"
             ));
         }
         Some(Some(key)) => key,
     };
     let arn: KeyArn = key.arn.parse()?;
     if key.manager != KeyManager::Customer {
-        return Err(format!("reencrypt key {key_ref} is not customer managed"));
+        return Err(format!("KMS key {key_ref} is not customer managed"));
     }
-    if arn.account() != source.owner_id || arn.region() != source.region {
+    if arn.account() != owner_id || arn.region() != region {
         return Err(format!(
-            "reencrypt key {key_ref} is not of account {} in {}",
-            source.owner_id, source.region
+            "KMS key {key_ref} is not of account {owner_id} in {region}"
         ));
     }
     if !key.is_enabled() {
-        return Err(format!("reencrypt key {key_ref} is {}", key.state));
+        return Err(format!("KMS key {key_ref} is {}", key.state));
     }
-    // The token repeats for a retry of this copy, and changes once an earlier copy failed or was
-    // deregistered: EC2 would otherwise answer a reused token with the earlier, unusable copy. AMI names
-    // are unique in an account and region: a copy after earlier ones gets a name of its own.
+    Ok(Some(arn))
+}
+
+/// The source's own tags a copy takes: not AWS's reserved `aws:` ones (CreateTags refuses them), not
+/// ami-share's bookkeeping.
+fn own_tags(source: &ObservedImage) -> Tags {
+    source
+        .tags
+        .iter()
+        .filter(|(k, _)| {
+            !k.starts_with("aws:")
+                && !markers::RESERVED.contains(&k.as_str())
+                && k.as_str() != markers::REENCRYPTED_COPY
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// `tags` with `marks` (the wanted tags and the copy's marks) over them, within EC2's 50 tags.
+fn with_marks(tags: Tags, marks: Tags) -> Tags {
+    let mut merged: Tags = tags
+        .into_iter()
+        .filter(|(k, _)| !marks.contains_key(k))
+        .take(MAX_TAGS_PER_RESOURCE.saturating_sub(marks.len()))
+        .collect();
+    merged.extend(marks);
+    merged
+}
+
+/// What a new copy is made of, before its token and final name are derived.
+struct CopyDraft<'a> {
+    kind: &'static str,
+    source: &'a ObservedImage,
+    region: &'a str,
+    key: Option<&'a KeyArn>,
+    name: String,
+    description: String,
+    tags: Tags,
+    snapshot_tags: Tags,
+    /// Earlier copies (failed or gone): a new attempt needs a new token and a name of its own.
+    previous: &'a [&'a str],
+}
+
+/// The CopyImage of a draft. The client token repeats for a retry of this copy (EC2 then returns the copy
+/// already made), and changes once an earlier copy failed or was deregistered (EC2 would otherwise answer
+/// with that unusable copy). AMI names are unique in an account and region: a copy after earlier ones
+/// gets a name of its own.
+fn new_copy(draft: CopyDraft) -> ImageCopy {
+    let source = draft.source;
+    let key = draft.key.map(KeyArn::as_str).unwrap_or_default();
+    let identity: Vec<&str> = match draft.kind {
+        // The re-encrypted copy's token is as it was before regional copies existed.
+        markers::COPY_REENCRYPTED => vec![source.image_id.as_str(), key],
+        kind => vec![
+            kind,
+            source.region.as_str(),
+            source.image_id.as_str(),
+            draft.region,
+            key,
+        ],
+    };
     let hash = stable_hash(
-        &[source.image_id.as_str(), arn.as_str()]
+        &identity
             .into_iter()
-            .chain(previous.iter().copied())
+            .chain(draft.previous.iter().copied())
             .collect::<Vec<_>>(),
     );
-    let suffix = match previous {
-        [] => "-reencrypted".to_string(),
-        _ => format!("-reencrypted-{:08x}", hash >> 32),
+    let base = match draft.kind {
+        markers::COPY_REENCRYPTED => "-reencrypted",
+        _ => "",
     };
-    let base: String = source
+    let suffix = match draft.previous {
+        [] => base.to_string(),
+        _ => format!("{base}-{:08x}", hash >> 32),
+    };
+    let name: String = draft
         .name
-        .as_deref()
-        .unwrap_or(&source.image_id)
         .chars()
         .take(MAX_NAME_CHARS - suffix.len())
         .collect();
-    let description: String = format!(
-        "{} re-encrypted with {key_ref} by ami-share, to be shared in its place",
-        source.image_id
-    )
-    .chars()
-    .take(MAX_DESCRIPTION_CHARS)
-    .collect();
-    // The copy looks like its source: the source's own tags (not ami-share's marks, not AWS's reserved
-    // `aws:` ones, which CreateTags refuses), then the wanted tags and the copy's marks, which win.
-    let marks = desired_for_copy(desired, source).image_tags;
-    let mut tags: Tags = source
-        .tags
-        .iter()
-        .filter(|(k, _)| !k.starts_with("aws:") && !markers::RESERVED.contains(&k.as_str()))
-        .filter(|(k, _)| !marks.contains_key(*k))
-        .take(MAX_TAGS_PER_RESOURCE.saturating_sub(marks.len()))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    tags.extend(marks);
-    Ok(Action::CopyImage(ImageCopy {
-        region: source.region.clone(),
+    ImageCopy {
+        kind: draft.kind,
+        region: draft.region.to_string(),
+        source_region: source.region.clone(),
         source_image_id: source.image_id.clone(),
-        name: format!("{base}{suffix}"),
-        description,
-        kms_key_arn: arn.to_string(),
+        name: format!("{name}{suffix}"),
+        description: draft.description,
+        kms_key_arn: draft.key.map(ToString::to_string),
         client_token: format!("ami-share-{}-{hash:016x}", source.image_id),
-        tags,
-        snapshot_tags: desired.snapshot_tags.clone(),
-    }))
+        tags: draft.tags,
+        snapshot_tags: draft.snapshot_tags,
+    }
 }
 
 /// The launch permissions the image lacks, as one call.
@@ -727,7 +1089,7 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-    use crate::observed::{ObservedKey, ObservedReencryption, ObservedSnapshot};
+    use crate::observed::{ObservedKey, ObservedSnapshot};
 
     const ORG: &str = "arn:aws:organizations::123456789012:organization/o-a1b2c3d4e5";
     const CMK: &str = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab";
@@ -766,9 +1128,11 @@ mod tests {
                 encrypted: Some(false),
                 kms_key_id: None,
                 tags: Some(Tags::new()),
+                create_volume_accounts: None,
             }],
             launch_permissions: Some(BTreeSet::new()),
-            keys: BTreeMap::new(),
+            creation_date: Some("2026-11-25T10:00:00.000Z".into()),
+            ..ObservedImage::default()
         }
     }
 
@@ -796,6 +1160,7 @@ mod tests {
         Observed {
             image,
             reencryption: None,
+            regional: BTreeMap::new(),
         }
     }
 
@@ -807,6 +1172,7 @@ mod tests {
             launch_permissions: [org(), account("210987654321")].into(),
             reencrypt_with: None,
             conflicts: vec![],
+            ..Desired::default()
         }
     }
 
@@ -870,6 +1236,7 @@ mod tests {
                 ..
             }) = action
             {
+                let kms_key_arn = kms_key_arn.as_deref().unwrap();
                 let mut copy = encrypted(kms_key_arn, Some(key(kms_key_arn, KeyManager::Customer)));
                 copy.image_id = "ami-copy0001".into();
                 copy.name = Some(name.clone());
@@ -1004,6 +1371,7 @@ mod tests {
             encrypted: Some(false),
             kms_key_id: None,
             tags: Some(tags(&[("team", "platform")])),
+            create_volume_accounts: None,
         });
         img.launch_permissions = Some(d.launch_permissions.clone());
         let p = plan(&d, &observed(img));
@@ -1029,7 +1397,9 @@ mod tests {
             Reads {
                 launch_permissions: true,
                 snapshots: true,
-                keys: false
+                keys: false,
+                create_volume_permissions: false,
+                parameters: false,
             },
             "unencrypted: no key reads"
         );
@@ -1071,6 +1441,7 @@ mod tests {
                     .into(),
             ),
             tags: Some(Tags::new()),
+            create_volume_accounts: None,
         });
         assert_eq!(keys_to_read(&img), [CMK.to_string()].into());
     }
@@ -1091,6 +1462,7 @@ mod tests {
                 Action::AddLaunchPermissions { .. } => "share",
                 Action::CopyImage(_) => "copy",
                 Action::SetStatus { .. } => "status",
+                _ => "other",
             })
             .collect();
         assert_eq!(kinds, ["tag", "key", "share"]);
@@ -1235,6 +1607,7 @@ mod tests {
             encrypted: Some(true),
             kms_key_id: Some(AWS_EBS.into()),
             tags: Some(Tags::new()),
+            create_volume_accounts: None,
         });
         img.keys
             .insert(AWS_EBS.into(), key(AWS_EBS, KeyManager::Aws));
@@ -1257,7 +1630,8 @@ mod tests {
     fn reencryption(copies: Vec<ObservedImage>, key: Option<Option<ObservedKey>>) -> Observed {
         Observed {
             image: encrypted(AWS_EBS, Some(self::key(AWS_EBS, KeyManager::Aws))),
-            reencryption: Some(ObservedReencryption { copies, key }),
+            reencryption: Some(ObservedCopies { copies, key }),
+            regional: BTreeMap::new(),
         }
     }
 
@@ -1288,7 +1662,7 @@ mod tests {
             (region.as_str(), source_image_id.as_str(), name.as_str()),
             ("us-east-1", "ami-12345678", "golden-reencrypted")
         );
-        assert_eq!(kms_key_arn, REENCRYPT_KEY);
+        assert_eq!(kms_key_arn.as_deref(), Some(REENCRYPT_KEY));
         assert!(
             client_token.starts_with("ami-share-ami-12345678-") && client_token.len() <= 64,
             "{client_token}"
@@ -1325,7 +1699,12 @@ mod tests {
         );
         copy.image_id = "ami-copy0001".into();
         copy.state = ImageState::Pending;
-        copy.tags = desired_for_copy(&reencrypting(), &encrypted(AWS_EBS, None)).image_tags;
+        copy.tags = desired_for_copy(
+            &reencrypting(),
+            &encrypted(AWS_EBS, None),
+            markers::COPY_REENCRYPTED,
+        )
+        .image_tags;
         copy.snapshots[0].tags = Some(desired().snapshot_tags);
         copy.launch_permissions = None;
         let p = plan(&reencrypting(), &reencryption(vec![copy.clone()], None));
@@ -1429,10 +1808,11 @@ mod tests {
         disabled.state = "Disabled".into();
         let obs = Observed {
             image: encrypted(CMK, Some(disabled)),
-            reencryption: Some(ObservedReencryption {
+            reencryption: Some(ObservedCopies {
                 copies: vec![],
                 key: Some(Some(key(REENCRYPT_KEY, KeyManager::Customer))),
             }),
+            regional: BTreeMap::new(),
         };
         assert!(!wants_reencrypted_copy(&reencrypting(), &obs.image));
         let p = plan(&reencrypting(), &obs);
@@ -1469,7 +1849,7 @@ mod tests {
         let other_region =
             "arn:aws:kms:eu-west-1:123456789012:key/77777777-12ab-34cd-56ef-1234567890ab";
         let cases = [
-            (None, "reencrypt key alias/ami-share not found in us-east-1"),
+            (None, "KMS key alias/ami-share not found in us-east-1"),
             (
                 Some(key(AWS_EBS, KeyManager::Aws)),
                 "is not customer managed",

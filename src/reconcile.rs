@@ -11,20 +11,22 @@
 //! - a key policy write is checked by reading it back after a pause, and merged again if a concurrent
 //!   writer replaced it (KMS has no conditional write), a bounded number of times.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
+use futures::StreamExt;
 use futures::future::join_all;
 use serde::Serialize;
 
 use crate::aws::{Aws, AwsError, ImageLookup};
 use crate::config::{Config, CreatedBy};
 use crate::key_policy::{self, KeyGrantees};
-use crate::keys::KeyArn;
-use crate::markers;
+use crate::keys::{KeyArn, KeyRef};
+use crate::markers::{self, CopyMarks};
 use crate::observed::{
-    ImageState, KeyManager, Observed, ObservedImage, ObservedKey, ObservedReencryption,
+    ImageState, KeyManager, Observed, ObservedCopies, ObservedImage, ObservedKey, ObservedParameter,
 };
-use crate::plan::{self, Action, Plan, desired_for_copy, keys_to_read, reads_needed};
+use crate::plan::{self, Action, Plan, RegionCopy, desired_for_copy, keys_to_read, reads_needed};
 use crate::rules::{Desired, ImageFacts, desired_for};
 use crate::trigger::{EventKind, ImageEvent};
 
@@ -63,6 +65,13 @@ pub struct Outcome {
     /// reconciled instead: the source's rules govern the copy).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event_image_id: Option<String>,
+    /// When `image_id` is ami-share's copy in another region: its source, `ami-… in <region>`, whose
+    /// rules govern it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy_of: Option<String>,
+    /// Each target region of the rules' `copy`, and what became of its copy.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub regions: BTreeMap<String, RegionOutcome>,
     /// How the image was made, if known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub created_by: Option<CreatedBy>,
@@ -91,6 +100,31 @@ pub struct Outcome {
     /// Why the event must be handled again later although no call failed (EC2 has not caught up with it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_reason: Option<String>,
+    /// Copies made by this run in other regions: region → new image id.
+    #[serde(skip)]
+    made: BTreeMap<String, String>,
+}
+
+/// What became of an image's copy in one target region.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RegionOutcome {
+    /// `waiting` (the source is not available yet), `copying` (CopyImage done now), `pending` (the copy
+    /// is being made), `done` (the copy is available and as configured), `blocked` or `failed`.
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl RegionOutcome {
+    fn new(status: &'static str, image_id: Option<String>, detail: Option<String>) -> Self {
+        Self {
+            status,
+            image_id,
+            detail,
+        }
+    }
 }
 
 impl Outcome {
@@ -117,9 +151,10 @@ impl Outcome {
         !self.failures.is_empty() || self.retry_reason.is_some()
     }
 
-    /// Whether a retry may complete it (every failure is retryable).
+    /// Whether a retry may complete it: EC2 has not caught up, or some failure is retryable (a retry
+    /// redoes only what is still missing, so the other regions' work is not repeated).
     pub fn retryable(&self) -> bool {
-        self.failures.iter().all(|f| f.retryable)
+        self.retry_reason.is_some() || self.failures.iter().any(|f| f.retryable)
     }
 
     fn retry_later(mut self, reason: String) -> Self {
@@ -145,6 +180,42 @@ impl Outcome {
             actions: self.done.iter().chain(&self.not_done).cloned().collect(),
             deferred: self.deferred.clone(),
             blocked: self.blocked.clone(),
+            regions: BTreeMap::new(),
+        }
+    }
+
+    /// Each target region's outcome, from the plan's view of it and what applying did there.
+    fn settle_regions(&mut self, planned: BTreeMap<String, RegionCopy>) {
+        for (region, copy) in planned {
+            let failure = self
+                .failures
+                .iter()
+                .find(|f| f.region == region)
+                .map(ToString::to_string);
+            let outcome = match (copy, failure) {
+                (RegionCopy::Waiting, _) => RegionOutcome::new("waiting", None, None),
+                (RegionCopy::Blocked { reason }, _) => {
+                    RegionOutcome::new("blocked", None, Some(reason))
+                }
+                (RegionCopy::Copy { image_id, .. }, Some(failure)) => {
+                    RegionOutcome::new("failed", Some(image_id), Some(failure))
+                }
+                (_, Some(failure)) => RegionOutcome::new("failed", None, Some(failure)),
+                (RegionCopy::Unread, None) => {
+                    RegionOutcome::new("failed", None, Some("the region could not be read".into()))
+                }
+                (RegionCopy::ToCopy, None) => match self.made.get(&region) {
+                    Some(id) => RegionOutcome::new("copying", Some(id.clone()), None),
+                    None => RegionOutcome::new("not_done", None, None),
+                },
+                (RegionCopy::Copy { image_id, state }, None) if state == "available" => {
+                    RegionOutcome::new("done", Some(image_id), None)
+                }
+                (RegionCopy::Copy { image_id, state }, None) => {
+                    RegionOutcome::new("pending", Some(image_id), Some(state))
+                }
+            };
+            self.regions.insert(region, outcome);
         }
     }
 
@@ -153,6 +224,9 @@ impl Outcome {
         let mut subject = format!("{} in {}", self.image_id, self.region);
         if let Some(copy) = &self.event_image_id {
             subject.push_str(&format!(" (the event named {copy}, its re-encrypted copy)"));
+        }
+        if let Some(source) = &self.copy_of {
+            subject.push_str(&format!(" (ami-share's copy of {source})"));
         }
         if let Some(reason) = &self.skipped {
             return format!("{subject}: skipped: {reason}");
@@ -170,6 +244,18 @@ impl Outcome {
                 .map(|b| format!("not shared as it is: {b}")),
         );
         parts.extend(self.deferred.iter().map(|d| format!("deferred: {d}")));
+        parts.extend(self.regions.iter().map(|(region, r)| {
+            let mut text = format!("{region}: {}", r.status);
+            if let Some(id) = &r.image_id {
+                text.push_str(&format!(" {id}"));
+            }
+            if let Some(detail) = &r.detail
+                && r.status != "failed"
+            {
+                text.push_str(&format!(" ({detail})"));
+            }
+            text
+        }));
         parts.extend(self.failures.iter().map(|f| format!("failed: {f}")));
         parts.extend(self.retry_reason.iter().map(|r| format!("to retry: {r}")));
         format!("{subject}: {}", parts.join("; "))
@@ -221,10 +307,23 @@ impl<A: Aws> Reconciler<'_, A> {
         let lagging = matches!(&event.kind, EventKind::StateChange { state } if state == "available")
             && image.state == ImageState::Pending;
 
-        let outcome = match markers::copy_source(&image.tags) {
-            // ami-share's own copy: its source's rules govern it, and it is never copied again.
-            Some((source_region, source_id)) => {
-                let (source_region, source_id) = (source_region.to_string(), source_id.to_string());
+        let outcome = match markers::copy_marks(&image.tags) {
+            // ami-share's copy in another region: finished here, in its region, under its source's rules.
+            Some(marks) if marks.kind == markers::COPY_REGIONAL => {
+                let marks = (
+                    marks.source_region.to_string(),
+                    marks.source_image.to_string(),
+                );
+                self.reconcile_regional_copy(image, marks, outcome).await
+            }
+            // ami-share's re-encrypted copy: its source's rules govern it, and it is never copied again.
+            Some(CopyMarks {
+                source_region,
+                source_image,
+                ..
+            }) => {
+                let (source_region, source_id) =
+                    (source_region.to_string(), source_image.to_string());
                 let mut outcome = Outcome::new(&source_id, &source_region);
                 outcome.event_image_id = Some(image_id.to_string());
                 match self.aws.describe_image(&source_region, &source_id).await {
@@ -255,7 +354,7 @@ impl<A: Aws> Reconciler<'_, A> {
         outcome
     }
 
-    /// Selects, observes what the plan needs, plans and (in [`Mode::Apply`]) applies, for a described image.
+    /// Selects the rules for a described image, then observes, plans and (in [`Mode::Apply`]) applies.
     pub async fn reconcile_image(
         &self,
         image: ObservedImage,
@@ -263,21 +362,54 @@ impl<A: Aws> Reconciler<'_, A> {
         mut outcome: Outcome,
     ) -> Outcome {
         outcome.created_by = Some(created_by);
-        let facts = ImageFacts {
-            name: image.name.as_deref(),
-            tags: &image.tags,
-            owner_id: &image.owner_id,
-            created_by,
-        };
-        let desired = desired_for(self.config, &facts);
+        let desired = desired_for(self.config, &facts_of(&image, created_by));
         if desired.is_empty() {
             let name = image.name.as_deref().unwrap_or("(no name)");
             return outcome.skipped(format!("no rule selects it (name {name:?})"));
         }
+        self.reconcile_desired(image, desired, outcome).await
+    }
+
+    /// A copy ami-share made in this region of an image in another: its source's rules say what it must
+    /// have (tags, shares, key grants, deprecation, parameter). It is never copied again: the copy's
+    /// wanted state has no `copy`. Only this region is touched, so a stack per region finishes its copies.
+    async fn reconcile_regional_copy(
+        &self,
+        copy: ObservedImage,
+        (source_region, source_id): (String, String),
+        mut outcome: Outcome,
+    ) -> Outcome {
+        outcome.copy_of = Some(format!("{source_id} in {source_region}"));
+        let source = match self.aws.describe_image(&source_region, &source_id).await {
+            Ok(ImageLookup::Owned(source)) => *source,
+            Ok(_) => {
+                return outcome.skipped(format!(
+                    "its source {source_id} in {source_region} is gone or not this account's, so no rule can be read for it: the copy is left as it is"
+                ));
+            }
+            Err(e) => return outcome.failed(e),
+        };
+        outcome.created_by = Some(source.created_by);
+        let desired = desired_for(self.config, &facts_of(&source, source.created_by));
+        if desired.is_empty() {
+            return outcome.skipped(format!(
+                "no rule selects its source {source_id} any more: the copy is left as it is"
+            ));
+        }
+        let desired = desired_for_copy(&desired, &source, markers::COPY_REGIONAL);
+        self.reconcile_desired(copy, desired, outcome).await
+    }
+
+    /// Observes what the plan needs, plans and (in [`Mode::Apply`]) applies.
+    async fn reconcile_desired(
+        &self,
+        image: ObservedImage,
+        desired: Desired,
+        mut outcome: Outcome,
+    ) -> Outcome {
         outcome.rules = desired.rules.clone();
         outcome.conflicts = desired.conflicts.clone();
-
-        let observed = match self.observe(image, &desired).await {
+        let observed = match self.observe(image, &desired, &mut outcome).await {
             Ok(observed) => observed,
             Err(e) => return outcome.failed(e),
         };
@@ -287,45 +419,122 @@ impl<A: Aws> Reconciler<'_, A> {
         if self.mode == Mode::DryRun {
             outcome.dry_run = true;
             outcome.not_done = plan.actions;
-            return outcome;
+        } else {
+            self.apply(plan.actions, &mut outcome).await;
         }
-        self.apply(plan.actions, &mut outcome).await;
+        outcome.settle_regions(plan.regions);
         outcome
     }
 
-    /// The reads the plan needs, beyond the image itself: its launch permissions, snapshots and keys,
-    /// and, when it cannot be shared as it is and a rule asks for it, its re-encrypted copy.
-    async fn observe(&self, image: ObservedImage, desired: &Desired) -> Result<Observed, AwsError> {
-        let image = self.observe_image(image, desired).await?;
-        let reencryption = match &desired.reencrypt_with {
-            Some(key) if plan::wants_reencrypted_copy(desired, &image) => {
-                let region = &image.region;
-                let mut copies = self
-                    .aws
-                    .find_reencrypted_copies(region, &image.image_id)
-                    .await?;
-                let key = match plan::chosen_copy(&copies).map(|c| c.image_id.clone()) {
-                    Some(chosen) => {
-                        let copy = copies.iter_mut().find(|c| c.image_id == chosen);
-                        let copy = copy.expect("the chosen copy is among the copies");
-                        *copy = self
-                            .observe_image(copy.clone(), &desired_for_copy(desired, &image))
+    /// The reads the plan needs, beyond the image itself: its launch permissions, snapshots, keys and
+    /// parameters; when it cannot be shared as it is and a rule asks for it, its re-encrypted copy; and its
+    /// copies in the rules' other regions. Each region is read concurrently with the others and with the
+    /// image's own reads, so the chain of calls is as long for five regions as for one. A region that
+    /// cannot be read is recorded in `outcome` and left out; the others go on.
+    async fn observe(
+        &self,
+        image: ObservedImage,
+        desired: &Desired,
+        outcome: &mut Outcome,
+    ) -> Result<Observed, AwsError> {
+        let regions = self.regional_targets(&image, desired);
+        let copy_desired = desired_for_copy(desired, &image, markers::COPY_REGIONAL);
+        let (source, regional) = futures::join!(
+            async {
+                let image = self.observe_image(image.clone(), desired).await?;
+                let reencryption = match &desired.reencrypt_with {
+                    Some(key) if plan::wants_reencrypted_copy(desired, &image) => {
+                        let copies = self
+                            .observe_copies(
+                                &image.region,
+                                &image,
+                                markers::COPY_REENCRYPTED,
+                                Some(key),
+                                &desired_for_copy(desired, &image, markers::COPY_REENCRYPTED),
+                            )
                             .await?;
-                        None
+                        Some(copies)
                     }
-                    None => Some(self.aws.describe_key(region, key.as_str()).await?),
+                    _ => None,
                 };
-                Some(ObservedReencryption { copies, key })
-            }
-            _ => None,
-        };
-        Ok(Observed {
+                Ok::<_, AwsError>((image, reencryption))
+            },
+            join_all(regions.iter().map(|(region, key)| self.observe_copies(
+                region,
+                &image,
+                markers::COPY_REGIONAL,
+                key.as_ref(),
+                &copy_desired
+            )))
+        );
+        let (image, reencryption) = source?;
+        let mut observed = Observed {
             image,
             reencryption,
-        })
+            regional: BTreeMap::new(),
+        };
+        for ((region, _), result) in regions.into_iter().zip(regional) {
+            let copies = match result {
+                Ok(copies) => Some(copies),
+                Err(e) => {
+                    outcome.failures.push(e);
+                    None
+                }
+            };
+            observed.regional.insert(region, copies);
+        }
+        Ok(observed)
     }
 
-    /// Launch permissions and snapshots (concurrently), then the keys the snapshots name (concurrently).
+    /// The regions to look for copies in: the rules' other regions, once the image is available (before,
+    /// no copy can be made, and none looked for).
+    fn regional_targets(
+        &self,
+        image: &ObservedImage,
+        desired: &Desired,
+    ) -> Vec<(String, Option<KeyRef>)> {
+        match &desired.copy {
+            Some(wanted) if image.state == ImageState::Available => wanted
+                .regions
+                .iter()
+                .filter(|(region, _)| **region != image.region)
+                .map(|(region, key)| (region.clone(), key.clone()))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// ami-share's copies of `source` of one kind in `region`: the chosen one observed as an image (under
+    /// `copy_desired`), or, when there is none, the key to make one with.
+    async fn observe_copies(
+        &self,
+        region: &str,
+        source: &ObservedImage,
+        kind: &str,
+        key: Option<&KeyRef>,
+        copy_desired: &Desired,
+    ) -> Result<ObservedCopies, AwsError> {
+        let mut copies = self
+            .aws
+            .find_copies(region, &source.region, &source.image_id, kind)
+            .await?;
+        let key = match plan::chosen_copy(&copies).map(|c| c.image_id.clone()) {
+            Some(chosen) => {
+                let copy = copies.iter_mut().find(|c| c.image_id == chosen);
+                let copy = copy.expect("the chosen copy is among the copies");
+                *copy = self.observe_image(copy.clone(), copy_desired).await?;
+                None
+            }
+            None => match key {
+                Some(key) => Some(self.aws.describe_key(region, key.as_str()).await?),
+                None => None,
+            },
+        };
+        Ok(ObservedCopies { copies, key })
+    }
+
+    /// Launch permissions, snapshots, snapshot permissions and parameters (concurrently), then the keys
+    /// the snapshots name and the images the parameters name (concurrently).
     async fn observe_image(
         &self,
         mut image: ObservedImage,
@@ -338,7 +547,7 @@ impl<A: Aws> Reconciler<'_, A> {
             .iter()
             .map(|s| s.snapshot_id.clone())
             .collect();
-        let (permissions, snapshots) = futures::join!(
+        let (permissions, snapshots, volume_permissions, parameters) = futures::join!(
             async {
                 match reads.launch_permissions {
                     true => Some(
@@ -353,6 +562,26 @@ impl<A: Aws> Reconciler<'_, A> {
                 match reads.snapshots {
                     true => Some(self.aws.describe_snapshots(&region, &snapshot_ids).await),
                     false => None,
+                }
+            },
+            async {
+                match reads.create_volume_permissions {
+                    true => join_all(
+                        snapshot_ids
+                            .iter()
+                            .map(|id| self.aws.describe_create_volume_permissions(&region, id)),
+                    )
+                    .await
+                    .into_iter()
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(Some),
+                    false => Ok(None),
+                }
+            },
+            async {
+                match reads.parameters {
+                    true => self.observe_parameters(&region, desired).await.map(Some),
+                    false => Ok(None),
                 }
             }
         );
@@ -369,6 +598,14 @@ impl<A: Aws> Reconciler<'_, A> {
                 }
             }
         }
+        if let Some(accounts) = volume_permissions? {
+            for (snapshot, accounts) in image.snapshots.iter_mut().zip(accounts) {
+                snapshot.create_volume_accounts = Some(accounts);
+            }
+        }
+        if let Some(parameters) = parameters? {
+            image.parameters = parameters;
+        }
         if reads.keys {
             let arns = keys_to_read(&image);
             let keys = join_all(arns.iter().map(|arn| self.observe_key(&region, arn))).await;
@@ -377,6 +614,38 @@ impl<A: Aws> Reconciler<'_, A> {
             }
         }
         Ok(image)
+    }
+
+    /// Each rule parameter's value, and the creation date of the image it names (to never move it back to
+    /// an older image).
+    async fn observe_parameters(
+        &self,
+        region: &str,
+        desired: &Desired,
+    ) -> Result<BTreeMap<String, ObservedParameter>, AwsError> {
+        let names: Vec<&String> = desired.ssm_parameters.iter().collect();
+        let observed = join_all(names.iter().map(|name| async move {
+            let value = self.aws.get_parameter(region, name).await?;
+            let value_created = match value.as_deref() {
+                Some(id) if id.starts_with("ami-") => {
+                    match self.aws.describe_image(region, id).await? {
+                        ImageLookup::Owned(image) => image.creation_date,
+                        _ => None,
+                    }
+                }
+                _ => None,
+            };
+            Ok::<_, AwsError>(ObservedParameter {
+                value,
+                value_created,
+            })
+        }))
+        .await;
+        names
+            .into_iter()
+            .zip(observed)
+            .map(|(name, p)| Ok((name.clone(), p?)))
+            .collect()
     }
 
     /// DescribeKey and GetKeyPolicy together. The policy of an AWS managed key is not needed (it cannot
@@ -400,41 +669,64 @@ impl<A: Aws> Reconciler<'_, A> {
         Ok(key)
     }
 
-    /// Three phases, each concurrent within: tags, key policies and copies; then the shares, only if every
-    /// key policy patch succeeded; then the status tags, only if nothing failed (a status never claims
-    /// what did not happen).
+    /// Three phases, each concurrent within (at most [`MAX_CONCURRENT_CALLS`] calls at once): tags,
+    /// deprecation, key policies and copies; then launch and snapshot permissions; then status tags and
+    /// SSM parameters. Each region is held back on its own: a region whose key policy patch failed gets
+    /// no share (receivers could not launch from it), and a region where anything failed gets no status
+    /// or parameter (they never claim what did not happen); the other regions go on.
     async fn apply(&self, actions: Vec<Action>, outcome: &mut Outcome) {
-        let (status, actions): (Vec<Action>, Vec<Action>) = actions
+        let (last, actions): (Vec<Action>, Vec<Action>) = actions
             .into_iter()
-            .partition(|a| matches!(a, Action::SetStatus { .. }));
-        let (shares, first): (Vec<Action>, Vec<Action>) = actions
-            .into_iter()
-            .partition(|a| matches!(a, Action::AddLaunchPermissions { .. }));
+            .partition(|a| matches!(a, Action::SetStatus { .. } | Action::PutParameter { .. }));
+        let (shares, first): (Vec<Action>, Vec<Action>) = actions.into_iter().partition(|a| {
+            matches!(
+                a,
+                Action::AddLaunchPermissions { .. } | Action::AddCreateVolumePermission { .. }
+            )
+        });
         self.apply_phase(first, outcome).await;
-        let key_failed = outcome
+        let key_failed: Vec<String> = outcome
             .not_done
             .iter()
-            .any(|a| matches!(a, Action::PatchKeyPolicy { .. }));
-        if key_failed && !shares.is_empty() {
+            .filter_map(|a| match a {
+                Action::PatchKeyPolicy { region, .. } => Some(region.clone()),
+                _ => None,
+            })
+            .collect();
+        let (held, shares): (Vec<Action>, Vec<Action>) = shares
+            .into_iter()
+            .partition(|a| key_failed.contains(&action_region(a).to_string()));
+        if !held.is_empty() {
             outcome.blocked.push(
                 "not shared yet: a key policy could not be patched (see the failure), and receivers could not launch from it".into(),
             );
-            outcome.not_done.extend(shares);
-        } else {
-            self.apply_phase(shares, outcome).await;
+            outcome.not_done.extend(held);
         }
-        if outcome.failures.is_empty() {
-            self.apply_phase(status, outcome).await;
-        } else {
-            outcome.not_done.extend(status);
-        }
+        self.apply_phase(shares, outcome).await;
+        let (held, last): (Vec<Action>, Vec<Action>) = last.into_iter().partition(|a| {
+            let region = action_region(a);
+            outcome.failures.iter().any(|f| f.region == region)
+        });
+        outcome.not_done.extend(held);
+        self.apply_phase(last, outcome).await;
     }
 
     async fn apply_phase(&self, actions: Vec<Action>, outcome: &mut Outcome) {
-        let results = join_all(actions.iter().map(|action| self.apply_one(action))).await;
+        let results: Vec<Result<Option<String>, AwsError>> =
+            futures::stream::iter(actions.iter().map(|action| self.apply_one(action)))
+                .buffered(MAX_CONCURRENT_CALLS)
+                .collect()
+                .await;
         for (action, result) in actions.into_iter().zip(results) {
             match result {
-                Ok(()) => outcome.done.push(action),
+                Ok(made) => {
+                    if let (Action::CopyImage(copy), Some(id)) = (&action, made)
+                        && copy.kind == markers::COPY_REGIONAL
+                    {
+                        outcome.made.insert(copy.region.clone(), id);
+                    }
+                    outcome.done.push(action);
+                }
                 Err(e) => {
                     outcome.not_done.push(action);
                     outcome.failures.push(e);
@@ -443,13 +735,14 @@ impl<A: Aws> Reconciler<'_, A> {
         }
     }
 
-    async fn apply_one(&self, action: &Action) -> Result<(), AwsError> {
+    /// Makes the call of one action; for a CopyImage, returns the new image id.
+    async fn apply_one(&self, action: &Action) -> Result<Option<String>, AwsError> {
         match action {
             Action::CreateTags {
                 region,
                 resources,
                 tags,
-            } => self.aws.create_tags(region, resources, tags).await,
+            } => self.aws.create_tags(region, resources, tags).await?,
             Action::SetStatus {
                 region,
                 image_id,
@@ -457,7 +750,7 @@ impl<A: Aws> Reconciler<'_, A> {
             } => {
                 self.aws
                     .create_tags(region, std::slice::from_ref(image_id), tags)
-                    .await
+                    .await?
             }
             Action::AddLaunchPermissions {
                 region,
@@ -466,25 +759,52 @@ impl<A: Aws> Reconciler<'_, A> {
             } => {
                 self.aws
                     .add_launch_permissions(region, image_id, permissions)
-                    .await
+                    .await?
             }
             Action::PatchKeyPolicy {
                 region,
                 key_arn,
                 grantees,
                 ..
-            } => self.patch_key_policy(region, key_arn, grantees).await,
+            } => self.patch_key_policy(region, key_arn, grantees).await?,
+            Action::AddCreateVolumePermission {
+                region,
+                snapshot_id,
+                accounts,
+            } => {
+                self.aws
+                    .add_create_volume_permissions(region, snapshot_id, accounts)
+                    .await?
+            }
+            Action::DeprecateImage {
+                region,
+                image_id,
+                deprecate_at,
+            } => {
+                self.aws
+                    .enable_image_deprecation(region, image_id, deprecate_at)
+                    .await?
+            }
+            Action::PutParameter {
+                region,
+                name,
+                image_id,
+            } => self.aws.put_parameter(region, name, image_id).await?,
             Action::CopyImage(copy) => {
                 let copy_id = self.aws.copy_image(copy).await?;
                 tracing::info!(
                     image_id = %copy.source_image_id,
                     copy_id = %copy_id,
-                    "made re-encrypted copy {copy_id} of {}",
-                    copy.source_image_id
+                    copy_region = %copy.region,
+                    "made {} copy {copy_id} of {} in {}",
+                    copy.kind,
+                    copy.source_image_id,
+                    copy.region
                 );
-                Ok(())
+                return Ok(Some(copy_id));
             }
         }
+        Ok(None)
     }
 
     /// Admits `grantees` to the key: reads the policy, merges, writes, and after a pause reads it again to
@@ -552,6 +872,35 @@ impl<A: Aws> Reconciler<'_, A> {
     }
 }
 
+/// At most this many calls of one apply phase run at once: many regions' copies and shares go out
+/// together without meeting EC2's request rate limits all at once.
+const MAX_CONCURRENT_CALLS: usize = 8;
+
+/// The region an action's call is made in.
+fn action_region(action: &Action) -> &str {
+    match action {
+        Action::CreateTags { region, .. }
+        | Action::PatchKeyPolicy { region, .. }
+        | Action::AddLaunchPermissions { region, .. }
+        | Action::AddCreateVolumePermission { region, .. }
+        | Action::DeprecateImage { region, .. }
+        | Action::PutParameter { region, .. }
+        | Action::SetStatus { region, .. } => region,
+        Action::CopyImage(copy) => &copy.region,
+    }
+}
+
+/// What the rules select on, read from a described image.
+fn facts_of(image: &ObservedImage, created_by: CreatedBy) -> ImageFacts<'_> {
+    ImageFacts {
+        name: image.name.as_deref(),
+        tags: &image.tags,
+        owner_id: &image.owner_id,
+        created_by,
+        creation_date: image.creation_date.as_deref(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};
@@ -569,6 +918,10 @@ mod tests {
     const CMK: &str = "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab";
     const AWS_EBS: &str =
         "arn:aws:kms:eu-west-1:123456789012:key/99999999-12ab-34cd-56ef-1234567890ab";
+    /// Another region, with its own key under the same alias.
+    const WEST: &str = "us-west-2";
+    const WEST_KEY: &str =
+        "arn:aws:kms:us-west-2:123456789012:key/55555555-12ab-34cd-56ef-1234567890ab";
     const COPY_KEY: &str =
         "arn:aws:kms:eu-west-1:123456789012:key/77777777-12ab-34cd-56ef-1234567890ab";
     const DEFAULT_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[{"Sid":"Enable IAM User Permissions","Effect":"Allow","Principal":{"AWS":"arn:aws:iam::123456789012:root"},"Action":"kms:*","Resource":"*"}]}"#;
@@ -578,11 +931,16 @@ mod tests {
         images: BTreeMap<String, ObservedImage>,
         snapshots: BTreeMap<String, SnapshotFacts>,
         keys: BTreeMap<String, ObservedKey>,
-        aliases: BTreeMap<String, String>,
+        /// (region, alias) → key ARN.
+        aliases: BTreeMap<(String, String), String>,
         /// Puts after which a "concurrent writer" puts back the policy it read before them.
         overwrites_left: usize,
         /// CopyImage client tokens and the copies they made.
         copy_tokens: BTreeMap<String, String>,
+        /// Snapshot id → accounts with createVolumePermission.
+        volume_permissions: BTreeMap<String, BTreeSet<String>>,
+        /// (region, name) → value.
+        parameters: BTreeMap<(String, String), String>,
     }
 
     /// An in-memory AWS account in one region: images, snapshots, keys. Records every call and can fail
@@ -590,7 +948,11 @@ mod tests {
     struct FakeAws {
         state: Mutex<FakeState>,
         calls: Mutex<Vec<&'static str>>,
+        /// The region of each call in `calls`.
+        regions_called: Mutex<Vec<String>>,
         failing: Vec<&'static str>,
+        /// Regions where every call fails (throttled).
+        failing_regions: Vec<&'static str>,
     }
 
     impl FakeAws {
@@ -609,9 +971,11 @@ mod tests {
                     encrypted: Some(key.is_some()),
                     kms_key_id: None,
                     tags: None,
+                    create_volume_accounts: None,
                 }],
                 launch_permissions: Some(BTreeSet::new()),
-                keys: BTreeMap::new(),
+                creation_date: Some("2026-11-25T10:00:00.000Z".into()),
+                ..ObservedImage::default()
             };
             let mut fake = FakeState::default();
             fake.images.insert(IMAGE.into(), image);
@@ -627,6 +991,7 @@ mod tests {
                 (CMK, KeyManager::Customer),
                 (AWS_EBS, KeyManager::Aws),
                 (COPY_KEY, KeyManager::Customer),
+                (WEST_KEY, KeyManager::Customer),
             ] {
                 fake.keys.insert(
                     arn.into(),
@@ -639,18 +1004,22 @@ mod tests {
                 );
             }
             fake.aliases
-                .insert("alias/ami-share".into(), COPY_KEY.into());
+                .insert((REGION.into(), "alias/ami-share".into()), COPY_KEY.into());
+            fake.aliases
+                .insert((WEST.into(), "alias/ami-share".into()), WEST_KEY.into());
             Self {
                 state: Mutex::new(fake),
                 calls: Mutex::new(Vec::new()),
+                regions_called: Mutex::new(Vec::new()),
                 failing: Vec::new(),
+                failing_regions: Vec::new(),
             }
         }
 
         fn call(&self, operation: &'static str, region: &str) -> Result<(), AwsError> {
-            assert_eq!(region, REGION, "{operation} in the image's region");
             self.calls.lock().unwrap().push(operation);
-            if self.failing.contains(&operation) {
+            self.regions_called.lock().unwrap().push(region.to_string());
+            if self.failing.contains(&operation) || self.failing_regions.contains(&region) {
                 return Err(AwsError {
                     operation,
                     region: region.into(),
@@ -691,7 +1060,7 @@ mod tests {
         async fn describe_image(&self, region: &str, id: &str) -> Result<ImageLookup, AwsError> {
             self.call("DescribeImages", region)?;
             let state = self.state.lock().unwrap();
-            Ok(match state.images.get(id) {
+            Ok(match state.images.get(id).filter(|i| i.region == region) {
                 Some(image) => {
                     let mut image = image.clone();
                     image.launch_permissions = None;
@@ -762,17 +1131,24 @@ mod tests {
                 .extend(permissions.iter().cloned());
             Ok(())
         }
-        async fn find_reencrypted_copies(
+        async fn find_copies(
             &self,
             region: &str,
+            source_region: &str,
             source: &str,
+            kind: &str,
         ) -> Result<Vec<ObservedImage>, AwsError> {
             self.call("DescribeImages", region)?;
             let state = self.state.lock().unwrap();
+            let wanted = CopyMarks {
+                kind,
+                source_region,
+                source_image: source,
+            };
             Ok(state
                 .images
                 .values()
-                .filter(|i| markers::copy_source(&i.tags).is_some_and(|(_, s)| s == source))
+                .filter(|i| i.region == region && markers::copy_marks(&i.tags) == Some(wanted))
                 .map(|i| ObservedImage {
                     launch_permissions: None,
                     ..i.clone()
@@ -807,6 +1183,7 @@ mod tests {
             let snapshot = format!("snap-{id}");
             let mut image = state.images[&copy.source_image_id].clone();
             image.image_id = id.clone();
+            image.region = copy.region.clone();
             image.name = Some(copy.name.clone());
             image.state = ImageState::Pending;
             image.tags = copy.tags.clone();
@@ -817,6 +1194,7 @@ mod tests {
                 encrypted: Some(true),
                 kms_key_id: None,
                 tags: None,
+                create_volume_accounts: None,
             }];
             state.images.insert(id.clone(), image);
             state.snapshots.insert(
@@ -824,10 +1202,74 @@ mod tests {
                 SnapshotFacts {
                     tags: copy.snapshot_tags.clone(),
                     encrypted: true,
-                    kms_key_id: Some(copy.kms_key_arn.clone()),
+                    kms_key_id: copy.kms_key_arn.clone(),
                 },
             );
             Ok(id)
+        }
+        async fn describe_create_volume_permissions(
+            &self,
+            region: &str,
+            snapshot_id: &str,
+        ) -> Result<BTreeSet<String>, AwsError> {
+            self.call("DescribeSnapshotAttribute", region)?;
+            let state = self.state.lock().unwrap();
+            Ok(state
+                .volume_permissions
+                .get(snapshot_id)
+                .cloned()
+                .unwrap_or_default())
+        }
+        async fn add_create_volume_permissions(
+            &self,
+            region: &str,
+            snapshot_id: &str,
+            accounts: &[String],
+        ) -> Result<(), AwsError> {
+            self.call("ModifySnapshotAttribute", region)?;
+            let mut state = self.state.lock().unwrap();
+            let have = state
+                .volume_permissions
+                .entry(snapshot_id.to_string())
+                .or_default();
+            have.extend(accounts.iter().cloned());
+            Ok(())
+        }
+        async fn enable_image_deprecation(
+            &self,
+            region: &str,
+            image_id: &str,
+            at: &str,
+        ) -> Result<(), AwsError> {
+            self.call("EnableImageDeprecation", region)?;
+            let mut state = self.state.lock().unwrap();
+            state.images.get_mut(image_id).unwrap().deprecation_time = Some(at.to_string());
+            Ok(())
+        }
+        async fn get_parameter(
+            &self,
+            region: &str,
+            name: &str,
+        ) -> Result<Option<String>, AwsError> {
+            self.call("GetParameter", region)?;
+            let state = self.state.lock().unwrap();
+            Ok(state
+                .parameters
+                .get(&(region.to_string(), name.to_string()))
+                .cloned())
+        }
+        async fn put_parameter(
+            &self,
+            region: &str,
+            name: &str,
+            image_id: &str,
+        ) -> Result<(), AwsError> {
+            self.call("PutParameter", region)?;
+            let mut state = self.state.lock().unwrap();
+            state
+                .parameters
+                .insert((region.to_string(), name.to_string()), image_id.to_string());
+            Ok(())
         }
         async fn describe_key(
             &self,
@@ -836,7 +1278,11 @@ mod tests {
         ) -> Result<Option<ObservedKey>, AwsError> {
             self.call("DescribeKey", region)?;
             let state = self.state.lock().unwrap();
-            let arn = state.aliases.get(key).map(String::as_str).unwrap_or(key);
+            let arn = state
+                .aliases
+                .get(&(region.to_string(), key.to_string()))
+                .map(String::as_str)
+                .unwrap_or(key);
             Ok(state.keys.get(arn).map(|k| ObservedKey {
                 policy: None,
                 ..k.clone()

@@ -5,14 +5,15 @@
 //! up. When two rules want different values for one tag key, the rule written first wins and the conflict
 //! is reported (in the plan and the log), so the outcome never depends on anything but the file.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
 use crate::config::{Config, CreatedBy, Rule};
+use crate::distribution::{Template, deprecation_time};
 use crate::keys::KeyRef;
 use crate::observed::Tags;
-use crate::targets::LaunchPermission;
+use crate::targets::{AccountId, LaunchPermission};
 
 /// The facts about an image that rules can select on.
 #[derive(Debug, Clone, Copy)]
@@ -21,6 +22,8 @@ pub struct ImageFacts<'a> {
     pub tags: &'a Tags,
     pub owner_id: &'a str,
     pub created_by: CreatedBy,
+    /// EC2's `CreationDate`: deprecation is counted from it.
+    pub creation_date: Option<&'a str>,
 }
 
 /// What the selecting rules want for one image.
@@ -34,8 +37,33 @@ pub struct Desired {
     /// The key to re-encrypt a copy with when the image cannot be shared as it is (the first selecting
     /// rule that names one).
     pub reencrypt_with: Option<KeyRef>,
+    /// Copies to other regions, when a selecting rule has `copy`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy: Option<CopyWanted>,
+    /// Accounts to grant createVolumePermission on the snapshots (`share.create_volume_permission`).
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
+    pub create_volume_accounts: BTreeSet<AccountId>,
+    /// When to deprecate the image (and its copies): the earliest a selecting rule asks for, counted from
+    /// the source image's creation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deprecate_at: Option<String>,
+    /// SSM parameters to point at the image once it is shared, in its region.
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
+    pub ssm_parameters: BTreeSet<String>,
     /// Tag keys (or re-encryption keys) two rules disagree on, described for the operator.
     pub conflicts: Vec<String>,
+}
+
+/// The copies the selecting rules want: every region any of them names; for a region named twice, the
+/// key of the rule first in the file (the other is reported as a conflict); the name, description and
+/// tag settings of the first rule with `copy`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CopyWanted {
+    /// Region → the key to encrypt the copy there with (`None`: EC2's default behaviour).
+    pub regions: BTreeMap<String, Option<KeyRef>>,
+    pub name: Template,
+    pub description: Template,
+    pub source_tags: bool,
 }
 
 impl Desired {
@@ -92,6 +120,49 @@ pub fn desired_for(config: &Config, image: &ImageFacts) -> Desired {
         desired
             .launch_permissions
             .extend(rule.share.launch_permissions());
+        if let Some(settings) = &rule.copy {
+            let copy = desired.copy.get_or_insert_with(|| CopyWanted {
+                regions: BTreeMap::new(),
+                name: settings.name.clone(),
+                description: settings.description.clone(),
+                source_tags: settings.source_tags,
+            });
+            for target in &settings.regions {
+                let region = target.region.as_str();
+                match copy.regions.get(region) {
+                    None => {
+                        copy.regions
+                            .insert(region.to_string(), target.kms_key.clone());
+                    }
+                    Some(first) if *first != target.kms_key => desired.conflicts.push(format!(
+                        "copy to {region}: rule {:?} wants key {:?}, an earlier rule (first in the file, applied) wants {:?}",
+                        rule.name,
+                        target.kms_key.as_ref().map(KeyRef::as_str).unwrap_or("(default)"),
+                        first.as_ref().map(KeyRef::as_str).unwrap_or("(default)"),
+                    )),
+                    Some(_) => {}
+                }
+            }
+        }
+        if rule.share.create_volume_permission {
+            desired
+                .create_volume_accounts
+                .extend(rule.share.accounts.iter().cloned());
+        }
+        if let Some(days) = rule.deprecate_after_days
+            && let Some(at) = image.creation_date.and_then(|c| deprecation_time(c, days))
+            && desired
+                .deprecate_at
+                .as_ref()
+                .is_none_or(|earlier| at < *earlier)
+        {
+            desired.deprecate_at = Some(at);
+        }
+        if let Some(parameter) = &rule.ssm_parameter {
+            desired
+                .ssm_parameters
+                .insert(parameter.for_rule(&rule.name));
+        }
         if let Some(reencrypt) = &rule.reencrypt {
             match &desired.reencrypt_with {
                 None => desired.reencrypt_with = Some(reencrypt.kms_key.clone()),
@@ -141,7 +212,67 @@ mod tests {
             tags,
             owner_id: "123456789012",
             created_by: CreatedBy::CreateImage,
+            creation_date: Some("2026-11-25T10:00:00.000Z"),
         }
+    }
+
+    #[test]
+    fn copies_snapshot_permissions_deprecation_and_parameters_unite_across_rules() {
+        let c = config(
+            r#"
+            [[rule]]
+            name = "first"
+            share.accounts = ["111122223333"]
+            share.create_volume_permission = true
+            deprecate_after_days = 30
+            ssm_parameter = "/ami-share/{rule}/latest"
+            copy.name = "{name}-{region}"
+            copy.regions = [{ region = "us-east-1", kms_key = "alias/a" }, { region = "eu-central-1" }]
+
+            [[rule]]
+            name = "second"
+            share.accounts = ["444455556666"]
+            deprecate_after_days = 7
+            copy.regions = [{ region = "us-east-1", kms_key = "alias/b" }, { region = "ap-south-1" }]
+            "#,
+        );
+        let none = Tags::new();
+        let d = desired_for(&c, &facts("x", &none));
+        let copy = d.copy.as_ref().unwrap();
+        assert_eq!(
+            copy.regions.keys().collect::<Vec<_>>(),
+            ["ap-south-1", "eu-central-1", "us-east-1"]
+        );
+        assert_eq!(
+            copy.regions["us-east-1"].as_ref().unwrap().as_str(),
+            "alias/a"
+        );
+        assert_eq!(copy.name.as_str(), "{name}-{region}", "the first rule's");
+        assert!(
+            d.conflicts
+                .iter()
+                .any(|c| c.contains("us-east-1") && c.contains("alias/b"))
+        );
+        let accounts: Vec<&str> = d
+            .create_volume_accounts
+            .iter()
+            .map(|a| a.as_str())
+            .collect();
+        assert_eq!(accounts, ["111122223333"], "only the rule that opts in");
+        assert_eq!(
+            d.deprecate_at.as_deref(),
+            Some("2026-12-02T10:00:00Z"),
+            "the earliest"
+        );
+        assert_eq!(
+            d.ssm_parameters.iter().collect::<Vec<_>>(),
+            ["/ami-share/first/latest"]
+        );
+        let undated = ImageFacts {
+            creation_date: None,
+            ..facts("x", &none)
+        };
+        assert_eq!(desired_for(&c, &undated).deprecate_at, None);
     }
 
     fn rule(selector: &str) -> Config {

@@ -67,17 +67,59 @@ pub trait Aws: Send + Sync {
         permissions: &[LaunchPermission],
     ) -> impl Future<Output = Result<(), AwsError>> + Send;
 
-    /// EC2 DescribeImages of this account's images that ami-share made as re-encrypted copies of
-    /// `source_image_id` (found by their marker tags), in any state.
-    fn find_reencrypted_copies(
+    /// EC2 DescribeImages of this account's images in `region` that ami-share made as copies of `kind`
+    /// ([`crate::markers::COPY_KIND`]) of `source_image_id` in `source_region`, found by their marks, in
+    /// any state.
+    fn find_copies(
         &self,
         region: &str,
+        source_region: &str,
         source_image_id: &str,
+        kind: &str,
     ) -> impl Future<Output = Result<Vec<ObservedImage>, AwsError>> + Send;
 
-    /// EC2 CopyImage within the region, encrypted and tagged as `copy` says. Returns the new image id.
+    /// EC2 CopyImage, called in the copy's region, encrypted and tagged as `copy` says. Returns the new
+    /// image id.
     fn copy_image(&self, copy: &ImageCopy)
     -> impl Future<Output = Result<String, AwsError>> + Send;
+
+    /// EC2 DescribeSnapshotAttribute createVolumePermission: the accounts that may create volumes from it.
+    fn describe_create_volume_permissions(
+        &self,
+        region: &str,
+        snapshot_id: &str,
+    ) -> impl Future<Output = Result<BTreeSet<String>, AwsError>> + Send;
+
+    /// EC2 ModifySnapshotAttribute createVolumePermission Add.
+    fn add_create_volume_permissions(
+        &self,
+        region: &str,
+        snapshot_id: &str,
+        accounts: &[String],
+    ) -> impl Future<Output = Result<(), AwsError>> + Send;
+
+    /// EC2 EnableImageDeprecation (`deprecate_at` in ISO 8601, UTC).
+    fn enable_image_deprecation(
+        &self,
+        region: &str,
+        image_id: &str,
+        deprecate_at: &str,
+    ) -> impl Future<Output = Result<(), AwsError>> + Send;
+
+    /// SSM GetParameter: its value, `None` when there is no such parameter.
+    fn get_parameter(
+        &self,
+        region: &str,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<String>, AwsError>> + Send;
+
+    /// SSM PutParameter with DataType `aws:ec2:image`, overwriting.
+    fn put_parameter(
+        &self,
+        region: &str,
+        name: &str,
+        image_id: &str,
+    ) -> impl Future<Output = Result<(), AwsError>> + Send;
 
     /// KMS DescribeKey (`key` as key ARN, alias or id). `None`: no such key in the region. The policy is
     /// not read here.
@@ -144,6 +186,12 @@ impl AwsError {
             "DescribeKey" | "GetKeyPolicy" | "PutKeyPolicy"
         );
         match self.code.as_deref()? {
+            "OptInRequired" | "AuthFailure" | "UnrecognizedClientException" => Some(
+                "the account cannot call AWS in this region: an opt-in region must be enabled for the account (Account settings, Regions) before ami-share can copy there",
+            ),
+            "InvalidKMSKey.NotFound" | "InvalidKmsKey.NotFound" => Some(
+                "the copy's KMS key does not exist in its region: create it there, or fix kms_key in the rule's copy.regions",
+            ),
             "UnauthorizedOperation" | "AccessDenied" | "AccessDeniedException" if kms => Some(
                 "the function's role lacks this KMS permission, or the key's policy does not let IAM policies grant it: see template.yaml (KmsKeyScope) and README \"Encrypted AMIs\"",
             ),

@@ -1,5 +1,5 @@
-//! [`Aws`] over aws-sdk-ec2 and aws-sdk-kms: one client per service and region, made once and reused
-//! across invocations.
+//! [`Aws`] over aws-sdk-ec2, aws-sdk-kms and aws-sdk-ssm: one client per service and region, made once
+//! and reused across invocations.
 //!
 //! The SDK retries throttling and transient errors itself (standard retry mode); what reaches here is
 //! final for this invocation and is classified as retryable or not for the caller.
@@ -53,11 +53,12 @@ impl<C: Clone> RegionalClients<C> {
     }
 }
 
-/// EC2 and KMS clients built from one shared SDK config (credentials, retry, endpoint).
+/// EC2, KMS and SSM clients built from one shared SDK config (credentials, retry, endpoint).
 pub struct SdkAws {
     base: SdkConfig,
     ec2: RegionalClients<aws_sdk_ec2::Client>,
     kms: RegionalClients<aws_sdk_kms::Client>,
+    ssm: RegionalClients<aws_sdk_ssm::Client>,
 }
 
 impl SdkAws {
@@ -74,6 +75,13 @@ impl SdkAws {
             kms: RegionalClients::new(|base, region| {
                 aws_sdk_kms::Client::from_conf(
                     aws_sdk_kms::config::Builder::from(base)
+                        .region(region)
+                        .build(),
+                )
+            }),
+            ssm: RegionalClients::new(|base, region| {
+                aws_sdk_ssm::Client::from_conf(
+                    aws_sdk_ssm::config::Builder::from(base)
                         .region(region)
                         .build(),
                 )
@@ -104,6 +112,10 @@ impl SdkAws {
 
     fn kms(&self, region: &str) -> aws_sdk_kms::Client {
         self.kms.get(&self.base, region)
+    }
+
+    fn ssm(&self, region: &str) -> aws_sdk_ssm::Client {
+        self.ssm.get(&self.base, region)
     }
 }
 
@@ -225,6 +237,7 @@ fn observed_image(region: &str, image: &ec2::Image) -> ObservedImage {
                 encrypted: ebs.encrypted(),
                 kms_key_id: None,
                 tags: None,
+                create_volume_accounts: None,
             })
         })
         .collect();
@@ -232,13 +245,15 @@ fn observed_image(region: &str, image: &ec2::Image) -> ObservedImage {
         image_id: image.image_id().unwrap_or_default().to_string(),
         region: region.to_string(),
         name: image.name().map(str::to_string),
+        description: image.description().map(str::to_string),
+        creation_date: image.creation_date().map(str::to_string),
+        deprecation_time: image.deprecation_time().map(str::to_string),
         owner_id: image.owner_id().unwrap_or_default().to_string(),
         state: ImageState::from_name(image.state().map(|s| s.as_str()).unwrap_or("unknown")),
         tags: tags_of(image.tags()),
         created_by,
         snapshots,
-        launch_permissions: None,
-        keys: BTreeMap::new(),
+        ..ObservedImage::default()
     }
 }
 
@@ -393,10 +408,12 @@ impl Aws for SdkAws {
         Ok(())
     }
 
-    async fn find_reencrypted_copies(
+    async fn find_copies(
         &self,
         region: &str,
+        source_region: &str,
         source_image_id: &str,
+        kind: &str,
     ) -> Result<Vec<ObservedImage>, AwsError> {
         let tag_filter = |key: &str, value: &str| {
             Filter::builder()
@@ -409,7 +426,8 @@ impl Aws for SdkAws {
             .describe_images()
             .owners("self")
             .filters(tag_filter(markers::SOURCE_IMAGE, source_image_id))
-            .filters(tag_filter(markers::COPY_KIND, markers::COPY_REENCRYPTED))
+            .filters(tag_filter(markers::SOURCE_REGION, source_region))
+            .filters(tag_filter(markers::COPY_KIND, kind))
             .into_paginator()
             .items()
             .send()
@@ -435,17 +453,21 @@ impl Aws for SdkAws {
                     .build(),
             );
         }
-        let output = self
+        let mut request = self
             .ec2(region)
             .copy_image()
             .source_image_id(&copy.source_image_id)
-            .source_region(region)
+            .source_region(&copy.source_region)
             .name(&copy.name)
-            .description(&copy.description)
-            .encrypted(true)
-            .kms_key_id(&copy.kms_key_arn)
             .client_token(&copy.client_token)
-            .set_tag_specifications(Some(specs))
+            .set_tag_specifications(Some(specs));
+        if !copy.description.is_empty() {
+            request = request.description(&copy.description);
+        }
+        if let Some(key) = &copy.kms_key_arn {
+            request = request.encrypted(true).kms_key_id(key);
+        }
+        let output = request
             .send()
             .await
             .map_err(|e| aws_error("CopyImage", region, &copy.source_image_id, e))?;
@@ -457,6 +479,109 @@ impl Aws for SdkAws {
                 "the new image id",
             )
         })
+    }
+
+    async fn describe_create_volume_permissions(
+        &self,
+        region: &str,
+        snapshot_id: &str,
+    ) -> Result<BTreeSet<String>, AwsError> {
+        let output = self
+            .ec2(region)
+            .describe_snapshot_attribute()
+            .snapshot_id(snapshot_id)
+            .attribute(ec2::SnapshotAttributeName::CreateVolumePermission)
+            .send()
+            .await
+            .map_err(|e| aws_error("DescribeSnapshotAttribute", region, snapshot_id, e))?;
+        Ok(output
+            .create_volume_permissions()
+            .iter()
+            .filter_map(|p| p.user_id().map(str::to_string))
+            .collect())
+    }
+
+    async fn add_create_volume_permissions(
+        &self,
+        region: &str,
+        snapshot_id: &str,
+        accounts: &[String],
+    ) -> Result<(), AwsError> {
+        let add = accounts
+            .iter()
+            .map(|a| ec2::CreateVolumePermission::builder().user_id(a).build())
+            .collect();
+        self.ec2(region)
+            .modify_snapshot_attribute()
+            .snapshot_id(snapshot_id)
+            .attribute(ec2::SnapshotAttributeName::CreateVolumePermission)
+            .create_volume_permission(
+                ec2::CreateVolumePermissionModifications::builder()
+                    .set_add(Some(add))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| aws_error("ModifySnapshotAttribute", region, snapshot_id, e))?;
+        Ok(())
+    }
+
+    async fn enable_image_deprecation(
+        &self,
+        region: &str,
+        image_id: &str,
+        deprecate_at: &str,
+    ) -> Result<(), AwsError> {
+        let at = aws_smithy_types::DateTime::from_str(
+            deprecate_at,
+            aws_smithy_types::date_time::Format::DateTime,
+        )
+        .map_err(|e| AwsError {
+            operation: "EnableImageDeprecation",
+            region: region.to_string(),
+            resource: image_id.to_string(),
+            code: None,
+            message: format!("deprecation time {deprecate_at:?} is not ISO 8601: {e}"),
+            retryable: false,
+        })?;
+        self.ec2(region)
+            .enable_image_deprecation()
+            .image_id(image_id)
+            .deprecate_at(at)
+            .send()
+            .await
+            .map_err(|e| aws_error("EnableImageDeprecation", region, image_id, e))?;
+        Ok(())
+    }
+
+    async fn get_parameter(&self, region: &str, name: &str) -> Result<Option<String>, AwsError> {
+        match self.ssm(region).get_parameter().name(name).send().await {
+            Ok(output) => Ok(output
+                .parameter()
+                .and_then(|p| p.value())
+                .map(str::to_string)),
+            Err(e) if e.code() == Some("ParameterNotFound") => Ok(None),
+            Err(e) => Err(aws_error("GetParameter", region, name, e)),
+        }
+    }
+
+    async fn put_parameter(
+        &self,
+        region: &str,
+        name: &str,
+        image_id: &str,
+    ) -> Result<(), AwsError> {
+        self.ssm(region)
+            .put_parameter()
+            .name(name)
+            .value(image_id)
+            .r#type(aws_sdk_ssm::types::ParameterType::String)
+            .data_type("aws:ec2:image")
+            .overwrite(true)
+            .send()
+            .await
+            .map_err(|e| aws_error("PutParameter", region, name, e))?;
+        Ok(())
     }
 
     async fn describe_key(&self, region: &str, key: &str) -> Result<Option<ObservedKey>, AwsError> {
