@@ -100,7 +100,7 @@ impl<A: Aws> Handler<A> {
                 headline: outcome.headline(),
             });
         }
-        Ok(json!({ "status": outcome.status(), "outcome": outcome }))
+        Ok(json!({ "status": outcome.status(), "summary": outcome.headline(), "outcome": outcome }))
     }
 }
 

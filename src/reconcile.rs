@@ -670,19 +670,26 @@ impl<A: Aws> Reconciler<'_, A> {
     }
 
     /// Three phases, each concurrent within (at most [`MAX_CONCURRENT_CALLS`] calls at once): tags,
-    /// deprecation, key policies and copies; then launch and snapshot permissions; then status tags and
-    /// SSM parameters. Each region is held back on its own: a region whose key policy patch failed gets
+    /// deprecation, key policies, copies, and the shares of regions with no key to patch; then the other
+    /// launch and snapshot permissions; then status tags and SSM parameters. Each region is held back on its own: a region whose key policy patch failed gets
     /// no share (receivers could not launch from it), and a region where anything failed gets no status
     /// or parameter (they never claim what did not happen); the other regions go on.
     async fn apply(&self, actions: Vec<Action>, outcome: &mut Outcome) {
         let (last, actions): (Vec<Action>, Vec<Action>) = actions
             .into_iter()
             .partition(|a| matches!(a, Action::SetStatus { .. } | Action::PutParameter { .. }));
+        // A share waits only for the key patches of its region; where none is needed, it goes out with the
+        // first phase (one round trip less).
+        let patched: Vec<String> = actions
+            .iter()
+            .filter(|a| matches!(a, Action::PatchKeyPolicy { .. }))
+            .map(|a| action_region(a).to_string())
+            .collect();
         let (shares, first): (Vec<Action>, Vec<Action>) = actions.into_iter().partition(|a| {
             matches!(
                 a,
                 Action::AddLaunchPermissions { .. } | Action::AddCreateVolumePermission { .. }
-            )
+            ) && patched.iter().any(|r| r == action_region(a))
         });
         self.apply_phase(first, outcome).await;
         let key_failed: Vec<String> = outcome

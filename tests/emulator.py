@@ -29,7 +29,9 @@ import re
 import signal
 import sys
 import threading
+import time
 import urllib.parse
+from datetime import datetime, timedelta, timezone
 
 from moto.core.exceptions import JsonRESTError
 from moto.core.responses import ActionResult
@@ -212,6 +214,11 @@ def copy_image_response(self):
     elif encrypt:
         key_arn = self.ec2_backend.default_kms_key_id or self.ec2_backend._create_default_encryption_key()
         encrypted = True
+    elif source.encrypted and source_region != self.region:
+        # AWS: KMS keys are regional; an encrypted source copied to another region without a key is
+        # encrypted with the destination's default EBS key. (moto kept the source region's key.)
+        key_arn = self.ec2_backend.default_kms_key_id or self.ec2_backend._create_default_encryption_key()
+        encrypted = True
     else:
         encrypted, key_arn = source.encrypted, source.kms_key_id
     image.ebs_snapshot.encrypted = bool(encrypted)
@@ -224,6 +231,26 @@ def copy_image_response(self):
     if token:
         _client_tokens[seen] = (image.id, request)
     return ActionResult({"ImageId": image.id})
+
+
+def enable_image_deprecation_response(self):
+    """AWS EnableImageDeprecation: DescribeImages then reports DeprecationTime, rounded to the minute; only
+    the owner may deprecate; at most 10 years ahead. moto: HTTP 500, not implemented."""
+    image_id = self._get_param("ImageId")
+    at = self._get_param("DeprecateAt")  # moto parses timestamps by the API's shape
+    if isinstance(at, str):
+        at = datetime.fromisoformat(at.replace("Z", "+00:00"))
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=timezone.utc)
+    self.error_on_dryrun()
+    image = self.ec2_backend.describe_images(ami_ids=[image_id])[0]
+    if image.owner_id != self.current_account:
+        raise EC2ClientError("AuthFailure", f"Not authorized for image:{image_id}")
+    if at > datetime.now(timezone.utc) + timedelta(days=3653):
+        raise EC2ClientError("InvalidParameterValue", "DeprecateAt can be at most 10 years in the future")
+    rounded = (at + timedelta(seconds=30)).replace(second=0, microsecond=0)
+    image.deprecation_time = rounded.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    return ActionResult({"Return": True})
 
 
 _create_alias = KmsBackend.create_alias
@@ -288,6 +315,7 @@ AmiBackend.copy_image = copy_image
 EBSBackend.create_snapshot = create_snapshot
 Ami.block_device_mappings = property(block_device_mappings)
 AmisResponse.copy_image = copy_image_response
+AmisResponse.enable_image_deprecation = enable_image_deprecation_response
 KmsBackend.create_alias = create_alias
 KmsResponse.put_key_policy = put_key_policy
 KmsResponse.get_key_policy = get_key_policy
@@ -300,6 +328,9 @@ CREDENTIAL_SCOPE = re.compile(r"Credential=[^/]+/\d{8}/([^/]+)/([^/]+)/aws4_requ
 class Emulator:
     def __init__(self):
         self.requests = []
+        self.latency = 0.0
+        # region -> (HTTP status, EC2 error code, message): every EC2 call there is refused.
+        self.refusals = {}
         self.lock = threading.Lock()
         self.endpoint = None
         self.moto = DomainDispatcherApplication(create_backend_app)
@@ -308,8 +339,18 @@ class Emulator:
         path = environ.get("PATH_INFO", "")
         if path.startswith("/_ami_share/"):
             return self.control(environ, start_response, path[len("/_ami_share/"):])
-        self.record(environ)
-        return self.moto(environ, start_response)
+        entry = self.record(environ)
+        refusal = self.refusals.get(entry["region"])
+        if refusal and entry["service"] == "ec2":
+            entry["end"] = time.monotonic()
+            return self.refuse(start_response, *refusal)
+        if self.latency:
+            # A fixed delay per request, as a real network has: calls made one after another then take
+            # visibly longer than calls made together, so the log shows how deep the chain of calls is.
+            time.sleep(self.latency)
+        body = list(self.moto(environ, start_response))
+        entry["end"] = time.monotonic()
+        return body
 
     def record(self, environ):
         """Log the service, region and operation of an AWS request (query protocol: Action in the body;
@@ -325,8 +366,10 @@ class Emulator:
         else:
             form = urllib.parse.parse_qs(body.decode("utf-8", "replace"))
             action = (form.get("Action") or [None])[0]
+        entry = {"service": service, "region": region, "action": action, "start": time.monotonic()}
         with self.lock:
-            self.requests.append({"service": service, "region": region, "action": action})
+            self.requests.append(entry)
+        return entry
 
     def control(self, environ, start_response, what):
         try:
@@ -343,6 +386,32 @@ class Emulator:
     def control_requests(self):
         with self.lock:
             return list(self.requests)
+
+    def refuse(self, start_response, status, code, message):
+        body = (
+            f"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code>"
+            f"<Message>{message}</Message></Error></Errors><RequestID>ami-share-test</RequestID></Response>"
+        ).encode()
+        start_response(status, [("Content-Type", "text/xml"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    def control_region_refusal(self, region, kind=None):
+        """AWS, for a region an account cannot use: an opt-in region not enabled answers every EC2 call with
+        401 OptInRequired; an overloaded one with 503 RequestLimitExceeded. `kind` None: serve it again."""
+        kinds = {
+            "opt-in": ("401 Unauthorized", "OptInRequired",
+                       "You are not subscribed to this service. Please go to http://aws.amazon.com to subscribe."),
+            "throttled": ("503 Service Unavailable", "RequestLimitExceeded", "Request limit exceeded."),
+        }
+        if kind is None:
+            self.refusals.pop(region, None)
+        else:
+            self.refusals[region] = kinds[kind]
+        return {"region": region, "kind": kind}
+
+    def control_latency(self, seconds):
+        self.latency = float(seconds)
+        return {"latency": self.latency}
 
     def control_image_state(self, region, image_id, state):
         ec2_backends[ACCOUNT][region].amis[image_id].state = state

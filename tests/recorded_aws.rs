@@ -350,19 +350,40 @@ async fn kms_refusing_the_policy_is_a_clear_final_error_and_the_ami_stays_unshar
             "The new key policy will not allow you to update the key policy in the future.",
         )
     });
-    let error = handler(&ec2.all(), &[&describe, &get, &put])
+    // Not retryable: retrying cannot cure it, so the invocation is not failed (and not retried); the
+    // answer and the summary log say what failed and what was not done.
+    let answer = handler(&ec2.all(), &[&describe, &get, &put])
         .handle(event())
         .await
-        .unwrap_err();
-    assert_eq!(error.error_type(), "NotRetryable");
-    let message = error.to_string();
+        .unwrap();
+    assert_eq!(answer["status"], "failed", "{answer:#}");
+    let failure = &answer["outcome"]["failures"][0];
+    assert_eq!(failure["retryable"], false);
+    let message = format!(
+        "{} {}; not done: {}",
+        failure["resource"], failure["message"], answer["outcome"]["not_done"]
+    );
+    assert_eq!(failure["code"], "MalformedPolicyDocumentException");
+    let summary = answer["summary"].as_str().unwrap();
     assert!(
-        message.contains("PutKeyPolicy on arn:aws:kms:us-east-1:123456789012:key/")
-            && message.contains("MalformedPolicyDocumentException")
-            && message.contains("the key is unchanged"),
+        summary.contains("MalformedPolicyDocumentException")
+            && summary.contains("the key is unchanged")
+            && summary.contains("not done: share"),
+        "{summary}"
+    );
+    assert!(
+        message.contains("arn:aws:kms:us-east-1:123456789012:key/")
+            && message.contains("will not allow you to update"),
         "{message}"
     );
-    assert!(message.contains("not done: share"), "{message}");
+    assert!(
+        answer["outcome"]["not_done"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["action"] == "add_launch_permissions"),
+        "{answer:#}"
+    );
     assert_eq!(put.num_calls(), 1, "a refusal is not retried");
     assert_eq!(
         ec2.shares.num_calls(),

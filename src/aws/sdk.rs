@@ -507,19 +507,14 @@ impl Aws for SdkAws {
         snapshot_id: &str,
         accounts: &[String],
     ) -> Result<(), AwsError> {
-        let add = accounts
-            .iter()
-            .map(|a| ec2::CreateVolumePermission::builder().user_id(a).build())
-            .collect();
+        // The OperationType + UserIds form: AWS documents it beside CreateVolumePermission.Add, and it
+        // is the one the emulator implements.
         self.ec2(region)
             .modify_snapshot_attribute()
             .snapshot_id(snapshot_id)
             .attribute(ec2::SnapshotAttributeName::CreateVolumePermission)
-            .create_volume_permission(
-                ec2::CreateVolumePermissionModifications::builder()
-                    .set_add(Some(add))
-                    .build(),
-            )
+            .operation_type(ec2::OperationType::Add)
+            .set_user_ids(Some(accounts.to_vec()))
             .send()
             .await
             .map_err(|e| aws_error("ModifySnapshotAttribute", region, snapshot_id, e))?;

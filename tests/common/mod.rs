@@ -99,6 +99,86 @@ impl Emulator {
         aws_sdk_kms::Client::new(&self.sdk_config().await)
     }
 
+    pub async fn ec2_in(&self, region: &str) -> aws_sdk_ec2::Client {
+        let config = aws_sdk_ec2::config::Builder::from(&self.sdk_config().await)
+            .region(Region::new(region.to_string()))
+            .build();
+        aws_sdk_ec2::Client::from_conf(config)
+    }
+
+    pub async fn kms_in(&self, region: &str) -> aws_sdk_kms::Client {
+        let config = aws_sdk_kms::config::Builder::from(&self.sdk_config().await)
+            .region(Region::new(region.to_string()))
+            .build();
+        aws_sdk_kms::Client::from_conf(config)
+    }
+
+    pub async fn ssm_in(&self, region: &str) -> aws_sdk_ssm::Client {
+        let config = aws_sdk_ssm::config::Builder::from(&self.sdk_config().await)
+            .region(Region::new(region.to_string()))
+            .build();
+        aws_sdk_ssm::Client::from_conf(config)
+    }
+
+    /// Every EC2 call in `region` is refused as AWS refuses them in an opt-in region the account has not
+    /// enabled (`"opt-in"`) or when overloaded (`"throttled"`); `None` serves the region again.
+    pub fn refuse_region(&self, region: &str, kind: Option<&str>) {
+        self.control(
+            "region-refusal",
+            Some(json!({"region": region, "kind": kind})),
+        );
+    }
+
+    /// Every request is answered this much later, as over a real network.
+    pub fn set_latency(&self, seconds: f64) {
+        self.control("latency", Some(json!({ "seconds": seconds })));
+    }
+
+    /// The requests after the first `since` as (region, "service:Action") pairs.
+    pub fn requests_by_region_since(&self, since: usize) -> Vec<(String, String)> {
+        self.control("requests", None)
+            .as_array()
+            .unwrap()
+            .iter()
+            .skip(since)
+            .map(|r| {
+                (
+                    r["region"].as_str().unwrap_or("?").to_string(),
+                    format!(
+                        "{}:{}",
+                        r["service"].as_str().unwrap_or("?"),
+                        r["action"].as_str().unwrap_or("?")
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    /// The number of sequential round trips in the requests after the first `since`: the longest chain
+    /// of requests each of which started after the one before it ended (calls made together count once).
+    pub fn round_trip_depth_since(&self, since: usize) -> usize {
+        let log = self.control("requests", None);
+        let spans: Vec<(f64, f64)> = log
+            .as_array()
+            .unwrap()
+            .iter()
+            .skip(since)
+            .map(|r| (r["start"].as_f64().unwrap(), r["end"].as_f64().unwrap()))
+            .collect();
+        let mut order: Vec<usize> = (0..spans.len()).collect();
+        order.sort_by(|a, b| spans[*a].0.total_cmp(&spans[*b].0));
+        let mut depth = vec![0usize; spans.len()];
+        for (n, &i) in order.iter().enumerate() {
+            depth[i] = 1 + order[..n]
+                .iter()
+                .filter(|&&j| spans[j].1 <= spans[i].0)
+                .map(|&j| depth[j])
+                .max()
+                .unwrap_or(0);
+        }
+        depth.into_iter().max().unwrap_or(0)
+    }
+
     /// Right after the next GetKeyPolicy of `key_id` is answered, `statement` is appended to its policy: an
     /// operator's edit that lands between ami-share's reads.
     pub fn edit_key_policy_after_next_read(&self, key_id: &str, statement: Value) {
