@@ -624,6 +624,75 @@ mod tests {
     }
 
     #[test]
+    fn copy_settings_are_checked_with_the_expected_form() {
+        let rule = |extra: &str| {
+            format!("[[rule]]\nname = \"r\"\nshare.accounts = [\"111122223333\"]\n{extra}\n")
+        };
+        let config = Config::parse(&rule(
+            "copy.regions = [{ region = \"us-west-2\", kms_key = \"alias/ami-share\" }, { region = \"eu-central-1\" }]",
+        ))
+        .unwrap();
+        let copy = config.rules[0].copy.as_ref().unwrap();
+        assert_eq!(copy.regions.len(), 2);
+        assert_eq!(copy.name.as_str(), "{name}", "the source's name by default");
+        assert!(copy.source_tags);
+        assert_error(
+            &rule("copy.regions = [{ region = \"us-west\" }]"),
+            &[
+                "line 4",
+                "\"us-west\" is not an AWS region code",
+                "eu-west-1",
+            ],
+        );
+        assert_error(
+            &rule("copy.regions = [{ region = \"us-west-2\" }, { region = \"us-west-2\" }]"),
+            &["rule #1", "us-west-2 more than once"],
+        );
+        assert_error(
+            &rule(
+                "copy.regions = [{ region = \"us-west-2\", kms_key = \"arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab\" }]",
+            ),
+            &["a key of eu-west-1", "KMS keys are regional", "an alias"],
+        );
+        assert_error(&rule("copy.regions = []"), &["copy.regions is empty"]);
+        assert_error(
+            &rule("copy.regions = [{ region = \"us-west-2\" }]\ncopy.name = \"{name}:{region}\""),
+            &["copy.name", "':'", "EC2 refuses"],
+        );
+        assert_error(
+            &rule("copy.regions = [{ region = \"us-west-2\" }]\ncopy.description = \"{nmae}\""),
+            &["line 5", "{nmae}", "{image_id}"],
+        );
+        assert_error(
+            &rule("copy.regions = [{ region = \"us-west-2\", key = \"alias/x\" }]"),
+            &["unknown field `key`", "kms_key"],
+        );
+    }
+
+    #[test]
+    fn snapshot_permission_deprecation_and_parameter_are_checked() {
+        assert_error(
+            "[[rule]]\nname = \"r\"\nshare.organizations = [\"arn:aws:organizations::123456789012:organization/o-a1b2c3d4e5\"]\nshare.create_volume_permission = true\n",
+            &["share.accounts is empty", "accounts only"],
+        );
+        assert_error(
+            "[[rule]]\nname = \"r\"\ntags = { a = \"b\" }\ndeprecate_after_days = 0\n",
+            &["deprecate_after_days = 0", "1 to 3650"],
+        );
+        assert_error(
+            "[[rule]]\nname = \"r\"\ntags = { a = \"b\" }\nssm_parameter = \"latest\"\n",
+            &["line 4", "start with '/'"],
+        );
+        assert_error(
+            "[[rule]]\nname = \"golden images\"\ntags = { a = \"b\" }\nssm_parameter = \"/ami-share/{rule}\"\n",
+            &["ssm_parameter", "' '"],
+        );
+        let only_copies =
+            Config::parse("[[rule]]\nname = \"r\"\ncopy.regions = [{ region = \"us-west-2\" }]\n");
+        assert!(only_copies.is_ok(), "a rule may only distribute");
+    }
+
+    #[test]
     fn every_problem_of_a_file_is_reported_at_once() {
         let e = error_of("[[rule]]\nname = \"a\"\n[[rule]]\nname = \"a\"\ntags = { k = \"v\" }\n");
         assert!(e.contains("rule #1") && e.contains("rule #2"), "{e}");

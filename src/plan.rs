@@ -1888,4 +1888,296 @@ mod tests {
             )
         );
     }
+
+    // --- copies to other regions ---------------------------------------------------------------------
+
+    const WEST_KEY: &str =
+        "arn:aws:kms:us-west-2:123456789012:key/55555555-12ab-34cd-56ef-1234567890ab";
+
+    fn distributing() -> Desired {
+        let config = crate::config::Config::parse(
+            r#"
+            [[rule]]
+            name = "r"
+            tags = { team = "platform" }
+            share.accounts = ["210987654321"]
+            deprecate_after_days = 30
+            copy.name = "{name}-{region}"
+            copy.description = "{description} (from {image_id} in {source_region})"
+            copy.regions = [{ region = "us-west-2", kms_key = "alias/ami-share" }, { region = "eu-central-1" }, { region = "us-east-1" }]
+            "#,
+        )
+        .unwrap();
+        let tags = tags(&[("os", "al2023"), ("aws:ec2launchtemplate:id", "lt-1")]);
+        crate::rules::desired_for(
+            &config,
+            &crate::rules::ImageFacts {
+                name: Some("golden"),
+                tags: &tags,
+                owner_id: "123456789012",
+                created_by: crate::config::CreatedBy::CreateImage,
+                creation_date: Some("2026-11-25T10:00:00.000Z"),
+            },
+        )
+    }
+
+    fn with_regions(mut image: ObservedImage, west: Option<ObservedCopies>) -> Observed {
+        image.tags = tags(&[("os", "al2023"), ("aws:ec2launchtemplate:id", "lt-1")]);
+        image.description = Some("Golden".into());
+        Observed {
+            image,
+            reencryption: None,
+            regional: BTreeMap::from([
+                ("us-west-2".to_string(), west),
+                ("eu-central-1".to_string(), Some(ObservedCopies::default())),
+            ]),
+        }
+    }
+
+    fn copies(p: &Plan) -> Vec<&ImageCopy> {
+        p.actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::CopyImage(c) => Some(c),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn copies_wait_for_an_available_source() {
+        let p = plan(
+            &distributing(),
+            &with_regions(image(ImageState::Pending), None),
+        );
+        assert!(copies(&p).is_empty());
+        assert_eq!(
+            p.regions,
+            BTreeMap::from([
+                ("eu-central-1".to_string(), RegionCopy::Waiting),
+                ("us-west-2".to_string(), RegionCopy::Waiting)
+            ]),
+            "the source's own region is never a target"
+        );
+        assert!(
+            p.deferred
+                .iter()
+                .any(|d| d.contains("CopyImage needs an available source"))
+        );
+    }
+
+    #[test]
+    fn each_region_gets_one_marked_copy_with_its_key_name_and_tags() {
+        let west = ObservedCopies {
+            copies: vec![],
+            key: Some(Some(key(WEST_KEY, KeyManager::Customer))),
+        };
+        let p = plan(
+            &distributing(),
+            &with_regions(image(ImageState::Available), Some(west)),
+        );
+        let made = copies(&p);
+        assert_eq!(made.len(), 2, "{p:#?}");
+        let west = made.iter().find(|c| c.region == "us-west-2").unwrap();
+        let frankfurt = made.iter().find(|c| c.region == "eu-central-1").unwrap();
+        assert_eq!(west.kind, markers::COPY_REGIONAL);
+        assert_eq!(west.source_region, "us-east-1");
+        assert_eq!(west.name, "golden-us-west-2");
+        assert_eq!(west.description, "Golden (from ami-12345678 in us-east-1)");
+        assert_eq!(west.kms_key_arn.as_deref(), Some(WEST_KEY));
+        assert_eq!(frankfurt.kms_key_arn, None, "no key: EC2's default");
+        assert_ne!(
+            west.client_token, frankfurt.client_token,
+            "a token per region"
+        );
+        assert_eq!(west.tags["os"], "al2023", "the source's own tags");
+        assert_eq!(west.tags["team"], "platform", "the rule's tags");
+        assert!(
+            !west.tags.contains_key("aws:ec2launchtemplate:id"),
+            "never aws: tags"
+        );
+        assert_eq!(
+            markers::copy_marks(&west.tags),
+            Some(markers::CopyMarks {
+                kind: markers::COPY_REGIONAL,
+                source_region: "us-east-1",
+                source_image: "ami-12345678"
+            })
+        );
+        assert_eq!(p.regions["us-west-2"], RegionCopy::ToCopy);
+        // The same state plans the same calls: a retry reuses the tokens, so EC2 returns the same copies.
+        let again = plan(
+            &distributing(),
+            &with_regions(
+                image(ImageState::Available),
+                Some(ObservedCopies {
+                    copies: vec![],
+                    key: Some(Some(key(WEST_KEY, KeyManager::Customer))),
+                }),
+            ),
+        );
+        assert_eq!(copies(&again), made);
+    }
+
+    #[test]
+    fn an_existing_copy_is_finished_under_the_sources_rules_and_never_copied() {
+        let mut copy = image(ImageState::Available);
+        copy.image_id = "ami-0west".into();
+        copy.region = "us-west-2".into();
+        copy.tags = markers::copy_tags(markers::COPY_REGIONAL, "ami-12345678", "us-east-1");
+        let west = ObservedCopies {
+            copies: vec![copy],
+            key: None,
+        };
+        let p = plan(
+            &distributing(),
+            &with_regions(image(ImageState::Available), Some(west)),
+        );
+        assert_eq!(copies(&p).len(), 1, "only Frankfurt's: {p:#?}");
+        let in_west: Vec<&Action> = p
+            .actions
+            .iter()
+            .filter(|a| matches!(a, Action::CreateTags { region, .. } | Action::AddLaunchPermissions { region, .. } | Action::DeprecateImage { region, .. } if region == "us-west-2"))
+            .collect();
+        assert_eq!(
+            in_west.len(),
+            3,
+            "tags, share and deprecation of the copy: {p:#?}"
+        );
+        assert!(in_west.iter().any(|a| matches!(a, Action::DeprecateImage { image_id, deprecate_at, .. } if image_id == "ami-0west" && deprecate_at == "2026-12-25T10:00:00Z")), "deprecated with its source");
+        assert_eq!(
+            p.regions["us-west-2"],
+            RegionCopy::Copy {
+                image_id: "ami-0west".into(),
+                state: "available".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_missing_key_blocks_its_region_only_and_an_unread_region_plans_nothing() {
+        let p = plan(
+            &distributing(),
+            &with_regions(
+                image(ImageState::Available),
+                Some(ObservedCopies {
+                    copies: vec![],
+                    key: Some(None),
+                }),
+            ),
+        );
+        assert!(
+            matches!(&p.regions["us-west-2"], RegionCopy::Blocked { reason } if reason.contains("alias/ami-share not found in us-west-2"))
+        );
+        assert_eq!(copies(&p).len(), 1);
+        assert!(
+            p.blocked
+                .iter()
+                .any(|b| b.starts_with("no copy in us-west-2"))
+        );
+        let p = plan(
+            &distributing(),
+            &with_regions(image(ImageState::Available), None),
+        );
+        assert_eq!(p.regions["us-west-2"], RegionCopy::Unread);
+        assert!(copies(&p).iter().all(|c| c.region != "us-west-2"));
+    }
+
+    #[test]
+    fn after_three_failed_copies_in_a_region_none_is_made_and_a_new_attempt_gets_a_new_name() {
+        let failed = |id: &str| {
+            let mut c = failed_copy(id);
+            c.region = "us-west-2".into();
+            c
+        };
+        let west = |copies: Vec<ObservedImage>| ObservedCopies {
+            copies,
+            key: Some(Some(key(WEST_KEY, KeyManager::Customer))),
+        };
+        let first = plan(
+            &distributing(),
+            &with_regions(image(ImageState::Available), Some(west(vec![]))),
+        );
+        let retry = plan(
+            &distributing(),
+            &with_regions(
+                image(ImageState::Available),
+                Some(west(vec![failed("ami-f1")])),
+            ),
+        );
+        let name = |p: &Plan| {
+            copies(p)
+                .iter()
+                .find(|c| c.region == "us-west-2")
+                .unwrap()
+                .name
+                .clone()
+        };
+        assert_ne!(
+            name(&first),
+            name(&retry),
+            "AMI names are unique per region"
+        );
+        assert!(name(&retry).starts_with("golden-us-west-2-"));
+        let p = plan(
+            &distributing(),
+            &with_regions(
+                image(ImageState::Available),
+                Some(west(vec![
+                    failed("ami-f1"),
+                    failed("ami-f2"),
+                    failed("ami-f3"),
+                ])),
+            ),
+        );
+        assert!(
+            matches!(&p.regions["us-west-2"], RegionCopy::Blocked { reason } if reason.contains("3 copies failed"))
+        );
+    }
+
+    #[test]
+    fn parameters_follow_the_newest_image_only() {
+        let mut d = desired();
+        d.ssm_parameters = ["/ami-share/r/latest".to_string()].into();
+        let mut img = image(ImageState::Available);
+        img.parameters.insert(
+            "/ami-share/r/latest".into(),
+            crate::observed::ObservedParameter {
+                value: Some("ami-older".into()),
+                value_created: Some("2026-01-01T00:00:00.000Z".into()),
+            },
+        );
+        let p = plan(&d, &observed(img.clone()));
+        assert!(p.actions.iter().any(
+            |a| matches!(a, Action::PutParameter { image_id, .. } if image_id == "ami-12345678")
+        ));
+        img.parameters
+            .get_mut("/ami-share/r/latest")
+            .unwrap()
+            .value_created = Some("2026-12-01T00:00:00.000Z".into());
+        let p = plan(&d, &observed(img));
+        assert!(
+            !p.actions
+                .iter()
+                .any(|a| matches!(a, Action::PutParameter { .. }))
+        );
+        assert!(p.deferred.iter().any(|m| m.contains("newer")));
+    }
+
+    #[test]
+    fn snapshot_permissions_go_to_the_accounts_that_lack_them() {
+        let mut d = desired();
+        d.create_volume_accounts = ["210987654321".parse().unwrap()].into();
+        let mut img = image(ImageState::Available);
+        img.snapshots[0].create_volume_accounts = Some(BTreeSet::new());
+        let p = plan(&d, &observed(img.clone()));
+        assert!(p.actions.iter().any(|a| matches!(a, Action::AddCreateVolumePermission { snapshot_id, accounts, .. } if snapshot_id == "snap-1" && accounts == &["210987654321".to_string()])));
+        img.snapshots[0].create_volume_accounts = Some(["210987654321".to_string()].into());
+        let p = plan(&d, &observed(img));
+        assert!(
+            !p.actions
+                .iter()
+                .any(|a| matches!(a, Action::AddCreateVolumePermission { .. }))
+        );
+    }
 }
