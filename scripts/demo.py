@@ -90,6 +90,16 @@ name = "engineering-ou"
 match.name = ["golden-*"]
 share.organizational_units = ["{org['ous']['engineering']['arn']}"]
 share.accounts = ["210987654321"]
+
+[[rule]]
+name = "regional"
+match.name = ["regional-*"]
+tags = {{ "cost-center" = "platform" }}
+share.organizations = ["{org['arn']}"]
+# Copies in two more regions, each tagged and shared there; the one in us-west-2 encrypted with its key.
+copy.regions = [{{ region = "us-west-2", kms_key = "alias/ami-share" }}, {{ region = "eu-central-1" }}]
+copy.name = "{{name}}-from-{{source_region}}"
+ssm_parameter = "/ami-share/{{rule}}/latest"
 """)
         config.close()
         print(f"\nconfig ({config.name}):\n" + open(config.name).read())
@@ -109,15 +119,15 @@ share.accounts = ["210987654321"]
             except OSError:
                 time.sleep(0.2)
 
-        def invoke(event_file, image, label):
+        def invoke(event_file, image, label, region=REGION):
             with open(os.path.join(ROOT, "events", event_file)) as f:
                 event = json.load(f)
-            event["region"] = REGION
+            event["region"] = region
             if "ImageId" in event["detail"]:
                 event["detail"]["ImageId"] = image
-                event["resources"] = [f"arn:aws:ec2:{REGION}::image/{image}"]
+                event["resources"] = [f"arn:aws:ec2:{region}::image/{image}"]
             else:
-                event["detail"]["awsRegion"] = REGION
+                event["detail"]["awsRegion"] = region
                 event["detail"]["responseElements"]["imageId"] = image
             data = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
             json.dump(event, data)
@@ -134,6 +144,10 @@ share.accounts = ["210987654321"]
             answer = json.loads(out.stdout)
             outcome = answer.get("outcome", {})
             print(f"status: {answer['status']}; image: {outcome.get('image_id')}; rules: {outcome.get('rules')}")
+            if outcome.get("copy_of"):
+                print(f"  (ami-share's copy of {outcome['copy_of']}: finished in its region under its source's rules)")
+            for region, result in outcome.get("regions", {}).items():
+                print(f"  region {region}: {result['status']} {result.get('image_id', '')} {result.get('detail', '')}")
             if outcome.get("event_image_id"):
                 print(f"  (the event named {outcome['event_image_id']}, ami-share's re-encrypted copy: its source is reconciled)")
             for action in outcome.get("done", []):
@@ -175,6 +189,29 @@ share.accounts = ["210987654321"]
         invoke("ami-state-available.json", copy, "the copy is available")
         show(ec2, copy, "AFTER (the re-encrypted copy: shared)")
         show_policy(kms, copy_key, "AFTER")
+
+        print("\n=== 4. An AMI distributed to two more regions ===")
+        def client(service, region):
+            return boto3.client(service, region_name=region, endpoint_url=endpoint,
+                                aws_access_key_id="testing", aws_secret_access_key="testing")
+        west_key = client("kms", "us-west-2").create_key(Description="AMI copies in us-west-2")["KeyMetadata"]["Arn"]
+        client("kms", "us-west-2").create_alias(AliasName="alias/ami-share", TargetKeyId=west_key)
+        regional = make_image(ec2, "regional-al2023-2026.11.25")
+        invoke("ami-state-available.json", regional, "the AMI is available: copied to both regions at once")
+        for region in ["us-west-2", "eu-central-1"]:
+            regional_ec2 = client("ec2", region)
+            found = regional_ec2.describe_images(Owners=["self"], Filters=[
+                {"Name": "tag:ami-share:source-image", "Values": [regional]}])["Images"]
+            copy = found[0]["ImageId"]
+            invoke("copy-image.json", copy, f"the copy's CopyImage event in {region}, while pending (no copy of a copy)", region)
+            urllib.request.urlopen(urllib.request.Request(f"{endpoint}/_ami_share/image-state", data=json.dumps(
+                {"region": region, "image_id": copy, "state": "available"}).encode()))
+            invoke("ami-state-available.json", copy, f"the copy is available in {region}", region)
+            show(regional_ec2, copy, f"AFTER (the copy in {region})")
+            latest = client("ssm", region).get_parameter(Name="/ami-share/regional/latest")["Parameter"]["Value"]
+            print(f"  SSM /ami-share/regional/latest in {region}: {latest}")
+        show_policy(client("kms", "us-west-2"), west_key, "AFTER (the us-west-2 key)")
+        invoke("ami-state-available.json", regional, "the source's event again: nothing left anywhere")
     finally:
         if watch:
             watch.terminate()
