@@ -1,7 +1,8 @@
 //! Paths no emulator reproduces, covered with recorded AWS responses replayed through the real SDK
 //! clients and their deserializers (aws-smithy-mocks): an AMI encrypted with another account's key (moto
 //! keeps each account's keys apart), KMS as AWS answers it for the AWS managed `aws/ebs` key and for a
-//! function whose IAM only reaches tagged keys, KMS refusing a policy, and KMS throttling.
+//! function whose IAM only reaches tagged keys, KMS refusing a policy, KMS throttling, and a region at
+//! its CopyImage limit while another region's copy goes from pending to available.
 //!
 //! The bodies below are written by hand in the shapes AWS's API reference documents for these operations
 //! (EC2 query protocol XML, KMS JSON 1.1), not captured from a live account: nothing here may reach AWS.
@@ -182,13 +183,7 @@ macro_rules! recorded_client {
 }
 
 fn handler(ec2_rules: &[&Rule], kms_rules: &[&Rule]) -> Handler<SdkAws> {
-    let ec2 = recorded_client!(aws_sdk_ec2, ec2_rules);
-    let kms = recorded_client!(aws_sdk_kms, kms_rules);
-    let base = SdkConfig::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new(REGION))
-        .build();
-    let config = Config::parse(
+    handler_in(
         r#"
         [[rule]]
         name = "golden"
@@ -198,17 +193,28 @@ fn handler(ec2_rules: &[&Rule], kms_rules: &[&Rule]) -> Handler<SdkAws> {
         share.organizations = ["arn:aws:organizations::111111111111:organization/o-a1b2c3d4e5"]
         share.accounts = ["210987654321"]
         "#,
+        &[(REGION, ec2_rules, kms_rules)],
     )
-    .unwrap();
-    Handler::new(
-        config,
-        SdkAws::new(base).with_region_clients(REGION, ec2, kms),
-        REGION,
+}
+
+/// A handler with this config whose clients in each listed region answer from that region's rules.
+fn handler_in(config: &str, regions: &[(&str, &[&Rule], &[&Rule])]) -> Handler<SdkAws> {
+    let base = SdkConfig::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(REGION))
+        .build();
+    let mut aws = SdkAws::new(base);
+    for (region, ec2_rules, kms_rules) in regions {
+        let ec2 = recorded_client!(aws_sdk_ec2, ec2_rules.iter().copied());
+        let kms = recorded_client!(aws_sdk_kms, kms_rules.iter().copied());
+        aws = aws.with_region_clients(region, ec2, kms);
+    }
+    Handler::new(Config::parse(config).unwrap(), aws, REGION).with_key_policy_writes(
+        KeyPolicyWrites {
+            settle: Duration::ZERO,
+            max_writes: 3,
+        },
     )
-    .with_key_policy_writes(KeyPolicyWrites {
-        settle: Duration::ZERO,
-        max_writes: 3,
-    })
 }
 
 fn event() -> Value {
@@ -444,4 +450,199 @@ async fn kms_throttling_is_retried_by_the_sdk_and_the_ami_is_shared() {
         ],
         "no OU in this config: no OU statements"
     );
+}
+
+/// EC2's answer to a refused call (query protocol).
+fn ec2_error(code: &str, message: &str) -> HttpResponse {
+    response(
+        400,
+        format!(
+            r#"<?xml version="1.0" encoding="UTF-8"?>
+<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message></Error></Errors><RequestID>ea966190-f9aa-478e-9ede-example</RequestID></Response>"#
+        ),
+    )
+}
+
+const NO_IMAGES: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
+<DescribeImagesResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">
+    <requestId>59dbff89-35bd-4eac-99ed-be587EXAMPLE</requestId>
+    <imagesSet/>
+</DescribeImagesResponse>"#;
+
+const COPY_IN_FRANKFURT: &str = "ami-0c0ffee0c0ffee001";
+
+/// ami-share's copy of IMAGE in eu-central-1, in `state`, as DescribeImages reports it (marks included).
+fn frankfurt_copy(state: &str) -> String {
+    format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<DescribeImagesResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">
+    <requestId>59dbff89-35bd-4eac-99ed-be587EXAMPLE</requestId>
+    <imagesSet>
+        <item>
+            <imageId>{COPY_IN_FRANKFURT}</imageId>
+            <imageState>{state}</imageState>
+            <imageOwnerId>123456789012</imageOwnerId>
+            <creationDate>2026-11-25T09:30:00.000Z</creationDate>
+            <isPublic>false</isPublic>
+            <name>golden-al2023-2026.11.25</name>
+            <rootDeviceType>ebs</rootDeviceType>
+            <rootDeviceName>/dev/xvda</rootDeviceName>
+            <blockDeviceMapping>
+                <item>
+                    <deviceName>/dev/xvda</deviceName>
+                    <ebs>
+                        <snapshotId>snap-0c0ffee0c0ffee001</snapshotId>
+                        <volumeSize>8</volumeSize>
+                        <encrypted>false</encrypted>
+                    </ebs>
+                </item>
+            </blockDeviceMapping>
+            <tagSet>
+                <item><key>ami-share:copy-kind</key><value>regional</value></item>
+                <item><key>ami-share:source-image</key><value>{IMAGE}</value></item>
+                <item><key>ami-share:source-region</key><value>{REGION}</value></item>
+            </tagSet>
+            <sourceImageId>{IMAGE}</sourceImageId>
+            <sourceImageRegion>{REGION}</sourceImageRegion>
+        </item>
+    </imagesSet>
+</DescribeImagesResponse>"#
+    )
+}
+
+#[tokio::test]
+async fn a_region_at_its_copy_limit_fails_alone_and_a_pending_copy_is_shared_once_available() {
+    // Recorded: the emulator has no copy limit (ResourceLimitExceeded is AWS's answer when too many
+    // copies are in progress in a region), and its copies do not turn available by themselves.
+    let unencrypted = DESCRIBE_IMAGES.replace(
+        "<encrypted>true</encrypted>",
+        "<encrypted>false</encrypted>",
+    );
+    let source = [
+        mock!(aws_sdk_ec2::Client::describe_images)
+            .then_http_response(move || response(200, unencrypted.clone())),
+        mock!(aws_sdk_ec2::Client::describe_image_attribute)
+            .sequence()
+            .http_response(|| response(200, NO_LAUNCH_PERMISSIONS))
+            .http_response(|| {
+                response(
+                    200,
+                    NO_LAUNCH_PERMISSIONS.replace(
+                        "<launchPermission/>",
+                        "<launchPermission><item><userId>210987654321</userId></item></launchPermission>",
+                    ),
+                )
+            })
+            .repeatedly()
+            .build(),
+    ];
+    let source_shares = mock!(aws_sdk_ec2::Client::modify_image_attribute)
+        .then_http_response(|| response(200, MODIFY_IMAGE_ATTRIBUTE));
+    let west_copies = mock!(aws_sdk_ec2::Client::copy_image).then_http_response(|| {
+        ec2_error(
+            "ResourceLimitExceeded",
+            "You have reached the maximum number of concurrent CopyImage requests for this Region.",
+        )
+    });
+    let west_find =
+        mock!(aws_sdk_ec2::Client::describe_images).then_http_response(|| response(200, NO_IMAGES));
+    let frankfurt_find = mock!(aws_sdk_ec2::Client::describe_images)
+        .sequence()
+        .http_response(|| response(200, NO_IMAGES))
+        .http_response(|| response(200, frankfurt_copy("pending")))
+        .http_response(|| response(200, frankfurt_copy("available")))
+        .repeatedly()
+        .build();
+    let frankfurt_copies = mock!(aws_sdk_ec2::Client::copy_image).then_http_response(|| {
+        response(
+            200,
+            format!(
+                r#"<CopyImageResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"><requestId>60bc441d-fa2c-494d-b155-example</requestId><imageId>{COPY_IN_FRANKFURT}</imageId></CopyImageResponse>"#
+            ),
+        )
+    });
+    let frankfurt_permissions = mock!(aws_sdk_ec2::Client::describe_image_attribute)
+        .then_http_response(|| {
+            response(200, NO_LAUNCH_PERMISSIONS.replace(IMAGE, COPY_IN_FRANKFURT))
+        });
+    let frankfurt_shares = mock!(aws_sdk_ec2::Client::modify_image_attribute)
+        .then_http_response(|| response(200, MODIFY_IMAGE_ATTRIBUTE));
+    let source_rules: Vec<&Rule> = source.iter().chain([&source_shares]).collect();
+    let handler = handler_in(
+        r#"
+        [[rule]]
+        name = "golden"
+        share.accounts = ["210987654321"]
+        copy.regions = [{ region = "us-west-2" }, { region = "eu-central-1" }]
+        "#,
+        &[
+            (REGION, &source_rules, &[]),
+            ("us-west-2", &[&west_find, &west_copies], &[]),
+            (
+                "eu-central-1",
+                &[
+                    &frankfurt_find,
+                    &frankfurt_copies,
+                    &frankfurt_permissions,
+                    &frankfurt_shares,
+                ],
+                &[],
+            ),
+        ],
+    );
+
+    // 1. us-west-2 refuses the copy: the invocation fails, retryably, naming it; the others are done.
+    let error = handler.handle(event()).await.unwrap_err();
+    assert_eq!(error.error_type(), "Retryable");
+    let message = error.to_string();
+    assert!(
+        message.contains("us-west-2: failed")
+            && message.contains(
+                "CopyImage on ami-0abcdef1234567890 in us-west-2 failed with ResourceLimitExceeded"
+            )
+            && message.contains("a retry makes room")
+            && message.contains(&format!("eu-central-1: copying {COPY_IN_FRANKFURT}")),
+        "{message}"
+    );
+    assert_eq!(
+        source_shares.num_calls(),
+        1,
+        "the source is shared all the same"
+    );
+    assert_eq!(frankfurt_copies.num_calls(), 1);
+
+    // 2. The redelivery: Frankfurt's copy is pending (waits), us-west-2 is tried again, the source is
+    //    already shared.
+    let message = handler.handle(event()).await.unwrap_err().to_string();
+    assert!(
+        message.contains(&format!("eu-central-1: pending {COPY_IN_FRANKFURT}")),
+        "{message}"
+    );
+    assert_eq!(
+        frankfurt_copies.num_calls(),
+        1,
+        "a pending copy is never made again"
+    );
+    assert_eq!(
+        frankfurt_shares.num_calls(),
+        0,
+        "EC2 cannot share a pending image"
+    );
+    assert_eq!(west_copies.num_calls(), 2);
+    assert_eq!(source_shares.num_calls(), 1);
+
+    // 3. Frankfurt's copy is available: shared there, in its region.
+    let message = handler.handle(event()).await.unwrap_err().to_string();
+    assert!(
+        message.contains(&format!("eu-central-1: done {COPY_IN_FRANKFURT}")),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!(
+            "done: share {COPY_IN_FRANKFURT} in eu-central-1 with account 210987654321"
+        )),
+        "{message}"
+    );
+    assert_eq!(frankfurt_shares.num_calls(), 1);
+    assert_eq!(frankfurt_copies.num_calls(), 1);
 }
