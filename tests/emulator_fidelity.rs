@@ -357,3 +357,117 @@ async fn a_simulated_concurrent_writer_undoes_exactly_the_next_writes() {
         "only the next write was raced"
     );
 }
+
+#[tokio::test]
+async fn enable_image_deprecation_is_reported_rounded_to_the_minute() {
+    let emulator = Emulator::start();
+    let ec2 = emulator.ec2().await;
+    let (image, _) = create_image(&ec2, "deprecated", &[]).await;
+    let at = aws_smithy_types::DateTime::from_str(
+        "2030-01-02T03:04:40Z",
+        aws_smithy_types::date_time::Format::DateTime,
+    )
+    .unwrap();
+    ec2.enable_image_deprecation()
+        .image_id(&image)
+        .deprecate_at(at)
+        .send()
+        .await
+        .expect("moto alone answers HTTP 500 here");
+    let described = ec2
+        .describe_images()
+        .image_ids(&image)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        described.images()[0].deprecation_time(),
+        Some("2030-01-02T03:05:00.000Z")
+    );
+}
+
+#[tokio::test]
+async fn an_encrypted_ami_copied_to_another_region_without_a_key_gets_that_regions_default_key() {
+    let emulator = Emulator::start();
+    let ec2 = emulator.ec2().await;
+    let key = create_key(&emulator.kms().await).await;
+    let (image, _) = create_image_with(&ec2, "encrypted", &[], RootVolume::Key(&key)).await;
+    let west = emulator.ec2_in("us-west-2").await;
+    let copy = west
+        .copy_image()
+        .source_image_id(&image)
+        .source_region(REGION)
+        .name("encrypted")
+        .send()
+        .await
+        .unwrap()
+        .image_id()
+        .unwrap()
+        .to_string();
+    let snapshot = &image_snapshots(&west, &copy).await[0];
+    let (encrypted, copy_key) = snapshot_encryption(&west, snapshot).await;
+    assert!(encrypted);
+    let copy_key = copy_key.expect("a key");
+    assert!(
+        copy_key.starts_with("arn:aws:kms:us-west-2:"),
+        "a key of the destination, not {key}: {copy_key}"
+    );
+    let managed = emulator
+        .kms_in("us-west-2")
+        .await
+        .describe_key()
+        .key_id(&copy_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        managed.key_metadata().unwrap().key_manager(),
+        Some(&aws_sdk_kms::types::KeyManagerType::Aws),
+        "the default EBS key, aws/ebs"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_region_answers_every_ec2_call_as_aws_does() {
+    let emulator = Emulator::start();
+    emulator.refuse_region("ap-south-2", Some("opt-in"));
+    emulator.refuse_region("us-west-2", Some("throttled"));
+    let code = |e: aws_sdk_ec2::error::SdkError<_, _>| {
+        let e: aws_sdk_ec2::error::SdkError<
+            aws_sdk_ec2::operation::describe_images::DescribeImagesError,
+            _,
+        > = e;
+        e.code().unwrap_or("no code").to_string()
+    };
+    let opt_in = emulator.ec2_in("ap-south-2").await;
+    let err = opt_in
+        .describe_images()
+        .owners("self")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(err), "OptInRequired");
+    let throttled = emulator.ec2_in("us-west-2").await;
+    let err = throttled
+        .describe_images()
+        .owners("self")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(err), "RequestLimitExceeded");
+    emulator.refuse_region("us-west-2", None);
+    throttled
+        .describe_images()
+        .owners("self")
+        .send()
+        .await
+        .unwrap();
+    emulator
+        .ec2()
+        .await
+        .describe_images()
+        .owners("self")
+        .send()
+        .await
+        .unwrap();
+}

@@ -81,11 +81,23 @@ fn validate(path: &std::path::Path) -> ExitCode {
             println!("{}: valid, {} rule(s)", path.display(), config.rules.len());
             for rule in &config.rules {
                 let targets = rule.share.launch_permissions().count();
-                println!(
+                let mut line = format!(
                     "  {}: {} tag(s), shares with {targets} target(s)",
                     rule.name,
                     rule.tags.len()
                 );
+                if let Some(copy) = &rule.copy {
+                    let regions: Vec<&str> =
+                        copy.regions.iter().map(|r| r.region.as_str()).collect();
+                    line.push_str(&format!(", copies to {}", regions.join(", ")));
+                }
+                if let Some(days) = rule.deprecate_after_days {
+                    line.push_str(&format!(", deprecates after {days} day(s)"));
+                }
+                if let Some(parameter) = &rule.ssm_parameter {
+                    line.push_str(&format!(", keeps {}", parameter.for_rule(&rule.name)));
+                }
+                println!("{line}");
             }
             ExitCode::SUCCESS
         }
