@@ -514,9 +514,13 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
     plan
 }
 
-/// EnableImageDeprecation, when the image is not deprecated at the wanted minute.
+/// EnableImageDeprecation, when the image is available and not deprecated at the wanted minute. (A
+/// pending image waits: it is not launchable yet, and its available event comes.)
 fn deprecation_action(desired: &Desired, image: &ObservedImage) -> Option<Action> {
     let at = desired.deprecate_at.as_ref()?;
+    if image.state != ImageState::Available {
+        return None;
+    }
     let set = image
         .deprecation_time
         .as_deref()

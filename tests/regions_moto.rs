@@ -120,6 +120,14 @@ impl Setup {
     }
 }
 
+/// Delivers a sample event (for `image` in `region`) and returns the answer of a handled event.
+async fn deliver(handler: &Handler<SdkAws>, file: &str, image: &str, region: &str) -> Value {
+    handler
+        .handle(sample_event(file, image, region))
+        .await
+        .unwrap_or_else(|e| panic!("{file} for {image} in {region} failed: {e}"))
+}
+
 fn status(answer: &Value) -> &str {
     answer["status"].as_str().unwrap()
 }
@@ -162,10 +170,7 @@ async fn an_ami_lands_in_every_region_shared_there_and_no_event_copies_twice() {
 
     // CreateImage while pending: tags only; copies wait for an available source.
     s.emulator.set_image_state(REGION, &image, "pending");
-    let answer = handler
-        .handle(sample_event("create-image.json", &image, REGION))
-        .await
-        .unwrap();
+    let answer = deliver(&handler, "create-image.json", &image, REGION).await;
     assert_eq!(
         regions(&answer),
         BTreeMap::from([
@@ -179,10 +184,7 @@ async fn an_ami_lands_in_every_region_shared_there_and_no_event_copies_twice() {
     // Available: copied to both regions at once; the source is shared, deprecated, and its parameter set.
     s.emulator.set_image_state(REGION, &image, "available");
     let before = s.requests();
-    let answer = handler
-        .handle(sample_event("ami-state-available.json", &image, REGION))
-        .await
-        .unwrap();
+    let answer = deliver(&handler, "ami-state-available.json", &image, REGION).await;
     assert_eq!(
         regions(&answer),
         BTreeMap::from([
@@ -263,29 +265,12 @@ async fn an_ami_lands_in_every_region_shared_there_and_no_event_copies_twice() {
         "the west copy is encrypted with the west key"
     );
 
-    // A duplicate event while the copies are pending: no copy is made again; the new copies get only
-    // what they lack and CopyImage could not give them (deprecation); a third delivery changes nothing.
+    // A duplicate event while the copies are pending: nothing is made or changed.
     let before = s.requests();
-    let answer = handler
-        .handle(sample_event("ami-state-available.json", &image, REGION))
-        .await
-        .unwrap();
-    let mut touched: Vec<(String, String)> = s
-        .emulator
-        .requests_by_region_since(before)
-        .into_iter()
-        .filter(|(_, r)| is_mutating(r))
-        .collect();
-    touched.sort();
+    let answer = deliver(&handler, "ami-state-available.json", &image, REGION).await;
     assert_eq!(
-        touched,
-        [
-            (
-                FRANKFURT.to_string(),
-                "ec2:EnableImageDeprecation".to_string()
-            ),
-            (WEST.to_string(), "ec2:EnableImageDeprecation".to_string())
-        ]
+        s.emulator.mutating_requests_since(before),
+        Vec::<String>::new()
     );
     assert_eq!(
         regions(&answer),
@@ -294,23 +279,11 @@ async fn an_ami_lands_in_every_region_shared_there_and_no_event_copies_twice() {
             (WEST.into(), "pending".into())
         ])
     );
-    let before = s.requests();
-    handler
-        .handle(sample_event("ami-state-available.json", &image, REGION))
-        .await
-        .unwrap();
-    assert_eq!(
-        s.emulator.mutating_requests_since(before),
-        Vec::<String>::new()
-    );
 
     // The copy's own CopyImage event, in its region, while pending: its source is found by its marks,
     // nothing is copied again, nothing is left to do.
     let before = s.requests();
-    let answer = handler
-        .handle(sample_event("copy-image.json", west_copy, WEST))
-        .await
-        .unwrap();
+    let answer = deliver(&handler, "copy-image.json", west_copy, WEST).await;
     assert_eq!(
         answer["outcome"]["copy_of"],
         json!(format!("{image} in {REGION}"))
@@ -324,10 +297,7 @@ async fn an_ami_lands_in_every_region_shared_there_and_no_event_copies_twice() {
     // The copies become available; their events finish them in their regions: key opened, shared.
     for (region, copy) in [(WEST, west_copy), (FRANKFURT, frankfurt_copy)] {
         s.emulator.set_image_state(region, copy, "available");
-        let answer = handler
-            .handle(sample_event("ami-state-available.json", copy, region))
-            .await
-            .unwrap();
+        let answer = deliver(&handler, "ami-state-available.json", copy, region).await;
         assert_eq!(status(&answer), "done", "{answer:#}");
         let ec2 = s.emulator.ec2_in(region).await;
         assert_eq!(
@@ -350,10 +320,7 @@ async fn an_ami_lands_in_every_region_shared_there_and_no_event_copies_twice() {
 
     // Everything in place: the source's event again plans nothing anywhere, and no copy was made twice.
     let before = s.requests();
-    let answer = handler
-        .handle(sample_event("ami-state-available.json", &image, REGION))
-        .await
-        .unwrap();
+    let answer = deliver(&handler, "ami-state-available.json", &image, REGION).await;
     assert_eq!(
         s.emulator.mutating_requests_since(before),
         Vec::<String>::new()
@@ -368,10 +335,7 @@ async fn an_ami_lands_in_every_region_shared_there_and_no_event_copies_twice() {
     assert_eq!(copy_requests(&s, 0).len(), 2);
     for (region, copy) in [(WEST, west_copy), (FRANKFURT, frankfurt_copy)] {
         let before = s.requests();
-        handler
-            .handle(sample_event("ami-state-available.json", copy, region))
-            .await
-            .unwrap();
+        deliver(&handler, "ami-state-available.json", copy, region).await;
         assert_eq!(
             s.emulator.mutating_requests_since(before),
             Vec::<String>::new(),
@@ -389,10 +353,7 @@ async fn a_region_without_its_key_is_blocked_and_the_other_regions_go_on() {
         ))
         .await;
     let (image, _) = create_image(&s.ec2, "golden-2", &[]).await;
-    let answer = handler
-        .handle(sample_event("ami-state-available.json", &image, REGION))
-        .await
-        .unwrap();
+    let answer = deliver(&handler, "ami-state-available.json", &image, REGION).await;
     assert_eq!(status(&answer), "blocked", "{answer:#}");
     assert_eq!(
         regions(&answer),
@@ -453,10 +414,7 @@ async fn an_unreachable_region_fails_alone_retryably_and_a_redelivery_finishes_t
     // refused: not retryable, so the invocation now succeeds with status failed, naming it.
     s.emulator.refuse_region(WEST, None);
     let before = s.requests();
-    let answer = handler
-        .handle(sample_event("ami-state-available.json", &image, REGION))
-        .await
-        .unwrap();
+    let answer = deliver(&handler, "ami-state-available.json", &image, REGION).await;
     assert_eq!(status(&answer), "failed", "{answer:#}");
     assert_eq!(
         regions(&answer),
@@ -482,16 +440,10 @@ async fn an_encrypted_ami_copied_without_a_key_says_how_to_share_its_copy() {
     let kms = s.emulator.kms().await;
     let key = create_key(&kms).await;
     let (image, _) = create_image_with(&s.ec2, "golden-4", &[], RootVolume::Key(&key)).await;
-    handler
-        .handle(sample_event("ami-state-available.json", &image, REGION))
-        .await
-        .unwrap();
+    deliver(&handler, "ami-state-available.json", &image, REGION).await;
     let (copy, _) = s.copies_in(WEST, &image).await.remove(0);
     s.emulator.set_image_state(WEST, &copy, "available");
-    let answer = handler
-        .handle(sample_event("ami-state-available.json", &copy, WEST))
-        .await
-        .unwrap();
+    let answer = deliver(&handler, "ami-state-available.json", &copy, WEST).await;
     assert_eq!(status(&answer), "blocked", "{answer:#}");
     let tags = image_tags(&s.emulator.ec2_in(WEST).await, &copy).await;
     assert_eq!(tags[markers::STATUS], "not-shared");
@@ -546,10 +498,7 @@ async fn one_event_takes_as_many_round_trips_for_five_regions_as_for_one() {
         let (image, _) = create_image(&s.ec2, &format!("golden-depth-{n}"), &[]).await;
         s.emulator.set_latency(0.1);
         let before = s.requests();
-        let answer = handler
-            .handle(sample_event("ami-state-available.json", &image, REGION))
-            .await
-            .unwrap();
+        let answer = deliver(&handler, "ami-state-available.json", &image, REGION).await;
         let depth = s.emulator.round_trip_depth_since(before);
         if std::env::var("DEBUG_DEPTH").is_ok() {
             let log = s.emulator.control("requests", None);
