@@ -382,6 +382,23 @@ pub fn deprecation_time(creation_date: &str, days: u32) -> Option<String> {
     DateTime::from_secs(rounded).fmt(Format::DateTime).ok()
 }
 
+fn seconds(time: &str) -> Option<i64> {
+    DateTime::from_str(time, Format::DateTimeWithOffset)
+        .ok()
+        .map(|d| d.secs())
+}
+
+/// Whether EC2 time `a` is before `b` (both ISO 8601; false when either cannot be read).
+pub fn is_before(a: &str, b: &str) -> bool {
+    matches!((seconds(a), seconds(b)), (Some(a), Some(b)) if a < b)
+}
+
+/// The first whole minute after `now`, in the form EnableImageDeprecation takes.
+pub fn next_minute(now: &str) -> Option<String> {
+    let next = (seconds(now)?.div_euclid(60) + 1) * 60;
+    DateTime::from_secs(next).fmt(Format::DateTime).ok()
+}
+
 /// Whether two EC2 times name the same minute (EC2 reports `2027-01-01T10:00:00.000Z` for what was set as
 /// `2027-01-01T10:00:00Z`).
 pub fn same_minute(a: &str, b: &str) -> bool {

@@ -14,6 +14,9 @@ pub const REENCRYPTED_COPY: &str = "ami-share:reencrypted-copy";
 pub const SOURCE_IMAGE: &str = "ami-share:source-image";
 /// On a copy ami-share made: the region of the image it copied.
 pub const SOURCE_REGION: &str = "ami-share:source-region";
+/// On a copy ami-share made: the `CreationDate` of the image it copied, so a copy is as old as its source
+/// where ages are compared (the SSM parameter follows the newest source, whenever its copy was made).
+pub const SOURCE_CREATED: &str = "ami-share:source-created";
 /// On a copy ami-share made: why it exists ([`COPY_REENCRYPTED`] or [`COPY_REGIONAL`]). A copy is never
 /// copied again: this mark is what stops copy loops.
 pub const COPY_KIND: &str = "ami-share:copy-kind";
@@ -24,11 +27,13 @@ pub const COPY_REENCRYPTED: &str = "re-encrypted";
 pub const COPY_REGIONAL: &str = "regional";
 
 /// Tag keys a rule may not set: ami-share's own bookkeeping would be overwritten.
-pub const RESERVED: [&str; 5] = [
+pub const RESERVED: [&str; 7] = [
     STATUS,
     STATUS_REASON,
+    REENCRYPTED_COPY,
     SOURCE_IMAGE,
     SOURCE_REGION,
+    SOURCE_CREATED,
     COPY_KIND,
 ];
 
@@ -80,6 +85,15 @@ pub fn copy_tags(kind: &str, source_image: &str, source_region: &str) -> Tags {
         (COPY_KIND.to_string(), kind.to_string()),
     ]
     .into()
+}
+
+/// When the image's family began: for ami-share's copy, its source's creation (its mark); for any other
+/// image, its own.
+pub fn family_created<'a>(tags: &'a Tags, creation_date: Option<&'a str>) -> Option<&'a str> {
+    match tags.get(SOURCE_CREATED) {
+        Some(source) if tags.contains_key(COPY_KIND) => Some(source),
+        _ => creation_date,
+    }
 }
 
 /// A copy made by ami-share, as its marks tell.

@@ -170,4 +170,7 @@ pub struct Observed {
     /// observed (the reconciler records why; nothing is planned there). Read only once the image is
     /// available (CopyImage needs an available source).
     pub regional: BTreeMap<String, Option<ObservedCopies>>,
+    /// The time of the observation (ISO 8601, UTC), when known: a deprecation time already past cannot
+    /// be set (EC2 refuses it), so a rule's overdue deprecation takes effect at once instead.
+    pub now: Option<String>,
 }

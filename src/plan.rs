@@ -19,7 +19,7 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::config::MAX_TAGS_PER_RESOURCE;
-use crate::distribution::{TemplateValues, same_minute};
+use crate::distribution::{TemplateValues, is_before, next_minute, same_minute};
 use crate::key_policy::{self, KeyGrantees};
 use crate::keys::{KeyArn, KeyRef};
 use crate::markers::{self, Status};
@@ -214,8 +214,13 @@ pub enum RegionCopy {
     Waiting,
     /// No copy yet: the plan makes it.
     ToCopy,
-    /// The copy exists; when available, the plan holds what it still lacks.
-    Copy { image_id: String, state: String },
+    /// The copy exists; when available, the plan holds what it still lacks, or why it cannot be shared.
+    Copy {
+        image_id: String,
+        state: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        blocked: Option<String>,
+    },
     /// No copy can be made: why.
     Blocked { reason: String },
     /// The region could not be read (the failure says why): nothing planned there.
@@ -491,7 +496,8 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
         &desired.snapshot_tags,
         image,
     ));
-    plan.actions.extend(deprecation_action(desired, image));
+    plan.actions
+        .extend(deprecation_action(desired, image, observed.now.as_deref()));
     plan.actions.extend(after_tags);
     let missing_status: Tags = status
         .unwrap_or_default()
@@ -515,20 +521,35 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
 }
 
 /// EnableImageDeprecation, when the image is available and not deprecated at the wanted minute. (A
-/// pending image waits: it is not launchable yet, and its available event comes.)
-fn deprecation_action(desired: &Desired, image: &ObservedImage) -> Option<Action> {
-    let at = desired.deprecate_at.as_ref()?;
+/// pending image waits: it is not launchable yet, and its available event comes.) When the wanted time is
+/// already past (an old image, or a copy made late), which EC2 refuses, the image is deprecated at the
+/// next minute, unless it is deprecated already.
+fn deprecation_action(
+    desired: &Desired,
+    image: &ObservedImage,
+    now: Option<&str>,
+) -> Option<Action> {
+    let wanted = desired.deprecate_at.as_ref()?;
     if image.state != ImageState::Available {
         return None;
     }
-    let set = image
-        .deprecation_time
-        .as_deref()
-        .is_some_and(|t| same_minute(t, at));
-    (!set).then(|| Action::DeprecateImage {
+    let current = image.deprecation_time.as_deref();
+    let at = match now {
+        Some(now) if !is_before(now, wanted) => {
+            if current.is_some_and(|t| !is_before(now, t)) {
+                return None;
+            }
+            next_minute(now)?
+        }
+        _ => wanted.clone(),
+    };
+    if current.is_some_and(|t| same_minute(t, &at)) {
+        return None;
+    }
+    Some(Action::DeprecateImage {
         region: image.region.clone(),
         image_id: image.image_id.clone(),
-        deprecate_at: at.clone(),
+        deprecate_at: at,
     })
 }
 
@@ -567,8 +588,9 @@ fn parameter_actions(desired: &Desired, image: &ObservedImage, plan: &mut Plan) 
         if current.value.as_deref() == Some(image.image_id.as_str()) {
             continue;
         }
-        if let (Some(theirs), Some(ours)) = (&current.value_created, &image.creation_date)
-            && theirs > ours
+        let ours = markers::family_created(&image.tags, image.creation_date.as_deref());
+        if let (Some(theirs), Some(ours)) = (current.value_created.as_deref(), ours)
+            && is_before(ours, theirs)
         {
             plan.deferred.push(format!(
                 "SSM parameter {name} in {} keeps {}, which is newer than {}",
@@ -615,7 +637,7 @@ fn regional_copies(desired: &Desired, wanted: &CopyWanted, observed: &Observed, 
             Some(Some(found)) => region_copy(
                 desired,
                 wanted,
-                source,
+                observed,
                 region,
                 key_ref.as_ref(),
                 found,
@@ -630,21 +652,24 @@ fn regional_copies(desired: &Desired, wanted: &CopyWanted, observed: &Observed, 
 fn region_copy(
     desired: &Desired,
     wanted: &CopyWanted,
-    source: &ObservedImage,
+    observed: &Observed,
     region: &str,
     key_ref: Option<&KeyRef>,
     found: &ObservedCopies,
     plan: &mut Plan,
 ) -> RegionCopy {
+    let source = &observed.image;
     let copy_desired = desired_for_copy(desired, source, markers::COPY_REGIONAL);
     if let Some(copy) = chosen_copy(&found.copies) {
         let copy_plan = self::plan(
             &copy_desired,
             &Observed {
                 image: copy.clone(),
+                now: observed.now.clone(),
                 ..Observed::default()
             },
         );
+        let blocked = copy_plan.blocked.first().cloned();
         plan.actions.extend(copy_plan.actions);
         plan.deferred.extend(copy_plan.deferred);
         plan.blocked.extend(copy_plan.blocked);
@@ -653,6 +678,7 @@ fn region_copy(
         return RegionCopy::Copy {
             image_id: copy.image_id.clone(),
             state: copy.state.to_string(),
+            blocked,
         };
     }
     let mut blocked = |reason: String| {
@@ -793,6 +819,7 @@ fn not_shareable(
             &desired_for_copy(desired, image, markers::COPY_REENCRYPTED),
             &Observed {
                 image: copy.clone(),
+                now: observed.now.clone(),
                 ..Observed::default()
             },
         );
@@ -887,6 +914,9 @@ pub fn chosen_copy(copies: &[ObservedImage]) -> Option<&ObservedImage> {
 pub fn desired_for_copy(desired: &Desired, source: &ObservedImage, kind: &str) -> Desired {
     let mut image_tags = desired.image_tags.clone();
     image_tags.extend(markers::copy_tags(kind, &source.image_id, &source.region));
+    if let Some(created) = markers::family_created(&source.tags, source.creation_date.as_deref()) {
+        image_tags.insert(markers::SOURCE_CREATED.into(), created.to_string());
+    }
     Desired {
         image_tags,
         reencrypt_with: None,
@@ -1038,6 +1068,25 @@ fn new_copy(draft: CopyDraft) -> ImageCopy {
     }
 }
 
+impl ImageCopy {
+    /// The same copy under a name of its own (and so a token of its own), for when its name is taken in
+    /// its region by an image ami-share did not make. Stable, so a retry makes no second copy.
+    pub fn renamed(&self) -> ImageCopy {
+        let hash = stable_hash(&[self.client_token.as_str(), "renamed"]);
+        let suffix = format!("-{:08x}", hash >> 32);
+        let name: String = self
+            .name
+            .chars()
+            .take(MAX_NAME_CHARS - suffix.len())
+            .collect();
+        ImageCopy {
+            name: format!("{name}{suffix}"),
+            client_token: format!("{}-r", self.client_token),
+            ..self.clone()
+        }
+    }
+}
+
 /// The launch permissions the image lacks, as one call.
 fn share_action(desired: &Desired, image: &ObservedImage) -> Option<Action> {
     let current = image.launch_permissions.as_ref();
@@ -1165,6 +1214,7 @@ mod tests {
             image,
             reencryption: None,
             regional: BTreeMap::new(),
+            now: None,
         }
     }
 
@@ -1636,6 +1686,7 @@ mod tests {
             image: encrypted(AWS_EBS, Some(self::key(AWS_EBS, KeyManager::Aws))),
             reencryption: Some(ObservedCopies { copies, key }),
             regional: BTreeMap::new(),
+            now: None,
         }
     }
 
@@ -1817,6 +1868,7 @@ mod tests {
                 key: Some(Some(key(REENCRYPT_KEY, KeyManager::Customer))),
             }),
             regional: BTreeMap::new(),
+            now: None,
         };
         assert!(!wants_reencrypted_copy(&reencrypting(), &obs.image));
         let p = plan(&reencrypting(), &obs);
@@ -1935,6 +1987,7 @@ mod tests {
                 ("us-west-2".to_string(), west),
                 ("eu-central-1".to_string(), Some(ObservedCopies::default())),
             ]),
+            now: None,
         }
     }
 
@@ -2029,6 +2082,10 @@ mod tests {
         copy.image_id = "ami-0west".into();
         copy.region = "us-west-2".into();
         copy.tags = markers::copy_tags(markers::COPY_REGIONAL, "ami-12345678", "us-east-1");
+        copy.tags.insert(
+            markers::SOURCE_CREATED.into(),
+            "2026-11-25T10:00:00.000Z".into(),
+        );
         let west = ObservedCopies {
             copies: vec![copy],
             key: None,
@@ -2053,7 +2110,8 @@ mod tests {
             p.regions["us-west-2"],
             RegionCopy::Copy {
                 image_id: "ami-0west".into(),
-                state: "available".into()
+                state: "available".into(),
+                blocked: None,
             }
         );
     }
@@ -2183,5 +2241,96 @@ mod tests {
                 .iter()
                 .any(|a| matches!(a, Action::AddCreateVolumePermission { .. }))
         );
+    }
+
+    #[test]
+    fn an_overdue_deprecation_takes_effect_at_the_next_minute_once() {
+        let mut d = desired();
+        d.deprecate_at = Some("2026-12-01T00:00:00Z".into());
+        let mut obs = observed(image(ImageState::Available));
+        let deprecation = |p: &Plan| {
+            p.actions.iter().find_map(|a| match a {
+                Action::DeprecateImage { deprecate_at, .. } => Some(deprecate_at.clone()),
+                _ => None,
+            })
+        };
+        obs.now = Some("2026-11-25T10:00:00Z".into());
+        assert_eq!(
+            deprecation(&plan(&d, &obs)).as_deref(),
+            Some("2026-12-01T00:00:00Z")
+        );
+        obs.now = Some("2027-03-01T08:30:10Z".into());
+        assert_eq!(
+            deprecation(&plan(&d, &obs)).as_deref(),
+            Some("2027-03-01T08:31:00Z"),
+            "EC2 refuses a time in the past"
+        );
+        obs.image.deprecation_time = Some("2027-03-01T08:31:00.000Z".into());
+        assert_eq!(
+            deprecation(&plan(&d, &obs)),
+            None,
+            "the same minute again: nothing"
+        );
+        obs.now = Some("2027-06-01T00:00:00Z".into());
+        assert_eq!(deprecation(&plan(&d, &obs)), None, "deprecated already");
+        obs.image.state = ImageState::Pending;
+        obs.image.deprecation_time = None;
+        assert_eq!(deprecation(&plan(&d, &obs)), None, "a pending image waits");
+    }
+
+    #[test]
+    fn a_copy_is_as_old_as_its_source_for_the_parameter() {
+        let mut d = desired();
+        d.ssm_parameters = ["/p".to_string()].into();
+        // A copy of an older source, made after the copy of a newer source the parameter names.
+        let mut copy = image(ImageState::Available);
+        copy.creation_date = Some("2026-11-30T00:00:00.000Z".into());
+        copy.tags = markers::copy_tags(markers::COPY_REGIONAL, "ami-old", "us-east-1");
+        copy.tags.insert(
+            markers::SOURCE_CREATED.into(),
+            "2026-11-01T00:00:00.000Z".into(),
+        );
+        copy.parameters.insert(
+            "/p".into(),
+            crate::observed::ObservedParameter {
+                value: Some("ami-newercopy".into()),
+                value_created: Some("2026-11-20T00:00:00.000Z".into()),
+            },
+        );
+        let p = plan(&d, &observed(copy));
+        assert!(
+            !p.actions
+                .iter()
+                .any(|a| matches!(a, Action::PutParameter { .. })),
+            "{p:#?}"
+        );
+    }
+
+    #[test]
+    fn a_renamed_copy_is_the_same_copy_under_a_stable_name_of_its_own() {
+        let west = ObservedCopies {
+            copies: vec![],
+            key: Some(Some(key(WEST_KEY, KeyManager::Customer))),
+        };
+        let p = plan(
+            &distributing(),
+            &with_regions(image(ImageState::Available), Some(west)),
+        );
+        let copy = copies(&p)
+            .into_iter()
+            .find(|c| c.region == "us-west-2")
+            .unwrap()
+            .clone();
+        let renamed = copy.renamed();
+        assert_ne!(renamed.name, copy.name);
+        assert!(renamed.name.starts_with("golden-us-west-2-"));
+        assert_ne!(renamed.client_token, copy.client_token);
+        assert!(renamed.client_token.len() <= 64);
+        assert_eq!(
+            renamed,
+            copy.renamed(),
+            "stable: a retry makes no second copy"
+        );
+        assert_eq!(renamed.tags, copy.tags);
     }
 }

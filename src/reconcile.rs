@@ -200,6 +200,14 @@ impl Outcome {
                 (RegionCopy::Copy { image_id, .. }, Some(failure)) => {
                     RegionOutcome::new("failed", Some(image_id), Some(failure))
                 }
+                (
+                    RegionCopy::Copy {
+                        image_id,
+                        blocked: Some(reason),
+                        ..
+                    },
+                    None,
+                ) => RegionOutcome::new("blocked", Some(image_id), Some(reason)),
                 (_, Some(failure)) => RegionOutcome::new("failed", None, Some(failure)),
                 (RegionCopy::Unread, None) => {
                     RegionOutcome::new("failed", None, Some("the region could not be read".into()))
@@ -208,12 +216,18 @@ impl Outcome {
                     Some(id) => RegionOutcome::new("copying", Some(id.clone()), None),
                     None => RegionOutcome::new("not_done", None, None),
                 },
-                (RegionCopy::Copy { image_id, state }, None) if state == "available" => {
-                    RegionOutcome::new("done", Some(image_id), None)
-                }
-                (RegionCopy::Copy { image_id, state }, None) => {
-                    RegionOutcome::new("pending", Some(image_id), Some(state))
-                }
+                (
+                    RegionCopy::Copy {
+                        image_id, state, ..
+                    },
+                    None,
+                ) if state == "available" => RegionOutcome::new("done", Some(image_id), None),
+                (
+                    RegionCopy::Copy {
+                        image_id, state, ..
+                    },
+                    None,
+                ) => RegionOutcome::new("pending", Some(image_id), Some(state)),
             };
             self.regions.insert(region, outcome);
         }
@@ -232,17 +246,17 @@ impl Outcome {
             return format!("{subject}: skipped: {reason}");
         }
         let mut parts = vec![format!("rules [{}]", self.rules.join(", "))];
-        if self.done.is_empty() && self.not_done.is_empty() {
+        if self.done.is_empty()
+            && self.not_done.is_empty()
+            && self.failures.is_empty()
+            && self.blocked.is_empty()
+        {
             parts.push("already as configured, nothing to do".into());
         }
         parts.extend(self.done.iter().map(|a| format!("done: {a}")));
         let label = if self.dry_run { "would" } else { "not done" };
         parts.extend(self.not_done.iter().map(|a| format!("{label}: {a}")));
-        parts.extend(
-            self.blocked
-                .iter()
-                .map(|b| format!("not shared as it is: {b}")),
-        );
+        parts.extend(self.blocked.iter().map(|b| format!("blocked: {b}")));
         parts.extend(self.deferred.iter().map(|d| format!("deferred: {d}")));
         parts.extend(self.regions.iter().map(|(region, r)| {
             let mut text = format!("{region}: {}", r.status);
@@ -393,7 +407,7 @@ impl<A: Aws> Reconciler<'_, A> {
         let desired = desired_for(self.config, &facts_of(&source, source.created_by));
         if desired.is_empty() {
             return outcome.skipped(format!(
-                "no rule selects its source {source_id} any more: the copy is left as it is"
+                "no rule of this function's config selects its source {source_id} (any more, or the config here differs from the source region's): the copy is left as it is"
             ));
         }
         let desired = desired_for_copy(&desired, &source, markers::COPY_REGIONAL);
@@ -468,10 +482,14 @@ impl<A: Aws> Reconciler<'_, A> {
             )))
         );
         let (image, reencryption) = source?;
+        let now = aws_smithy_types::DateTime::from(std::time::SystemTime::now())
+            .fmt(aws_smithy_types::date_time::Format::DateTime)
+            .ok();
         let mut observed = Observed {
             image,
             reencryption,
             regional: BTreeMap::new(),
+            now,
         };
         for ((region, _), result) in regions.into_iter().zip(regional) {
             let copies = match result {
@@ -629,7 +647,11 @@ impl<A: Aws> Reconciler<'_, A> {
             let value_created = match value.as_deref() {
                 Some(id) if id.starts_with("ami-") => {
                     match self.aws.describe_image(region, id).await? {
-                        ImageLookup::Owned(image) => image.creation_date,
+                        // A copy is as old as its source: parameters follow the newest source.
+                        ImageLookup::Owned(image) => {
+                            markers::family_created(&image.tags, image.creation_date.as_deref())
+                                .map(str::to_string)
+                        }
                         _ => None,
                     }
                 }
@@ -704,9 +726,12 @@ impl<A: Aws> Reconciler<'_, A> {
             .into_iter()
             .partition(|a| key_failed.contains(&action_region(a).to_string()));
         if !held.is_empty() {
-            outcome.blocked.push(
-                "not shared yet: a key policy could not be patched (see the failure), and receivers could not launch from it".into(),
-            );
+            let mut regions: Vec<&str> = held.iter().map(action_region).collect();
+            regions.dedup();
+            outcome.blocked.push(format!(
+                "not shared yet in {}: a key policy there could not be patched (see the failure), and receivers could not launch from it",
+                regions.join(", ")
+            ));
             outcome.not_done.extend(held);
         }
         self.apply_phase(shares, outcome).await;
@@ -798,7 +823,25 @@ impl<A: Aws> Reconciler<'_, A> {
                 image_id,
             } => self.aws.put_parameter(region, name, image_id).await?,
             Action::CopyImage(copy) => {
-                let copy_id = self.aws.copy_image(copy).await?;
+                let copy_id = match self.aws.copy_image(copy).await {
+                    // The name is taken there by an image ami-share did not make (its own copies are
+                    // found by their marks): the copy gets a name of its own rather than failing for good.
+                    Err(e)
+                        if e.code.as_deref() == Some("InvalidAMIName.Duplicate")
+                            && copy.kind == markers::COPY_REGIONAL =>
+                    {
+                        let renamed = copy.renamed();
+                        tracing::warn!(
+                            copy_region = %copy.region,
+                            "the name {:?} is taken in {}: copying as {:?}",
+                            copy.name,
+                            copy.region,
+                            renamed.name
+                        );
+                        self.aws.copy_image(&renamed).await?
+                    }
+                    other => other?,
+                };
                 tracing::info!(
                     image_id = %copy.source_image_id,
                     copy_id = %copy_id,
@@ -960,6 +1003,8 @@ mod tests {
         failing: Vec<&'static str>,
         /// Regions where every call fails (throttled).
         failing_regions: Vec<&'static str>,
+        /// (operation, region): that call fails in that region only.
+        failing_in: Vec<(&'static str, &'static str)>,
     }
 
     impl FakeAws {
@@ -1020,13 +1065,17 @@ mod tests {
                 regions_called: Mutex::new(Vec::new()),
                 failing: Vec::new(),
                 failing_regions: Vec::new(),
+                failing_in: Vec::new(),
             }
         }
 
         fn call(&self, operation: &'static str, region: &str) -> Result<(), AwsError> {
             self.calls.lock().unwrap().push(operation);
             self.regions_called.lock().unwrap().push(region.to_string());
-            if self.failing.contains(&operation) || self.failing_regions.contains(&region) {
+            if self.failing.contains(&operation)
+                || self.failing_regions.contains(&region)
+                || self.failing_in.contains(&(operation, region))
+            {
                 return Err(AwsError {
                     operation,
                     region: region.into(),
@@ -1523,7 +1572,7 @@ mod tests {
             "{}",
             outcome.headline()
         );
-        assert!(outcome.blocked[0].contains("a key policy could not be patched"));
+        assert!(outcome.blocked[0].contains("a key policy there could not be patched"));
         assert!(aws.image(IMAGE).launch_permissions.unwrap().is_empty());
     }
 
@@ -1743,5 +1792,117 @@ mod tests {
         let outcome = run(&aws, &c, &by_image, Mode::DryRun).await;
         assert_eq!(outcome.created_by, Some(CreatedBy::CreateImage));
         assert!(outcome.rules.is_empty());
+    }
+
+    /// The source in REGION, unencrypted, and ami-share's available copy of it in WEST, encrypted with the
+    /// WEST key, not yet shared.
+    fn with_west_copy() -> FakeAws {
+        let aws = FakeAws::new(ImageState::Available, None);
+        let mut state = aws.state.lock().unwrap();
+        let mut copy = state.images[IMAGE].clone();
+        copy.image_id = "ami-0west".into();
+        copy.region = WEST.into();
+        copy.tags = markers::copy_tags(markers::COPY_REGIONAL, IMAGE, REGION);
+        copy.tags.insert(
+            markers::SOURCE_CREATED.into(),
+            "2026-11-25T10:00:00.000Z".into(),
+        );
+        copy.snapshots[0].snapshot_id = "snap-west".into();
+        copy.snapshots[0].encrypted = Some(true);
+        state.images.insert("ami-0west".into(), copy);
+        state.snapshots.insert(
+            "snap-west".into(),
+            SnapshotFacts {
+                tags: Tags::new(),
+                encrypted: true,
+                kms_key_id: Some(WEST_KEY.into()),
+            },
+        );
+        drop(state);
+        aws
+    }
+
+    fn distributing_config() -> Config {
+        config(&format!(
+            "[[rule]]\nname = \"golden\"\nmatch.name = [\"golden-*\"]\nshare.accounts = [\"210987654321\"]\nssm_parameter = \"/ami-share/{{rule}}/latest\"\ncopy.regions = [{{ region = \"{WEST}\", kms_key = \"alias/ami-share\" }}]\n"
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_key_patch_failing_in_one_region_holds_back_that_regions_share_and_parameter_only() {
+        let mut aws = with_west_copy();
+        aws.failing_in = vec![("PutKeyPolicy", WEST)];
+        let outcome = apply(&aws, &distributing_config()).await;
+        assert_eq!(outcome.status(), "failed", "{}", outcome.headline());
+        assert!(outcome.retryable(), "throttled: worth a retry");
+        // The source, in its region: shared and its parameter set.
+        assert_eq!(aws.image(IMAGE).launch_permissions, Some(partner()));
+        let parameters = aws.state.lock().unwrap().parameters.clone();
+        assert_eq!(
+            parameters.get(&(REGION.to_string(), "/ami-share/golden/latest".to_string())),
+            Some(&IMAGE.to_string())
+        );
+        // The copy, in WEST: its key could not admit the receivers, so no share and no parameter there.
+        assert_eq!(
+            aws.image("ami-0west").launch_permissions,
+            Some(BTreeSet::new())
+        );
+        assert!(
+            !parameters.contains_key(&(WEST.to_string(), "/ami-share/golden/latest".to_string()))
+        );
+        assert_eq!(outcome.regions[WEST].status, "failed");
+        assert!(
+            outcome
+                .blocked
+                .iter()
+                .any(|b| b.contains("not shared yet in us-west-2")),
+            "{:?}",
+            outcome.blocked
+        );
+        // Once the key can be written, the next delivery finishes WEST only.
+        aws.failing_in.clear();
+        let again = apply(&aws, &distributing_config()).await;
+        assert_eq!(again.status(), "done", "{}", again.headline());
+        assert_eq!(aws.image("ami-0west").launch_permissions, Some(partner()));
+        assert!(
+            again.done.iter().all(|a| action_region(a) == WEST),
+            "{}",
+            again.headline()
+        );
+        assert_eq!(again.regions[WEST].status, "done");
+    }
+
+    #[tokio::test]
+    async fn a_copy_event_finishes_the_copy_in_its_region_only_and_never_copies_it() {
+        let aws = with_west_copy();
+        let event = ImageEvent {
+            image: ImageRef {
+                region: Some(WEST.into()),
+                image_id: "ami-0west".into(),
+            },
+            kind: EventKind::StateChange {
+                state: "available".into(),
+            },
+            account: None,
+            event_id: None,
+        };
+        let outcome = run(&aws, &distributing_config(), &event, Mode::Apply).await;
+        assert_eq!(outcome.status(), "done", "{}", outcome.headline());
+        assert_eq!(
+            outcome.copy_of.as_deref(),
+            Some("ami-12345678 in eu-west-1")
+        );
+        assert!(
+            outcome.done.iter().all(|a| action_region(a) == WEST),
+            "{}",
+            outcome.headline()
+        );
+        assert!(!aws.calls().contains(&"CopyImage"));
+        assert_eq!(aws.image("ami-0west").launch_permissions, Some(partner()));
+        assert_eq!(
+            aws.image(IMAGE).launch_permissions,
+            Some(BTreeSet::new()),
+            "the source is its own event's"
+        );
     }
 }

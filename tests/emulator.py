@@ -235,7 +235,7 @@ def copy_image_response(self):
 
 def enable_image_deprecation_response(self):
     """AWS EnableImageDeprecation: DescribeImages then reports DeprecationTime, rounded to the minute; only
-    the owner may deprecate; at most 10 years ahead. moto: HTTP 500, not implemented."""
+    the owner may deprecate; not in the past, at most 10 years ahead. moto: HTTP 500, not implemented."""
     image_id = self._get_param("ImageId")
     at = self._get_param("DeprecateAt")  # moto parses timestamps by the API's shape
     if isinstance(at, str):
@@ -246,6 +246,8 @@ def enable_image_deprecation_response(self):
     image = self.ec2_backend.describe_images(ami_ids=[image_id])[0]
     if image.owner_id != self.current_account:
         raise EC2ClientError("AuthFailure", f"Not authorized for image:{image_id}")
+    if at < datetime.now(timezone.utc):
+        raise EC2ClientError("InvalidParameterValue", "You can't specify a date in the past for DeprecateAt.")
     if at > datetime.now(timezone.utc) + timedelta(days=3653):
         raise EC2ClientError("InvalidParameterValue", "DeprecateAt can be at most 10 years in the future")
     rounded = (at + timedelta(seconds=30)).replace(second=0, microsecond=0)
@@ -396,11 +398,12 @@ class Emulator:
         return [body]
 
     def control_region_refusal(self, region, kind=None):
-        """AWS, for a region an account cannot use: an opt-in region not enabled answers every EC2 call with
-        401 OptInRequired; an overloaded one with 503 RequestLimitExceeded. `kind` None: serve it again."""
+        """AWS, for a region an account cannot use: an opt-in region not enabled for the account answers every
+        EC2 call with 401 AuthFailure (its endpoint does not know the account's credentials); an overloaded
+        one with 503 RequestLimitExceeded. `kind` None: serve it again."""
         kinds = {
-            "opt-in": ("401 Unauthorized", "OptInRequired",
-                       "You are not subscribed to this service. Please go to http://aws.amazon.com to subscribe."),
+            "opt-in": ("401 Unauthorized", "AuthFailure",
+                       "AWS was not able to validate the provided access credentials"),
             "throttled": ("503 Service Unavailable", "RequestLimitExceeded", "Request limit exceeded."),
         }
         if kind is None:

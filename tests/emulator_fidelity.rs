@@ -446,7 +446,7 @@ async fn a_refused_region_answers_every_ec2_call_as_aws_does() {
         .send()
         .await
         .unwrap_err();
-    assert_eq!(code(err), "OptInRequired");
+    assert_eq!(code(err), "AuthFailure");
     let throttled = emulator.ec2_in("us-west-2").await;
     let err = throttled
         .describe_images()

@@ -501,6 +501,7 @@ fn frankfurt_copy(state: &str) -> String {
                 <item><key>ami-share:copy-kind</key><value>regional</value></item>
                 <item><key>ami-share:source-image</key><value>{IMAGE}</value></item>
                 <item><key>ami-share:source-region</key><value>{REGION}</value></item>
+                <item><key>ami-share:source-created</key><value>2026-11-25T09:12:44.000Z</value></item>
             </tagSet>
             <sourceImageId>{IMAGE}</sourceImageId>
             <sourceImageRegion>{REGION}</sourceImageRegion>
@@ -553,7 +554,16 @@ async fn a_region_at_its_copy_limit_fails_alone_and_a_pending_copy_is_shared_onc
         .http_response(|| response(200, frankfurt_copy("available")))
         .repeatedly()
         .build();
-    let frankfurt_copies = mock!(aws_sdk_ec2::Client::copy_image).then_http_response(|| {
+    let frankfurt_copies = mock!(aws_sdk_ec2::Client::copy_image)
+        .match_requests(|req| {
+            // Called in the copy's region, naming the source's; no key configured: none sent.
+            req.source_region() == Some(REGION)
+                && req.source_image_id() == Some(IMAGE)
+                && req.kms_key_id().is_none()
+                && req.encrypted().is_none()
+                && req.client_token().is_some_and(|t| t.starts_with("ami-share-"))
+        })
+        .then_http_response(|| {
         response(
             200,
             format!(

@@ -394,8 +394,8 @@ async fn an_unreachable_region_fails_alone_retryably_and_a_redelivery_finishes_t
         message.contains("us-west-2: failed")
             && message.contains("RequestLimitExceeded")
             && message.contains("ap-south-2: failed")
-            && message.contains("OptInRequired")
-            && message.contains("opt-in region must be enabled")
+            && message.contains("AuthFailure")
+            && message.contains("if it is an opt-in region, enable it")
             && message.contains("eu-central-1: copying"),
         "{message}"
     );

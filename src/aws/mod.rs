@@ -186,8 +186,11 @@ impl AwsError {
             "DescribeKey" | "GetKeyPolicy" | "PutKeyPolicy"
         );
         match self.code.as_deref()? {
-            "OptInRequired" | "AuthFailure" | "UnrecognizedClientException" => Some(
-                "the account cannot call AWS in this region: an opt-in region must be enabled for the account (Account settings, Regions) before ami-share can copy there",
+            "OptInRequired" => Some(
+                "the account cannot use this region: an opt-in region must be enabled for the account (Account settings, Regions) before ami-share can copy there",
+            ),
+            "AuthFailure" | "InvalidClientTokenId" | "UnrecognizedClientException" => Some(
+                "AWS did not accept the function's credentials in this region: if it is an opt-in region, enable it for the account (Account settings, Regions); otherwise check the role and the clock",
             ),
             "InvalidKMSKey.NotFound" | "InvalidKmsKey.NotFound" => Some(
                 "the copy's KMS key does not exist in its region: create it there, or fix kms_key in the rule's copy.regions",
@@ -196,7 +199,7 @@ impl AwsError {
                 "the function's role lacks this KMS permission, or the key's policy does not let IAM policies grant it: see template.yaml (KmsKeyScope) and README \"Encrypted AMIs\"",
             ),
             "UnauthorizedOperation" | "AccessDenied" | "AccessDeniedException" => Some(
-                "the function's role lacks this permission: see template.yaml and README \"IAM\"",
+                "the function's role lacks this permission: see template.yaml and README \"IAM\"; for another region, is it in the stack's CopyRegions?",
             ),
             "InvalidAMIID.Unavailable" => {
                 Some("the image is not available yet; the state-change event will retry")
@@ -211,7 +214,7 @@ impl AwsError {
                 "an earlier attempt made this copy with other parameters; the next event finds the copy",
             ),
             "InvalidAMIName.Duplicate" => Some(
-                "another AMI of this account and region has the copy's name: rename or deregister it",
+                "another AMI of this account and region has the copy's name: rename or deregister it, or give copies a name of their own with copy.name (e.g. \"{name}-from-{source_region}\")",
             ),
             "ResourceLimitExceeded" => {
                 Some("too many copies in progress in this region; a retry makes room")
