@@ -897,11 +897,13 @@ fn not_shareable(
     }
 }
 
-/// Copies that are, or will be, usable: available or pending.
+/// Copies that are, or will be, usable: available, pending, or in EC2's passing `transient` state.
 fn usable(copies: &[ObservedImage]) -> impl Iterator<Item = &ObservedImage> {
-    copies
-        .iter()
-        .filter(|c| matches!(c.state, ImageState::Available | ImageState::Pending))
+    copies.iter().filter(|c| match &c.state {
+        ImageState::Available | ImageState::Pending => true,
+        ImageState::Other(state) => state == "transient",
+        _ => false,
+    })
 }
 
 /// The copy ami-share shares when there are several: the usable one with the lowest id.
