@@ -187,6 +187,22 @@ impl fmt::Display for Action {
     }
 }
 
+impl Action {
+    /// The region its call is made in.
+    pub fn region(&self) -> &str {
+        match self {
+            Self::CreateTags { region, .. }
+            | Self::PatchKeyPolicy { region, .. }
+            | Self::AddLaunchPermissions { region, .. }
+            | Self::AddCreateVolumePermission { region, .. }
+            | Self::DeprecateImage { region, .. }
+            | Self::PutParameter { region, .. }
+            | Self::SetStatus { region, .. } => region,
+            Self::CopyImage(copy) => &copy.region,
+        }
+    }
+}
+
 fn pairs(tags: &Tags) -> String {
     let pairs: Vec<String> = tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
     pairs.join(", ")
@@ -608,15 +624,23 @@ fn parameter_actions(desired: &Desired, image: &ObservedImage, plan: &mut Plan) 
     }
 }
 
+/// The regions `image` is to be copied to, each with its key: the rules' regions but its own.
+pub fn copy_targets<'a>(
+    wanted: &'a CopyWanted,
+    image: &ObservedImage,
+) -> Vec<(&'a String, &'a Option<KeyRef>)> {
+    wanted
+        .regions
+        .iter()
+        .filter(|(region, _)| **region != image.region)
+        .collect()
+}
+
 /// The copies to the rules' other regions: made once the source is available; each copy, once there,
 /// planned like an image of its own under the source's rules (tags, key, shares), and never copied again.
 fn regional_copies(desired: &Desired, wanted: &CopyWanted, observed: &Observed, plan: &mut Plan) {
     let source = &observed.image;
-    let targets: Vec<(&String, &Option<KeyRef>)> = wanted
-        .regions
-        .iter()
-        .filter(|(region, _)| **region != source.region)
-        .collect();
+    let targets = copy_targets(wanted, source);
     if targets.is_empty() {
         return;
     }

@@ -512,12 +512,12 @@ impl<A: Aws> Reconciler<'_, A> {
         desired: &Desired,
     ) -> Vec<(String, Option<KeyRef>)> {
         match &desired.copy {
-            Some(wanted) if image.state == ImageState::Available => wanted
-                .regions
-                .iter()
-                .filter(|(region, _)| **region != image.region)
-                .map(|(region, key)| (region.clone(), key.clone()))
-                .collect(),
+            Some(wanted) if image.state == ImageState::Available => {
+                plan::copy_targets(wanted, image)
+                    .into_iter()
+                    .map(|(region, key)| (region.clone(), key.clone()))
+                    .collect()
+            }
             _ => Vec::new(),
         }
     }
@@ -705,13 +705,13 @@ impl<A: Aws> Reconciler<'_, A> {
         let patched: Vec<String> = actions
             .iter()
             .filter(|a| matches!(a, Action::PatchKeyPolicy { .. }))
-            .map(|a| action_region(a).to_string())
+            .map(|a| a.region().to_string())
             .collect();
         let (shares, first): (Vec<Action>, Vec<Action>) = actions.into_iter().partition(|a| {
             matches!(
                 a,
                 Action::AddLaunchPermissions { .. } | Action::AddCreateVolumePermission { .. }
-            ) && patched.iter().any(|r| r == action_region(a))
+            ) && patched.iter().any(|r| r == a.region())
         });
         self.apply_phase(first, outcome).await;
         let key_failed: Vec<String> = outcome
@@ -724,9 +724,9 @@ impl<A: Aws> Reconciler<'_, A> {
             .collect();
         let (held, shares): (Vec<Action>, Vec<Action>) = shares
             .into_iter()
-            .partition(|a| key_failed.contains(&action_region(a).to_string()));
+            .partition(|a| key_failed.contains(&a.region().to_string()));
         if !held.is_empty() {
-            let mut regions: Vec<&str> = held.iter().map(action_region).collect();
+            let mut regions: Vec<&str> = held.iter().map(Action::region).collect();
             regions.dedup();
             outcome.blocked.push(format!(
                 "not shared yet in {}: a key policy there could not be patched (see the failure), and receivers could not launch from it",
@@ -736,7 +736,7 @@ impl<A: Aws> Reconciler<'_, A> {
         }
         self.apply_phase(shares, outcome).await;
         let (held, last): (Vec<Action>, Vec<Action>) = last.into_iter().partition(|a| {
-            let region = action_region(a);
+            let region = a.region();
             outcome.failures.iter().any(|f| f.region == region)
         });
         outcome.not_done.extend(held);
@@ -925,20 +925,6 @@ impl<A: Aws> Reconciler<'_, A> {
 /// At most this many calls of one apply phase run at once: many regions' copies and shares go out
 /// together without meeting EC2's request rate limits all at once.
 const MAX_CONCURRENT_CALLS: usize = 8;
-
-/// The region an action's call is made in.
-fn action_region(action: &Action) -> &str {
-    match action {
-        Action::CreateTags { region, .. }
-        | Action::PatchKeyPolicy { region, .. }
-        | Action::AddLaunchPermissions { region, .. }
-        | Action::AddCreateVolumePermission { region, .. }
-        | Action::DeprecateImage { region, .. }
-        | Action::PutParameter { region, .. }
-        | Action::SetStatus { region, .. } => region,
-        Action::CopyImage(copy) => &copy.region,
-    }
-}
 
 /// What the rules select on, read from a described image.
 fn facts_of(image: &ObservedImage, created_by: CreatedBy) -> ImageFacts<'_> {
@@ -1865,7 +1851,7 @@ mod tests {
         assert_eq!(again.status(), "done", "{}", again.headline());
         assert_eq!(aws.image("ami-0west").launch_permissions, Some(partner()));
         assert!(
-            again.done.iter().all(|a| action_region(a) == WEST),
+            again.done.iter().all(|a| a.region() == WEST),
             "{}",
             again.headline()
         );
@@ -1893,7 +1879,7 @@ mod tests {
             Some("ami-12345678 in eu-west-1")
         );
         assert!(
-            outcome.done.iter().all(|a| action_region(a) == WEST),
+            outcome.done.iter().all(|a| a.region() == WEST),
             "{}",
             outcome.headline()
         );
