@@ -151,6 +151,10 @@ pub struct ShareTargets {
     /// shared with organizations or OUs: only the listed accounts get it.
     #[serde(default)]
     pub create_volume_permission: bool,
+    /// Exclusive mode: remove every launch permission of the AMI (and its copies) that no selecting rule
+    /// grants. The owner's own access is never touched. Off: ami-share only ever adds.
+    #[serde(default)]
+    pub exclusive: bool,
 }
 
 impl ShareTargets {
@@ -330,9 +334,13 @@ impl Config {
                     "{at}: name is used by an earlier rule; expected unique names"
                 ));
             }
-            if rule.tags.is_empty() && rule.share.is_empty() && rule.copy.is_none() {
+            if rule.tags.is_empty()
+                && rule.share.is_empty()
+                && rule.copy.is_none()
+                && !rule.share.exclusive
+            {
                 problems.push(format!(
-                    "{at}: the rule does nothing; expected `tags`, `copy.regions` and/or at least one of share.organizations, share.organizational_units, share.accounts"
+                    "{at}: the rule does nothing; expected `tags`, `copy.regions`, share.exclusive and/or at least one of share.organizations, share.organizational_units, share.accounts"
                 ));
             }
             if rule.share.create_volume_permission && rule.share.accounts.is_empty() {
@@ -690,6 +698,11 @@ mod tests {
         let only_copies =
             Config::parse("[[rule]]\nname = \"r\"\ncopy.regions = [{ region = \"us-west-2\" }]\n");
         assert!(only_copies.is_ok(), "a rule may only distribute");
+        let private = Config::parse("[[rule]]\nname = \"private\"\nshare.exclusive = true\n");
+        assert!(
+            private.unwrap().rules[0].share.exclusive,
+            "an exclusive rule with no target keeps AMIs private"
+        );
     }
 
     #[test]

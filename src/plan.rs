@@ -59,6 +59,13 @@ pub enum Action {
         image_id: String,
         permissions: Vec<LaunchPermission>,
     },
+    /// EC2 ModifyImageAttribute launchPermission Remove: exclusive mode, for permissions no selecting rule
+    /// grants.
+    RemoveLaunchPermissions {
+        region: String,
+        image_id: String,
+        permissions: Vec<LaunchPermission>,
+    },
     /// EC2 CopyImage: a re-encrypted copy beside the image, or a copy in another region.
     CopyImage(ImageCopy),
     /// EC2 ModifySnapshotAttribute createVolumePermission Add: lets the accounts copy the AMI. Applied
@@ -140,6 +147,18 @@ impl fmt::Display for Action {
                 let to: Vec<String> = permissions.iter().map(ToString::to_string).collect();
                 write!(f, "share {image_id} in {region} with {}", to.join(", "))
             }
+            Self::RemoveLaunchPermissions {
+                region,
+                image_id,
+                permissions,
+            } => {
+                let from: Vec<String> = permissions.iter().map(ToString::to_string).collect();
+                write!(
+                    f,
+                    "unshare {image_id} in {region} from {} (exclusive: no rule grants it)",
+                    from.join(", ")
+                )
+            }
             Self::SetStatus {
                 region,
                 image_id,
@@ -194,6 +213,7 @@ impl Action {
             Self::CreateTags { region, .. }
             | Self::PatchKeyPolicy { region, .. }
             | Self::AddLaunchPermissions { region, .. }
+            | Self::RemoveLaunchPermissions { region, .. }
             | Self::AddCreateVolumePermission { region, .. }
             | Self::DeprecateImage { region, .. }
             | Self::PutParameter { region, .. }
@@ -272,7 +292,8 @@ pub fn reads_needed(desired: &Desired, image: &ObservedImage) -> Reads {
     let taggable = matches!(image.state, ImageState::Available | ImageState::Pending);
     let keys = shares_now(desired, image) && image.may_be_encrypted();
     Reads {
-        launch_permissions: shares_now(desired, image),
+        launch_permissions: shares_now(desired, image)
+            || (desired.exclusive && image.state == ImageState::Available),
         snapshots: !image.snapshots.is_empty()
             && (keys || (taggable && !desired.snapshot_tags.is_empty())),
         keys,
@@ -512,6 +533,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
         &desired.snapshot_tags,
         image,
     ));
+    plan.actions.extend(exclusive_action(desired, image));
     plan.actions
         .extend(deprecation_action(desired, image, observed.now.as_deref()));
     plan.actions.extend(after_tags);
@@ -566,6 +588,28 @@ fn deprecation_action(
         region: image.region.clone(),
         image_id: image.image_id.clone(),
         deprecate_at: at,
+    })
+}
+
+/// Exclusive mode: the launch permissions the image has that no selecting rule grants, as one removal.
+/// Removing never needs a key, so it is planned whether or not the image can be shared. The owner's own
+/// account is never removed.
+fn exclusive_action(desired: &Desired, image: &ObservedImage) -> Option<Action> {
+    if !desired.exclusive || image.state != ImageState::Available {
+        return None;
+    }
+    let extra: Vec<LaunchPermission> = image
+        .launch_permissions
+        .as_ref()?
+        .iter()
+        .filter(|p| !desired.launch_permissions.contains(p))
+        .filter(|p| !matches!(p, LaunchPermission::Account(id) if id.as_str() == image.owner_id))
+        .cloned()
+        .collect();
+    (!extra.is_empty()).then(|| Action::RemoveLaunchPermissions {
+        region: image.region.clone(),
+        image_id: image.image_id.clone(),
+        permissions: extra,
     })
 }
 
@@ -1289,6 +1333,17 @@ mod tests {
             }
             Action::SetStatus { image_id, tags, .. } if *image_id == image.image_id => {
                 image.tags.extend(tags.clone());
+            }
+            Action::RemoveLaunchPermissions {
+                image_id,
+                permissions,
+                ..
+            } if *image_id == image.image_id => {
+                if let Some(have) = image.launch_permissions.as_mut() {
+                    for p in permissions {
+                        have.remove(p);
+                    }
+                }
             }
             Action::PatchKeyPolicy {
                 key_arn, policy, ..
@@ -2358,5 +2413,51 @@ mod tests {
             "stable: a retry makes no second copy"
         );
         assert_eq!(renamed.tags, copy.tags);
+    }
+
+    #[test]
+    fn exclusive_mode_removes_what_no_rule_grants_but_never_the_owner() {
+        let stranger = account("444455556666");
+        let owner = account("123456789012");
+        let mut img = image(ImageState::Available);
+        img.launch_permissions = Some(
+            [
+                org(),
+                stranger.clone(),
+                owner.clone(),
+                LaunchPermission::Public,
+            ]
+            .into(),
+        );
+        let removal = |p: &Plan| {
+            p.actions.iter().find_map(|a| match a {
+                Action::RemoveLaunchPermissions { permissions, .. } => Some(permissions.clone()),
+                _ => None,
+            })
+        };
+        let p = plan(&desired(), &observed(img.clone()));
+        assert_eq!(removal(&p), None, "not exclusive: ami-share only adds");
+        let exclusive = Desired {
+            exclusive: true,
+            ..desired()
+        };
+        let p = plan(&exclusive, &observed(img.clone()));
+        assert_eq!(
+            removal(&p),
+            Some(vec![stranger, LaunchPermission::Public]),
+            "granted ones and the owner stay: {p:#?}"
+        );
+        assert!(
+            p.actions.iter().any(|a| a.to_string().contains(
+                "unshare ami-12345678 in us-east-1 from account 444455556666, public (Group=all) (exclusive"
+            )),
+            "says exactly what is removed"
+        );
+        let after = applied(observed(img), &p);
+        let p = plan(&exclusive, &after);
+        assert_eq!(removal(&p), None, "converges");
+        let mut pending = image(ImageState::Pending);
+        pending.launch_permissions = None;
+        assert_eq!(removal(&plan(&exclusive, &observed(pending))), None);
     }
 }

@@ -799,6 +799,15 @@ impl<A: Aws> Reconciler<'_, A> {
                 grantees,
                 ..
             } => self.patch_key_policy(region, key_arn, grantees).await?,
+            Action::RemoveLaunchPermissions {
+                region,
+                image_id,
+                permissions,
+            } => {
+                self.aws
+                    .remove_launch_permissions(region, image_id, permissions)
+                    .await?
+            }
             Action::AddCreateVolumePermission {
                 region,
                 snapshot_id,
@@ -1171,6 +1180,21 @@ mod tests {
                 .launch_permissions
                 .get_or_insert_default()
                 .extend(permissions.iter().cloned());
+            Ok(())
+        }
+        async fn remove_launch_permissions(
+            &self,
+            region: &str,
+            id: &str,
+            permissions: &[LaunchPermission],
+        ) -> Result<(), AwsError> {
+            self.call("ModifyImageAttribute", region)?;
+            let mut state = self.state.lock().unwrap();
+            let image = state.images.get_mut(id).unwrap();
+            let have = image.launch_permissions.get_or_insert_default();
+            for p in permissions {
+                have.remove(p);
+            }
             Ok(())
         }
         async fn find_copies(

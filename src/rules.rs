@@ -47,6 +47,10 @@ pub struct Desired {
     /// the source image's creation.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deprecate_at: Option<String>,
+    /// Whether a selecting rule is exclusive: launch permissions beyond `launch_permissions` (what all
+    /// selecting rules grant together) are removed.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub exclusive: bool,
     /// SSM parameters to point at the image once it is shared, in its region.
     #[serde(skip_serializing_if = "BTreeSet::is_empty")]
     pub ssm_parameters: BTreeSet<String>,
@@ -144,6 +148,7 @@ pub fn desired_for(config: &Config, image: &ImageFacts) -> Desired {
                 }
             }
         }
+        desired.exclusive |= rule.share.exclusive;
         if rule.share.create_volume_permission {
             desired
                 .create_volume_accounts

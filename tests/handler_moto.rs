@@ -427,3 +427,68 @@ async fn an_aws_failure_is_an_error_that_says_what_was_done_and_what_failed() {
         "{message}"
     );
 }
+
+#[tokio::test]
+async fn exclusive_mode_removes_exactly_what_no_rule_grants_and_then_nothing() {
+    let s = setup().await;
+    let config = Config::parse(&format!(
+        r#"
+        [[rule]]
+        name = "golden-exclusive"
+        match.name = ["golden-*"]
+        share.organizations = ["{}"]
+        share.exclusive = true
+        "#,
+        s.org_arn
+    ))
+    .unwrap();
+    let handler = Handler::new(config, SdkAws::new(s.emulator.sdk_config().await), REGION);
+    let (image, _) = create_image(&s.ec2, "golden-exclusive-1", &[]).await;
+    // Shared by hand beforehand: with a stranger account and the data OU.
+    s.ec2
+        .modify_image_attribute()
+        .image_id(&image)
+        .launch_permission(
+            aws_sdk_ec2::types::LaunchPermissionModifications::builder()
+                .add(
+                    aws_sdk_ec2::types::LaunchPermission::builder()
+                        .user_id("444455556666")
+                        .build(),
+                )
+                .add(
+                    aws_sdk_ec2::types::LaunchPermission::builder()
+                        .organizational_unit_arn(&s.data_ou_arn)
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let answer = handler
+        .handle(sample_event("create-image.json", &image, REGION))
+        .await
+        .unwrap();
+    assert_eq!(
+        launch_permissions(&s.ec2, &image).await,
+        perms(&[format!("org={}", s.org_arn)]),
+        "{answer:#}"
+    );
+    let summary = answer["summary"].as_str().unwrap();
+    assert!(
+        summary.contains(&format!(
+            "done: unshare {image} in {REGION} from OU {}, account 444455556666 (exclusive",
+            s.data_ou_arn
+        )),
+        "says exactly what was removed: {summary}"
+    );
+    let before = s.emulator.requests().len();
+    handler
+        .handle(sample_event("create-image.json", &image, REGION))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.emulator.mutating_requests_since(before),
+        Vec::<String>::new()
+    );
+}

@@ -67,6 +67,14 @@ pub trait Aws: Send + Sync {
         permissions: &[LaunchPermission],
     ) -> impl Future<Output = Result<(), AwsError>> + Send;
 
+    /// EC2 ModifyImageAttribute launchPermission Remove, all permissions in one call.
+    fn remove_launch_permissions(
+        &self,
+        region: &str,
+        image_id: &str,
+        permissions: &[LaunchPermission],
+    ) -> impl Future<Output = Result<(), AwsError>> + Send;
+
     /// EC2 DescribeImages of this account's images in `region` that ami-share made as copies of `kind`
     /// ([`crate::markers::COPY_KIND`]) of `source_image_id` in `source_region`, found by their marks, in
     /// any state.

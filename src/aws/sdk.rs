@@ -408,6 +408,27 @@ impl Aws for SdkAws {
         Ok(())
     }
 
+    async fn remove_launch_permissions(
+        &self,
+        region: &str,
+        image_id: &str,
+        permissions: &[LaunchPermission],
+    ) -> Result<(), AwsError> {
+        let remove = permissions.iter().map(sdk_launch_permission).collect();
+        self.ec2(region)
+            .modify_image_attribute()
+            .image_id(image_id)
+            .launch_permission(
+                LaunchPermissionModifications::builder()
+                    .set_remove(Some(remove))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| aws_error("ModifyImageAttribute", region, image_id, e))?;
+        Ok(())
+    }
+
     async fn find_copies(
         &self,
         region: &str,
