@@ -155,6 +155,10 @@ pub struct ShareTargets {
     /// grants. The owner's own access is never touched. Off: ami-share only ever adds.
     #[serde(default)]
     pub exclusive: bool,
+    /// Share with everyone (`Group=all`). Only ever with this explicit `true`, and never for an AMI with
+    /// encrypted snapshots or product codes, nor while the region's image block public access is on.
+    #[serde(default)]
+    pub public: bool,
 }
 
 impl ShareTargets {
@@ -162,6 +166,7 @@ impl ShareTargets {
         self.organizations.is_empty()
             && self.organizational_units.is_empty()
             && self.accounts.is_empty()
+            && !self.public
     }
 
     pub fn launch_permissions(&self) -> impl Iterator<Item = LaunchPermission> + '_ {
@@ -176,7 +181,8 @@ impl ShareTargets {
             .cloned()
             .map(LaunchPermission::OrganizationalUnit);
         let accounts = self.accounts.iter().cloned().map(LaunchPermission::Account);
-        orgs.chain(ous).chain(accounts)
+        let public = self.public.then_some(LaunchPermission::Public);
+        orgs.chain(ous).chain(accounts).chain(public)
     }
 }
 

@@ -114,6 +114,11 @@ pub struct ObservedImage {
     pub creation_date: Option<String>,
     /// EC2's `DeprecationTime`, when deprecation is set.
     pub deprecation_time: Option<String>,
+    /// Its product codes (Marketplace): such an AMI can never be public.
+    pub product_codes: Vec<String>,
+    /// Whether the region's image block public access is on (GetImageBlockPublicAccessState); read only
+    /// when a rule would make the image public.
+    pub public_sharing_blocked: Option<bool>,
     pub owner_id: String,
     pub state: ImageState,
     pub tags: Tags,

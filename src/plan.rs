@@ -281,6 +281,8 @@ pub struct Reads {
     pub create_volume_permissions: bool,
     /// GetParameter of the rules' SSM parameters (and the image each names).
     pub parameters: bool,
+    /// GetImageBlockPublicAccessState: a rule would make it public and it is not yet.
+    pub block_public_access: bool,
 }
 
 /// Whether the image is to be shared now: available, and some rule shares it.
@@ -301,6 +303,14 @@ pub fn reads_needed(desired: &Desired, image: &ObservedImage) -> Reads {
             && !desired.create_volume_accounts.is_empty()
             && !image.snapshots.is_empty(),
         parameters: image.state == ImageState::Available && !desired.ssm_parameters.is_empty(),
+        block_public_access: shares_now(desired, image)
+            && desired
+                .launch_permissions
+                .contains(&LaunchPermission::Public)
+            && !image
+                .launch_permissions
+                .as_ref()
+                .is_some_and(|p| p.contains(&LaunchPermission::Public)),
     }
 }
 
@@ -505,7 +515,12 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
         match key_patches(desired, image) {
             Ok(patches) => {
                 after_tags.extend(patches);
-                after_tags.extend(share_action(desired, image));
+                let refusal = match reads_needed(desired, image).block_public_access {
+                    true => public_refusal(image),
+                    false => None,
+                };
+                plan.blocked.extend(refusal.clone());
+                after_tags.extend(share_action(desired, image, refusal.is_none()));
                 after_tags.extend(create_volume_actions(desired, image));
                 // A status written while the image could not be shared is set right once it is.
                 if image.tags.contains_key(markers::STATUS) {
@@ -1157,13 +1172,40 @@ impl ImageCopy {
     }
 }
 
-/// The launch permissions the image lacks, as one call.
-fn share_action(desired: &Desired, image: &ObservedImage) -> Option<Action> {
+/// Why the image cannot be made public, if it cannot: AWS never makes an AMI with encrypted snapshots
+/// or product codes public, and refuses new public sharing while image block public access is on.
+/// (Only asked when a rule sets `share.public`; the block is read only then.)
+fn public_refusal(image: &ObservedImage) -> Option<String> {
+    let id = &image.image_id;
+    if let Some(s) = image.snapshots.iter().find(|s| s.encrypted != Some(false)) {
+        return Some(format!(
+            "not public: {id}'s snapshot {} is encrypted (or not known to be unencrypted), and AWS never makes an encrypted AMI public; it is shared with the other targets",
+            s.snapshot_id
+        ));
+    }
+    if !image.product_codes.is_empty() {
+        return Some(format!(
+            "not public: {id} has product codes ({}), and AWS never makes such an AMI public; it is shared with the other targets",
+            image.product_codes.join(", ")
+        ));
+    }
+    if image.public_sharing_blocked == Some(true) {
+        return Some(format!(
+            "not public: image block public access is on in {} (EC2 settings, Data protection and security); turn it off to let {id} be public, or remove share.public",
+            image.region
+        ));
+    }
+    None
+}
+
+/// The launch permissions the image lacks, as one call; `Group=all` only if `public_allowed`.
+fn share_action(desired: &Desired, image: &ObservedImage, public_allowed: bool) -> Option<Action> {
     let current = image.launch_permissions.as_ref();
     let missing: Vec<LaunchPermission> = desired
         .launch_permissions
         .iter()
         .filter(|p| !current.is_some_and(|c| c.contains(p)))
+        .filter(|p| public_allowed || **p != LaunchPermission::Public)
         .cloned()
         .collect();
     (!missing.is_empty()).then(|| Action::AddLaunchPermissions {
@@ -1535,6 +1577,7 @@ mod tests {
                 keys: false,
                 create_volume_permissions: false,
                 parameters: false,
+                block_public_access: false,
             },
             "unencrypted: no key reads"
         );
@@ -2459,5 +2502,64 @@ mod tests {
         let mut pending = image(ImageState::Pending);
         pending.launch_permissions = None;
         assert_eq!(removal(&plan(&exclusive, &observed(pending))), None);
+    }
+
+    #[test]
+    fn public_only_when_asked_and_never_encrypted_product_code_or_blocked() {
+        let public = Desired {
+            launch_permissions: [org(), LaunchPermission::Public].into(),
+            ..desired()
+        };
+        let added = |p: &Plan| {
+            p.actions
+                .iter()
+                .find_map(|a| match a {
+                    Action::AddLaunchPermissions { permissions, .. } => Some(permissions.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default()
+        };
+        let mut img = image(ImageState::Available);
+        img.public_sharing_blocked = Some(false);
+        assert!(reads_needed(&public, &img).block_public_access);
+        assert!(
+            !reads_needed(&desired(), &img).block_public_access,
+            "only when asked"
+        );
+        let p = plan(&public, &observed(img.clone()));
+        assert_eq!(added(&p), [org(), LaunchPermission::Public]);
+        assert!(p.blocked.is_empty());
+        // Never for an encrypted AMI (its key would be opened to the organization only).
+        let mut enc = encrypted(CMK, Some(key(CMK, KeyManager::Customer)));
+        enc.public_sharing_blocked = Some(false);
+        let p = plan(&public, &observed(enc));
+        assert_eq!(added(&p), [org()], "{p:#?}");
+        assert!(p.blocked.iter().any(
+            |b| b.contains("is encrypted") && b.contains("never makes an encrypted AMI public")
+        ));
+        let mut coded = img.clone();
+        coded.product_codes = vec!["abc123".into()];
+        let p = plan(&public, &observed(coded));
+        assert_eq!(added(&p), [org()]);
+        assert!(
+            p.blocked
+                .iter()
+                .any(|b| b.contains("product codes (abc123)"))
+        );
+        let mut blocked = img.clone();
+        blocked.public_sharing_blocked = Some(true);
+        let p = plan(&public, &observed(blocked));
+        assert_eq!(added(&p), [org()]);
+        assert!(
+            p.blocked
+                .iter()
+                .any(|b| b.contains("image block public access is on in us-east-1"))
+        );
+        // Without share.public, an encrypted image has no such note.
+        let p = plan(
+            &desired(),
+            &observed(encrypted(CMK, Some(key(CMK, KeyManager::Customer)))),
+        );
+        assert!(p.blocked.is_empty(), "{p:#?}");
     }
 }

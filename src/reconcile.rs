@@ -565,7 +565,7 @@ impl<A: Aws> Reconciler<'_, A> {
             .iter()
             .map(|s| s.snapshot_id.clone())
             .collect();
-        let (permissions, snapshots, volume_permissions, parameters) = futures::join!(
+        let (permissions, snapshots, volume_permissions, parameters, public_blocked) = futures::join!(
             async {
                 match reads.launch_permissions {
                     true => Some(
@@ -601,8 +601,15 @@ impl<A: Aws> Reconciler<'_, A> {
                     true => self.observe_parameters(&region, desired).await.map(Some),
                     false => Ok(None),
                 }
+            },
+            async {
+                match reads.block_public_access {
+                    true => Some(self.aws.image_block_public_access(&region).await),
+                    false => None,
+                }
             }
         );
+        image.public_sharing_blocked = public_blocked.transpose()?;
         image.launch_permissions = permissions.transpose()?;
         if let Some(mut by_id) = snapshots.transpose()? {
             for snapshot in &mut image.snapshots {
@@ -1181,6 +1188,10 @@ mod tests {
                 .get_or_insert_default()
                 .extend(permissions.iter().cloned());
             Ok(())
+        }
+        async fn image_block_public_access(&self, region: &str) -> Result<bool, AwsError> {
+            self.call("GetImageBlockPublicAccessState", region)?;
+            Ok(false)
         }
         async fn remove_launch_permissions(
             &self,

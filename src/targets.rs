@@ -268,7 +268,8 @@ pub enum LaunchPermission {
     Organization(OrganizationArn),
     OrganizationalUnit(OrganizationalUnitArn),
     Account(AccountId),
-    /// `Group=all`: public. Observed only; ami-share never plans it in this version.
+    /// `Group=all`: public. Planned only for a rule with `share.public = true`, and only where AWS allows it
+    /// (see `plan::public_refusal`).
     Public,
 }
 

@@ -86,12 +86,24 @@ def check_organization_targets(permissions):
 _modify_image_attribute = AmiBackend.modify_image_attribute
 
 
+_image_block_public_access = {}
+
+
 def modify_image_attribute(self, ami_id, launch_permissions_to_add, launch_permissions_to_remove):
     """AWS refuses to change launch permissions of an image that is not available (moto's images are always
-    available, so it never had to), and validates organization/OU ARNs."""
+    available, so it never had to), and validates organization/OU ARNs. AWS never makes an image with
+    encrypted snapshots public, nor any image while image block public access is on; moto does both."""
     ami = self.describe_images(ami_ids=[ami_id])[0]
     if ami.state != "available":
         raise UnvailableAMIIdError(ami_id)
+    if any(p.get("Group") == "all" for p in launch_permissions_to_add):
+        if ami.ebs_snapshot is not None and ami.ebs_snapshot.encrypted:
+            raise EC2ClientError("InvalidParameter", "Encrypted snapshots cannot be made public.")
+        if _image_block_public_access.get((self.account_id, self.region_name)) == "block-new-sharing":
+            raise EC2ClientError(
+                "OperationNotPermitted",
+                "You can't publicly share this image because block public access for AMIs is enabled for this account.",
+            )
     check_organization_targets(launch_permissions_to_add)
     check_organization_targets(launch_permissions_to_remove)
     return _modify_image_attribute(self, ami_id, launch_permissions_to_add, launch_permissions_to_remove)
@@ -233,6 +245,19 @@ def copy_image_response(self):
     return ActionResult({"ImageId": image.id})
 
 
+def get_image_block_public_access_state_response(self):
+    """AWS GetImageBlockPublicAccessState: `unblocked` or `block-new-sharing` (new accounts: blocked).
+    moto: HTTP 500, not implemented. The emulator starts unblocked, as moto's images are."""
+    state = _image_block_public_access.get((self.current_account, self.region), "unblocked")
+    return ActionResult({"ImageBlockPublicAccessState": state})
+
+
+def enable_image_block_public_access_response(self):
+    """AWS EnableImageBlockPublicAccess (moto: HTTP 500)."""
+    _image_block_public_access[(self.current_account, self.region)] = "block-new-sharing"
+    return ActionResult({"ImageBlockPublicAccessState": "block-new-sharing"})
+
+
 def enable_image_deprecation_response(self):
     """AWS EnableImageDeprecation: DescribeImages then reports DeprecationTime, rounded to the minute; only
     the owner may deprecate; not in the past, at most 10 years ahead. moto: HTTP 500, not implemented."""
@@ -318,6 +343,8 @@ EBSBackend.create_snapshot = create_snapshot
 Ami.block_device_mappings = property(block_device_mappings)
 AmisResponse.copy_image = copy_image_response
 AmisResponse.enable_image_deprecation = enable_image_deprecation_response
+AmisResponse.get_image_block_public_access_state = get_image_block_public_access_state_response
+AmisResponse.enable_image_block_public_access = enable_image_block_public_access_response
 KmsBackend.create_alias = create_alias
 KmsResponse.put_key_policy = put_key_policy
 KmsResponse.get_key_policy = get_key_policy

@@ -471,3 +471,47 @@ async fn a_refused_region_answers_every_ec2_call_as_aws_does() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn public_sharing_is_refused_for_encrypted_images_and_while_blocked() {
+    let emulator = Emulator::start();
+    let ec2 = emulator.ec2().await;
+    let everyone = || {
+        LaunchPermission::builder()
+            .group(aws_sdk_ec2::types::PermissionGroup::All)
+            .build()
+    };
+    let key = create_key(&emulator.kms().await).await;
+    let (encrypted, _) = create_image_with(&ec2, "enc", &[], RootVolume::Key(&key)).await;
+    assert_eq!(
+        share(&ec2, &encrypted, everyone()).await,
+        Err("InvalidParameter".into())
+    );
+    let state = ec2
+        .get_image_block_public_access_state()
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(state.image_block_public_access_state(), Some("unblocked"));
+    let (open, _) = create_image(&ec2, "open", &[]).await;
+    ec2.enable_image_block_public_access()
+        .image_block_public_access_state(
+            aws_sdk_ec2::types::ImageBlockPublicAccessEnabledState::BlockNewSharing,
+        )
+        .send()
+        .await
+        .unwrap();
+    let state = ec2
+        .get_image_block_public_access_state()
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        state.image_block_public_access_state(),
+        Some("block-new-sharing")
+    );
+    assert_eq!(
+        share(&ec2, &open, everyone()).await,
+        Err("OperationNotPermitted".into())
+    );
+}

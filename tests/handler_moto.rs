@@ -492,3 +492,76 @@ async fn exclusive_mode_removes_exactly_what_no_rule_grants_and_then_nothing() {
         Vec::<String>::new()
     );
 }
+
+#[tokio::test]
+async fn public_sharing_only_with_share_public_and_never_encrypted_or_while_blocked() {
+    let s = setup().await;
+    let config = Config::parse(&format!(
+        r#"
+        [[rule]]
+        name = "public-images"
+        match.name = ["public-*"]
+        share.organizations = ["{}"]
+        share.public = true
+        "#,
+        s.org_arn
+    ))
+    .unwrap();
+    let handler = Handler::new(config, SdkAws::new(s.emulator.sdk_config().await), REGION);
+    let everyone = format!("group={:?}", Some(aws_sdk_ec2::types::PermissionGroup::All));
+
+    let (open, _) = create_image(&s.ec2, "public-1", &[]).await;
+    handler
+        .handle(sample_event("create-image.json", &open, REGION))
+        .await
+        .unwrap();
+    assert_eq!(
+        launch_permissions(&s.ec2, &open).await,
+        perms(&[format!("org={}", s.org_arn), everyone.clone()])
+    );
+
+    let key = create_key(&s.emulator.kms().await).await;
+    let (encrypted, _) = create_image_with(&s.ec2, "public-2", &[], RootVolume::Key(&key)).await;
+    let answer = handler
+        .handle(sample_event("create-image.json", &encrypted, REGION))
+        .await
+        .unwrap();
+    assert_eq!(answer["status"], "blocked", "{answer:#}");
+    assert_eq!(
+        launch_permissions(&s.ec2, &encrypted).await,
+        perms(&[format!("org={}", s.org_arn)]),
+        "shared with the organization, never public"
+    );
+    assert!(
+        answer["summary"]
+            .as_str()
+            .unwrap()
+            .contains("never makes an encrypted AMI public"),
+        "{answer:#}"
+    );
+
+    s.ec2
+        .enable_image_block_public_access()
+        .image_block_public_access_state(
+            aws_sdk_ec2::types::ImageBlockPublicAccessEnabledState::BlockNewSharing,
+        )
+        .send()
+        .await
+        .unwrap();
+    let (later, _) = create_image(&s.ec2, "public-3", &[]).await;
+    let answer = handler
+        .handle(sample_event("create-image.json", &later, REGION))
+        .await
+        .unwrap();
+    assert_eq!(
+        launch_permissions(&s.ec2, &later).await,
+        perms(&[format!("org={}", s.org_arn)])
+    );
+    assert!(
+        answer["summary"]
+            .as_str()
+            .unwrap()
+            .contains("image block public access is on in us-east-1"),
+        "{answer:#}"
+    );
+}

@@ -67,6 +67,12 @@ pub trait Aws: Send + Sync {
         permissions: &[LaunchPermission],
     ) -> impl Future<Output = Result<(), AwsError>> + Send;
 
+    /// EC2 GetImageBlockPublicAccessState: whether new public sharing of AMIs is blocked in the region.
+    fn image_block_public_access(
+        &self,
+        region: &str,
+    ) -> impl Future<Output = Result<bool, AwsError>> + Send;
+
     /// EC2 ModifyImageAttribute launchPermission Remove, all permissions in one call.
     fn remove_launch_permissions(
         &self,

@@ -248,6 +248,11 @@ fn observed_image(region: &str, image: &ec2::Image) -> ObservedImage {
         description: image.description().map(str::to_string),
         creation_date: image.creation_date().map(str::to_string),
         deprecation_time: image.deprecation_time().map(str::to_string),
+        product_codes: image
+            .product_codes()
+            .iter()
+            .filter_map(|p| p.product_code_id().map(str::to_string))
+            .collect(),
         owner_id: image.owner_id().unwrap_or_default().to_string(),
         state: ImageState::from_name(image.state().map(|s| s.as_str()).unwrap_or("unknown")),
         tags: tags_of(image.tags()),
@@ -406,6 +411,17 @@ impl Aws for SdkAws {
             .await
             .map_err(|e| aws_error("ModifyImageAttribute", region, image_id, e))?;
         Ok(())
+    }
+
+    async fn image_block_public_access(&self, region: &str) -> Result<bool, AwsError> {
+        let output = self
+            .ec2(region)
+            .get_image_block_public_access_state()
+            .send()
+            .await
+            .map_err(|e| aws_error("GetImageBlockPublicAccessState", region, region, e))?;
+        // "unblocked" lets new public sharing; "block-new-sharing" (and anything newer) does not.
+        Ok(output.image_block_public_access_state() != Some("unblocked"))
     }
 
     async fn remove_launch_permissions(
