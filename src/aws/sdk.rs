@@ -117,6 +117,23 @@ impl SdkAws {
     fn ssm(&self, region: &str) -> aws_sdk_ssm::Client {
         self.ssm.get(&self.base, region)
     }
+
+    /// EC2 ModifyImageAttribute launchPermission: one call for an Add or a Remove.
+    async fn modify_launch_permissions(
+        &self,
+        region: &str,
+        image_id: &str,
+        change: LaunchPermissionModifications,
+    ) -> Result<(), AwsError> {
+        self.ec2(region)
+            .modify_image_attribute()
+            .image_id(image_id)
+            .launch_permission(change)
+            .send()
+            .await
+            .map_err(|e| aws_error("ModifyImageAttribute", region, image_id, e))?;
+        Ok(())
+    }
 }
 
 /// Error codes that mean "slow down": always worth a retry.
@@ -399,18 +416,9 @@ impl Aws for SdkAws {
         permissions: &[LaunchPermission],
     ) -> Result<(), AwsError> {
         let add = permissions.iter().map(sdk_launch_permission).collect();
-        self.ec2(region)
-            .modify_image_attribute()
-            .image_id(image_id)
-            .launch_permission(
-                LaunchPermissionModifications::builder()
-                    .set_add(Some(add))
-                    .build(),
-            )
-            .send()
+        let change = LaunchPermissionModifications::builder().set_add(Some(add));
+        self.modify_launch_permissions(region, image_id, change.build())
             .await
-            .map_err(|e| aws_error("ModifyImageAttribute", region, image_id, e))?;
-        Ok(())
     }
 
     async fn image_block_public_access(&self, region: &str) -> Result<bool, AwsError> {
@@ -431,18 +439,9 @@ impl Aws for SdkAws {
         permissions: &[LaunchPermission],
     ) -> Result<(), AwsError> {
         let remove = permissions.iter().map(sdk_launch_permission).collect();
-        self.ec2(region)
-            .modify_image_attribute()
-            .image_id(image_id)
-            .launch_permission(
-                LaunchPermissionModifications::builder()
-                    .set_remove(Some(remove))
-                    .build(),
-            )
-            .send()
+        let change = LaunchPermissionModifications::builder().set_remove(Some(remove));
+        self.modify_launch_permissions(region, image_id, change.build())
             .await
-            .map_err(|e| aws_error("ModifyImageAttribute", region, image_id, e))?;
-        Ok(())
     }
 
     async fn find_copies(
