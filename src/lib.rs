@@ -7,6 +7,8 @@
 //!                                             ─▶ extra reads (aws) ─▶ plan::plan ─▶ apply (aws) ─▶ Outcome
 //! ```
 //!
+//! A sweep (`sweep`) lists the account's images and sends each through the same reconciler.
+//!
 //! `config`, `targets`, `trigger`, `rules`, `plan` and `observed` are pure (no I/O, no SDK types);
 //! every AWS call is in `aws`.
 
@@ -22,5 +24,6 @@ pub mod observed;
 pub mod plan;
 pub mod reconcile;
 pub mod rules;
+pub mod sweep;
 pub mod targets;
 pub mod trigger;

@@ -320,8 +320,33 @@ impl<A: Aws> Reconciler<'_, A> {
         };
         let lagging = matches!(&event.kind, EventKind::StateChange { state } if state == "available")
             && image.state == ImageState::Pending;
+        let outcome = self.reconcile_described(image, &event.kind, outcome).await;
+        if lagging && !outcome.rules.is_empty() {
+            // No later event will come for this image: have this one delivered again.
+            return outcome.retry_later(format!(
+                "the event says {image_id} is available but DescribeImages still says pending (EC2 is eventually consistent)"
+            ));
+        }
+        outcome
+    }
 
-        let outcome = match markers::copy_marks(&image.tags) {
+    /// Reconciles an image this account owns, as a listing (DescribeImages) described it: what a sweep
+    /// does for each image, without describing it again.
+    pub async fn reconcile_listed(&self, image: ObservedImage) -> Outcome {
+        let outcome = Outcome::new(&image.image_id, &image.region);
+        self.reconcile_described(image, &EventKind::Direct, outcome)
+            .await
+    }
+
+    /// Everything after the image is described: ami-share's copies go to their source's rules.
+    async fn reconcile_described(
+        &self,
+        image: ObservedImage,
+        kind: &EventKind,
+        outcome: Outcome,
+    ) -> Outcome {
+        let image_id = image.image_id.clone();
+        match markers::copy_marks(&image.tags) {
             // ami-share's copy in another region: finished here, in its region, under its source's rules.
             Some(marks) if marks.kind == markers::COPY_REGIONAL => {
                 let marks = (
@@ -352,20 +377,13 @@ impl<A: Aws> Reconciler<'_, A> {
                 }
             }
             None => {
-                let created_by = match &event.kind {
+                let created_by = match kind {
                     EventKind::ApiCall(created_by) => *created_by,
                     EventKind::StateChange { .. } | EventKind::Direct => image.created_by,
                 };
                 self.reconcile_image(image, created_by, outcome).await
             }
-        };
-        if lagging && !outcome.rules.is_empty() {
-            // No later event will come for this image: have this one delivered again.
-            return outcome.retry_later(format!(
-                "the event says {image_id} is available but DescribeImages still says pending (EC2 is eventually consistent)"
-            ));
         }
-        outcome
     }
 
     /// Selects the rules for a described image, then observes, plans and (in [`Mode::Apply`]) applies.
@@ -1127,6 +1145,19 @@ mod tests {
                 None => ImageLookup::NotFound,
             })
         }
+        async fn list_owned_images(&self, region: &str) -> Result<Vec<ObservedImage>, AwsError> {
+            self.call("DescribeImages", region)?;
+            let state = self.state.lock().unwrap();
+            Ok(state
+                .images
+                .values()
+                .filter(|i| i.region == region)
+                .map(|i| ObservedImage {
+                    launch_permissions: None,
+                    ..i.clone()
+                })
+                .collect())
+        }
         async fn describe_launch_permissions(
             &self,
             region: &str,
@@ -1426,18 +1457,7 @@ mod tests {
     }
 
     async fn run(aws: &FakeAws, config: &Config, event: &ImageEvent, mode: Mode) -> Outcome {
-        Reconciler {
-            config,
-            aws,
-            home_region: REGION,
-            mode,
-            key_policy_writes: KeyPolicyWrites {
-                settle: Duration::ZERO,
-                max_writes: 3,
-            },
-        }
-        .reconcile(event)
-        .await
+        reconciler(aws, config, mode).reconcile(event).await
     }
 
     async fn apply(aws: &FakeAws, config: &Config) -> Outcome {
@@ -1462,6 +1482,98 @@ mod tests {
             second.headline().contains("nothing to do"),
             "{}",
             second.headline()
+        );
+    }
+
+    fn reconciler<'a>(aws: &'a FakeAws, config: &'a Config, mode: Mode) -> Reconciler<'a, FakeAws> {
+        Reconciler {
+            config,
+            aws,
+            home_region: REGION,
+            mode,
+            key_policy_writes: KeyPolicyWrites {
+                settle: Duration::ZERO,
+                max_writes: 3,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sweep_reconciles_each_listed_image_once_and_a_second_sweep_changes_nothing() {
+        use crate::sweep::{SweepOptions, SweepProgress, sweep};
+        let aws = FakeAws::new(ImageState::Available, None);
+        let config = sharing_config();
+        let options = SweepOptions {
+            regions: vec![REGION.into()],
+            concurrency: 4,
+            stop_starting_at: None,
+        };
+        let mut seen = Vec::new();
+        let first = sweep(&reconciler(&aws, &config, Mode::Apply), &options, |p| {
+            seen.push(match p {
+                SweepProgress::Listed { to_reconcile } => format!("listed {to_reconcile}"),
+                SweepProgress::Reconciled(outcome) => outcome.image_id.clone(),
+            })
+        })
+        .await;
+        assert_eq!(seen, ["listed 1", IMAGE]);
+        assert_eq!((first.reconciled, first.changed, first.actions), (1, 1, 2));
+        assert!(first.is_complete(), "{}", first.headline());
+        // The listing described the image: the sweep does not describe it again.
+        assert_eq!(
+            aws.calls()
+                .iter()
+                .filter(|c| **c == "DescribeImages")
+                .count(),
+            1
+        );
+        let writes = aws.writes().len();
+        let second = sweep(&reconciler(&aws, &config, Mode::Apply), &options, |_| {}).await;
+        assert_eq!((second.reconciled, second.changed), (1, 0));
+        assert_eq!(aws.writes().len(), writes);
+    }
+
+    #[tokio::test]
+    async fn a_sweep_past_its_deadline_starts_nothing_and_says_so() {
+        use crate::sweep::{SweepOptions, sweep};
+        let aws = FakeAws::new(ImageState::Available, None);
+        let config = sharing_config();
+        let options = SweepOptions {
+            regions: vec![REGION.into()],
+            concurrency: 4,
+            stop_starting_at: Some(std::time::Instant::now()),
+        };
+        let report = sweep(&reconciler(&aws, &config, Mode::Apply), &options, |_| {}).await;
+        assert_eq!((report.reconciled, report.not_started), (0, 1));
+        assert!(!report.is_complete());
+        assert!(aws.writes().is_empty());
+        assert!(
+            report
+                .headline()
+                .contains("1 not started before the deadline")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_listing_is_reported_and_the_other_regions_are_swept() {
+        use crate::sweep::{SweepOptions, sweep};
+        let mut aws = FakeAws::new(ImageState::Available, None);
+        aws.failing_regions.push(WEST);
+        let config = sharing_config();
+        let options = SweepOptions {
+            regions: vec![REGION.into(), WEST.into()],
+            concurrency: 2,
+            stop_starting_at: None,
+        };
+        let report = sweep(&reconciler(&aws, &config, Mode::Apply), &options, |_| {}).await;
+        assert_eq!(report.reconciled, 1);
+        assert_eq!(report.listing_failures.len(), 1);
+        assert_eq!(report.listing_failures[0].region, WEST);
+        assert!(!report.is_complete());
+        assert!(
+            report.headline().contains("not swept: DescribeImages"),
+            "{}",
+            report.headline()
         );
     }
 

@@ -37,6 +37,12 @@ pub trait Aws: Send + Sync {
         image_id: &str,
     ) -> impl Future<Output = Result<ImageLookup, AwsError>> + Send;
 
+    /// EC2 DescribeImages of every image this account owns in `region`, in any state (all pages).
+    fn list_owned_images(
+        &self,
+        region: &str,
+    ) -> impl Future<Output = Result<Vec<ObservedImage>, AwsError>> + Send;
+
     /// EC2 DescribeImageAttribute launchPermission.
     fn describe_launch_permissions(
         &self,

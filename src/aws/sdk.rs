@@ -345,6 +345,22 @@ impl Aws for SdkAws {
         }
     }
 
+    async fn list_owned_images(&self, region: &str) -> Result<Vec<ObservedImage>, AwsError> {
+        let images: Vec<ec2::Image> = self
+            .ec2(region)
+            .describe_images()
+            .owners("self")
+            // Pages of 500: the listing of a large account stays a handful of calls.
+            .max_results(500)
+            .into_paginator()
+            .items()
+            .send()
+            .collect::<Result<_, _>>()
+            .await
+            .map_err(|e| aws_error("DescribeImages", region, "images owned by self", e))?;
+        Ok(images.iter().map(|i| observed_image(region, i)).collect())
+    }
+
     async fn describe_launch_permissions(
         &self,
         region: &str,

@@ -1,0 +1,362 @@
+//! The sweep: reconcile every AMI this account owns in some regions. It backfills the AMIs made before
+//! ami-share was deployed and catches the events that were missed (a rule added later, an event that
+//! went to the dead-letter queue), and it is how a config change reaches existing images.
+//!
+//! Each image goes through the same reconciler as an event, so a sweep of images already as configured
+//! makes no mutating call. What is swept, and in what order, is decided by [`selection`], a pure
+//! function; the rest streams the images through the reconciler a bounded number at a time (each
+//! reconciliation runs its own calls concurrently too), stopping to start new ones at a deadline.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde::Serialize;
+
+use crate::aws::{Aws, AwsError};
+use crate::markers;
+use crate::observed::ObservedImage;
+use crate::reconcile::{Outcome, Reconciler};
+
+/// How to sweep.
+#[derive(Debug, Clone)]
+pub struct SweepOptions {
+    /// The regions whose images are swept.
+    pub regions: Vec<String>,
+    /// Images reconciled at once (each makes at most a few calls at once).
+    pub concurrency: usize,
+    /// No image is started after this instant (a Lambda's deadline less a margin); those left are
+    /// counted in [`SweepReport::not_started`] for the next sweep.
+    pub stop_starting_at: Option<Instant>,
+}
+
+/// What a sweep tells its caller while it runs.
+#[derive(Debug)]
+pub enum SweepProgress<'a> {
+    /// The listing is done: this many images will be reconciled.
+    Listed { to_reconcile: usize },
+    /// One image's reconciliation is done.
+    Reconciled(&'a Outcome),
+}
+
+/// The images a sweep reconciles, newest first, and those it leaves to their source.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Selection {
+    pub to_reconcile: Vec<ObservedImage>,
+    /// ami-share's copies whose source's reconciliation covers them: `(image id, why)`.
+    pub left_to_source: Vec<(String, String)>,
+}
+
+/// Chooses what to reconcile among the listed images of the swept regions. ami-share's re-encrypted
+/// copies and its regional copies whose source region is swept too are left out: their source's
+/// reconciliation finishes them, and reconciling both at once would only race. The newest images go
+/// first, so a sweep cut short by its deadline has done the ones most likely to be wanted.
+pub fn selection(listed: Vec<ObservedImage>, swept_regions: &[String]) -> Selection {
+    let mut selection = Selection::default();
+    for image in listed {
+        let reason = markers::copy_marks(&image.tags).and_then(|marks| {
+            if marks.kind != markers::COPY_REGIONAL {
+                Some(format!(
+                    "ami-share's re-encrypted copy of {}: reconciled with its source",
+                    marks.source_image
+                ))
+            } else if swept_regions.iter().any(|r| r == marks.source_region) {
+                Some(format!(
+                    "ami-share's copy of {} in {}: finished by its source's reconciliation",
+                    marks.source_image, marks.source_region
+                ))
+            } else {
+                None
+            }
+        });
+        match reason {
+            Some(reason) => selection.left_to_source.push((image.image_id, reason)),
+            None => selection.to_reconcile.push(image),
+        }
+    }
+    // ISO 8601 dates in UTC sort as text; images without one go last.
+    selection.to_reconcile.sort_by(|a, b| {
+        b.creation_date
+            .cmp(&a.creation_date)
+            .then_with(|| a.image_id.cmp(&b.image_id))
+    });
+    selection
+}
+
+/// What a sweep did, for the operator and the summary log.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SweepReport {
+    /// Images this account owns, per swept region.
+    pub listed: BTreeMap<String, usize>,
+    /// Images reconciled, by outcome status (`done`, `skipped`, `blocked`, `retry`, `failed`).
+    pub by_status: BTreeMap<&'static str, usize>,
+    /// Images reconciled.
+    pub reconciled: usize,
+    /// Images for which something was done (in a dry run: would be done).
+    pub changed: usize,
+    /// Calls made (in a dry run: planned) over all images.
+    pub actions: usize,
+    /// ami-share's copies left to their source's reconciliation.
+    pub left_to_source: usize,
+    /// Images not started before the deadline.
+    pub not_started: usize,
+    /// Regions whose listing failed: nothing there was swept.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub listing_failures: Vec<AwsError>,
+    /// `image id: headline` of every image whose reconciliation failed or must be retried.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub incomplete: Vec<String>,
+    #[serde(serialize_with = "seconds")]
+    pub elapsed: Duration,
+}
+
+fn seconds<S: serde::Serializer>(elapsed: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_f64((elapsed.as_secs_f64() * 1000.0).round() / 1000.0)
+}
+
+impl SweepReport {
+    /// Adds one image's outcome.
+    pub fn count(&mut self, outcome: &Outcome) {
+        self.reconciled += 1;
+        *self.by_status.entry(outcome.status()).or_default() += 1;
+        let actions = if outcome.dry_run {
+            outcome.not_done.len()
+        } else {
+            outcome.done.len()
+        };
+        self.actions += actions;
+        if actions > 0 {
+            self.changed += 1;
+        }
+        if outcome.is_incomplete() {
+            self.incomplete
+                .push(format!("{}: {}", outcome.image_id, outcome.headline()));
+        }
+    }
+
+    /// Whether every listed image was reconciled completely.
+    pub fn is_complete(&self) -> bool {
+        self.listing_failures.is_empty() && self.incomplete.is_empty() && self.not_started == 0
+    }
+
+    /// Images per second over the whole sweep.
+    pub fn images_per_second(&self) -> f64 {
+        let seconds = self.elapsed.as_secs_f64();
+        if seconds > 0.0 {
+            self.reconciled as f64 / seconds
+        } else {
+            0.0
+        }
+    }
+
+    /// One line for a person.
+    pub fn headline(&self) -> String {
+        let listed: usize = self.listed.values().sum();
+        let statuses: Vec<String> = self
+            .by_status
+            .iter()
+            .map(|(status, n)| format!("{n} {status}"))
+            .collect();
+        let mut line = format!(
+            "swept {} of {listed} image(s) in {} region(s) in {:.1} s ({:.1} images/s): {}; {} changed with {} call(s)",
+            self.reconciled,
+            self.listed.len(),
+            self.elapsed.as_secs_f64(),
+            self.images_per_second(),
+            if statuses.is_empty() {
+                "nothing to reconcile".to_string()
+            } else {
+                statuses.join(", ")
+            },
+            self.changed,
+            self.actions,
+        );
+        if self.left_to_source > 0 {
+            line.push_str(&format!(
+                "; {} copy(ies) left to their source",
+                self.left_to_source
+            ));
+        }
+        if self.not_started > 0 {
+            line.push_str(&format!(
+                "; {} not started before the deadline (the next sweep does them)",
+                self.not_started
+            ));
+        }
+        for failure in &self.listing_failures {
+            line.push_str(&format!("; not swept: {failure}"));
+        }
+        line
+    }
+}
+
+/// Lists the regions' images, then reconciles them `options.concurrency` at a time, telling `progress`
+/// as it goes.
+pub async fn sweep<A: Aws>(
+    reconciler: &Reconciler<'_, A>,
+    options: &SweepOptions,
+    mut progress: impl FnMut(SweepProgress<'_>),
+) -> SweepReport {
+    let started = Instant::now();
+    let mut report = SweepReport::default();
+    let listings = futures::future::join_all(
+        options
+            .regions
+            .iter()
+            .map(|region| reconciler.aws.list_owned_images(region)),
+    )
+    .await;
+    let mut listed = Vec::new();
+    for (region, listing) in options.regions.iter().zip(listings) {
+        match listing {
+            Ok(images) => {
+                report.listed.insert(region.clone(), images.len());
+                listed.extend(images);
+            }
+            Err(e) => report.listing_failures.push(e),
+        }
+    }
+    let selection = selection(listed, &options.regions);
+    report.left_to_source = selection.left_to_source.len();
+    progress(SweepProgress::Listed {
+        to_reconcile: selection.to_reconcile.len(),
+    });
+
+    let stop_at = options.stop_starting_at;
+    let mut outcomes = futures::stream::iter(selection.to_reconcile)
+        .map(|image| async move {
+            if stop_at.is_some_and(|at| Instant::now() >= at) {
+                return None;
+            }
+            Some(reconciler.reconcile_listed(image).await)
+        })
+        .buffer_unordered(options.concurrency.max(1));
+    while let Some(outcome) = outcomes.next().await {
+        match outcome {
+            Some(outcome) => {
+                report.count(&outcome);
+                progress(SweepProgress::Reconciled(&outcome));
+            }
+            None => report.not_started += 1,
+        }
+    }
+    report.elapsed = started.elapsed();
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observed::Tags;
+
+    fn image(id: &str, created: Option<&str>, tags: &[(&str, &str)]) -> ObservedImage {
+        ObservedImage {
+            image_id: id.into(),
+            region: "us-east-1".into(),
+            creation_date: created.map(str::to_string),
+            tags: tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<Tags>(),
+            ..ObservedImage::default()
+        }
+    }
+
+    fn regional_copy(id: &str, source_region: &str) -> ObservedImage {
+        image(
+            id,
+            Some("2026-11-25T10:00:00.000Z"),
+            &[
+                (markers::COPY_KIND, markers::COPY_REGIONAL),
+                (markers::SOURCE_IMAGE, "ami-source"),
+                (markers::SOURCE_REGION, source_region),
+            ],
+        )
+    }
+
+    fn ids(images: &[ObservedImage]) -> Vec<&str> {
+        images.iter().map(|i| i.image_id.as_str()).collect()
+    }
+
+    #[test]
+    fn newest_images_go_first_and_undated_ones_last() {
+        let selection = selection(
+            vec![
+                image("ami-old", Some("2024-01-01T00:00:00.000Z"), &[]),
+                image("ami-undated", None, &[]),
+                image("ami-new", Some("2026-11-25T10:00:00.000Z"), &[]),
+                image("ami-mid", Some("2025-06-01T00:00:00.000Z"), &[]),
+            ],
+            &["us-east-1".into()],
+        );
+        assert_eq!(
+            ids(&selection.to_reconcile),
+            ["ami-new", "ami-mid", "ami-old", "ami-undated"]
+        );
+        assert!(selection.left_to_source.is_empty());
+    }
+
+    #[test]
+    fn a_regional_copy_is_left_to_its_source_only_when_the_source_region_is_swept() {
+        let listed = vec![regional_copy("ami-copy", "us-west-2")];
+        let both = selection(listed.clone(), &["us-east-1".into(), "us-west-2".into()]);
+        assert!(both.to_reconcile.is_empty());
+        assert_eq!(both.left_to_source.len(), 1);
+        assert!(
+            both.left_to_source[0]
+                .1
+                .contains("copy of ami-source in us-west-2"),
+            "{:?}",
+            both.left_to_source
+        );
+        let alone = selection(listed, &["us-east-1".into()]);
+        assert_eq!(ids(&alone.to_reconcile), ["ami-copy"]);
+    }
+
+    #[test]
+    fn a_re_encrypted_copy_is_always_left_to_its_source() {
+        let copy = image(
+            "ami-reenc",
+            None,
+            &[
+                (markers::COPY_KIND, markers::COPY_REENCRYPTED),
+                (markers::SOURCE_IMAGE, "ami-source"),
+                (markers::SOURCE_REGION, "us-east-1"),
+            ],
+        );
+        let selection = selection(vec![copy], &["us-east-1".into()]);
+        assert!(selection.to_reconcile.is_empty());
+        assert!(selection.left_to_source[0].1.contains("re-encrypted copy"));
+    }
+
+    #[test]
+    fn the_report_counts_statuses_changes_and_what_is_left() {
+        let mut report = SweepReport::default();
+        report.listed.insert("us-east-1".into(), 3);
+        let mut changed = Outcome::default();
+        changed.image_id = "ami-1".into();
+        changed.done.push(crate::plan::Action::SetStatus {
+            region: "us-east-1".into(),
+            image_id: "ami-1".into(),
+            tags: Default::default(),
+        });
+        report.count(&changed);
+        report.count(&Outcome::default());
+        report.not_started = 1;
+        report.elapsed = Duration::from_secs(2);
+        assert_eq!(report.reconciled, 2);
+        assert_eq!(report.changed, 1);
+        assert_eq!(report.actions, 1);
+        assert_eq!(report.by_status.get("done"), Some(&2));
+        assert!(!report.is_complete());
+        let headline = report.headline();
+        assert!(
+            headline.starts_with("swept 2 of 3 image(s) in 1 region(s) in 2.0 s (1.0 images/s): 2 done; 1 changed with 1 call(s)"),
+            "{headline}"
+        );
+        assert!(
+            headline.contains("1 not started before the deadline"),
+            "{headline}"
+        );
+    }
+}
