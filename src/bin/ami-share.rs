@@ -1,16 +1,19 @@
 //! The operator CLI over the same core as the Lambda.
 //!
-//! Exit codes: 0 success; 1 the work failed (an AWS call, an unsupported event); 2 bad usage or an
-//! invalid config.
+//! Exit codes: 0 success; 1 the work failed or is incomplete (an AWS call, an unsupported event, a sweep
+//! that could not finish every image); 2 bad usage or an invalid config.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use ami_share::aws::sdk::SdkAws;
 use ami_share::config::Config;
 use ami_share::reconcile::{KeyPolicyWrites, Mode, Reconciler};
+use ami_share::sweep::{SweepOptions, SweepProgress};
 use ami_share::trigger::{self, EventKind, ImageEvent, ImageRef, Trigger};
 use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +37,42 @@ enum Command {
     Plan(Target),
     /// Do it: tag, open encrypted AMIs' keys, and share as the config says.
     Apply(Target),
+    /// Reconcile every AMI this account owns in the given regions (backfill, missed events, a changed
+    /// config). Prints each image that changed, failed or is blocked, then a summary.
+    Sweep(SweepArgs),
+}
+
+/// Where AWS is: like the AWS CLI's options of the same names.
+#[derive(Args)]
+struct Connection {
+    /// Named profile from the AWS config files.
+    #[arg(long)]
+    profile: Option<String>,
+    /// Send AWS calls to this endpoint (an emulator, a VPC endpoint).
+    #[arg(long)]
+    endpoint_url: Option<String>,
+}
+
+#[derive(Args)]
+struct SweepArgs {
+    /// The config file (TOML).
+    #[arg(long, short)]
+    config: PathBuf,
+    /// A region to sweep; repeat it or separate with commas (default: the AWS config's region).
+    #[arg(long = "region", value_delimiter = ',')]
+    regions: Vec<String>,
+    #[command(flatten)]
+    connection: Connection,
+    /// Images reconciled at once (each makes at most 8 calls at once). The SDK's adaptive retry mode
+    /// slows the sweep down when AWS throttles it.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=32))]
+    concurrency: u16,
+    /// Plan only: print what would be done, change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the summary as JSON (the per-image lines still go to stderr).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -54,12 +93,8 @@ struct Target {
     /// The region of the image (default: the event's, else the AWS config's).
     #[arg(long)]
     region: Option<String>,
-    /// Named profile from the AWS config files.
-    #[arg(long)]
-    profile: Option<String>,
-    /// Send AWS calls to this endpoint (an emulator, a VPC endpoint).
-    #[arg(long)]
-    endpoint_url: Option<String>,
+    #[command(flatten)]
+    connection: Connection,
     /// Print the outcome as JSON.
     #[arg(long)]
     json: bool,
@@ -72,6 +107,133 @@ async fn main() -> ExitCode {
         Command::Validate { config } => validate(&config),
         Command::Plan(target) => run(target, Mode::DryRun).await,
         Command::Apply(target) => run(target, Mode::Apply).await,
+        Command::Sweep(args) => sweep(args).await,
+    }
+}
+
+/// The config, or exit code 2 with every problem on stderr.
+fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(2)
+    })
+}
+
+/// The AWS clients, configured like the AWS CLI from the environment, the profile and the options.
+async fn connect(
+    connection: &Connection,
+    region: Option<&str>,
+    retry: aws_config::retry::RetryConfig,
+) -> SdkAws {
+    let mut loader =
+        aws_config::defaults(aws_config::BehaviorVersion::latest()).retry_config(retry);
+    if let Some(profile) = &connection.profile {
+        loader = loader.profile_name(profile);
+    }
+    if let Some(url) = &connection.endpoint_url {
+        loader = loader.endpoint_url(url);
+    }
+    if let Some(region) = region {
+        loader = loader.region(aws_config::Region::new(region.to_string()));
+    }
+    SdkAws::new(loader.load().await)
+}
+
+async fn sweep(args: SweepArgs) -> ExitCode {
+    let config = match load_config(&args.config) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    // Adaptive retry: after a throttling answer the SDK paces every later call of the sweep.
+    let retry = aws_config::retry::RetryConfig::adaptive().with_max_attempts(5);
+    let aws = connect(
+        &args.connection,
+        args.regions.first().map(String::as_str),
+        retry,
+    )
+    .await;
+    let Some(home_region) = aws.home_region().map(str::to_string) else {
+        eprintln!(
+            "no region: give --region, or set one in the AWS config (AWS_REGION, or region in the profile)"
+        );
+        return ExitCode::from(2);
+    };
+    let mut regions = args.regions.clone();
+    if regions.is_empty() {
+        regions.push(home_region.clone());
+    }
+    let reconciler = Reconciler {
+        config: &config,
+        aws: &aws,
+        home_region: &home_region,
+        mode: if args.dry_run {
+            Mode::DryRun
+        } else {
+            Mode::Apply
+        },
+        key_policy_writes: KeyPolicyWrites::default(),
+    };
+    let options = SweepOptions {
+        regions,
+        concurrency: usize::from(args.concurrency),
+        stop_starting_at: None,
+    };
+    // A progress bar only for a person watching: never in a pipe or a CI log.
+    let bar = std::io::stderr().is_terminal().then(|| {
+        ProgressBar::new(0).with_style(
+            ProgressStyle::with_template(
+                "{spinner} {pos}/{len} images [{bar:30}] {per_sec} eta {eta} {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        )
+    });
+    let json = args.json;
+    let report = ami_share::sweep::sweep(&reconciler, &options, |progress| match progress {
+        SweepProgress::Listed { to_reconcile } => {
+            if let Some(bar) = &bar {
+                bar.set_length(to_reconcile as u64);
+            }
+        }
+        SweepProgress::Reconciled(outcome) => {
+            let worth_a_line = !outcome.done.is_empty()
+                || !outcome.not_done.is_empty()
+                || !outcome.blocked.is_empty()
+                || outcome.is_incomplete();
+            let line = worth_a_line.then(|| outcome.headline());
+            let print = |line: &str| {
+                if json {
+                    eprintln!("{line}");
+                } else {
+                    println!("{line}");
+                }
+            };
+            match (&bar, line) {
+                (Some(bar), Some(line)) => bar.suspend(|| print(&line)),
+                (None, Some(line)) => print(&line),
+                _ => {}
+            }
+            if let Some(bar) = &bar {
+                bar.inc(1);
+            }
+        }
+    })
+    .await;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("report serializes")
+        );
+    } else {
+        println!("{}", report.headline());
+    }
+    if report.is_complete() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
@@ -109,12 +271,9 @@ fn validate(path: &std::path::Path) -> ExitCode {
 }
 
 async fn run(target: Target, mode: Mode) -> ExitCode {
-    let config = match Config::load(&target.config) {
+    let config = match load_config(&target.config) {
         Ok(config) => config,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let event = match image_event(&target) {
         Ok(Some(event)) => event,
@@ -124,17 +283,12 @@ async fn run(target: Target, mode: Mode) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-    if let Some(profile) = &target.profile {
-        loader = loader.profile_name(profile);
-    }
-    if let Some(url) = &target.endpoint_url {
-        loader = loader.endpoint_url(url);
-    }
-    if let Some(region) = &target.region {
-        loader = loader.region(aws_config::Region::new(region.clone()));
-    }
-    let aws = SdkAws::new(loader.load().await);
+    let aws = connect(
+        &target.connection,
+        target.region.as_deref(),
+        aws_config::retry::RetryConfig::standard(),
+    )
+    .await;
     let home_region = aws.home_region().unwrap_or("us-east-1").to_string();
     let reconciler = Reconciler {
         config: &config,
