@@ -8,13 +8,31 @@
 //! an opt-in region not enabled) is not retried: the invocation succeeds with status `failed`, and the
 //! summary log names it and every region's outcome. Events that need no work (a failed CreateImage, an
 //! image no rule selects, one owned by another account) succeed with the reason.
+//!
+//! A scheduled event ("Scheduled Event" from `aws.events`, the stack's optional `SweepSchedule`) sweeps
+//! the function's region: every AMI the account owns there, newest first, starting none after the
+//! deadline less [`SWEEP_MARGIN`]. It is never retried as a whole (the next schedule is the retry); each
+//! image that changed or failed gets its own summary record, the sweep one more.
+//!
+//! Each image event and each sweep also prints one CloudWatch EMF line of counters ([`crate::metrics`]).
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
 use crate::aws::Aws;
 use crate::config::Config;
+use crate::metrics::Counts;
 use crate::reconcile::{KeyPolicyWrites, Mode, Outcome, Reconciler};
+use crate::sweep::{self, SweepOptions, SweepProgress, SweepReport};
 use crate::trigger::{self, Trigger, TriggerError};
+
+/// A scheduled sweep starts no image later than this before the invocation's deadline: time for the
+/// images in flight to finish (a key policy write waits a second and reads back) and be logged.
+pub const SWEEP_MARGIN: Duration = Duration::from_secs(20);
+
+/// Images a scheduled sweep reconciles at once.
+pub const SWEEP_CONCURRENCY: usize = 4;
 
 /// An event that was not fully handled.
 #[derive(Debug, thiserror::Error)]
@@ -70,8 +88,18 @@ impl<A: Aws> Handler<A> {
         self
     }
 
-    /// Handles one event and logs its summary record.
+    /// Handles one event with no deadline (tests, local runs): see [`Handler::handle_before`].
     pub async fn handle(&self, event: Value) -> Result<Value, HandlerError> {
+        self.handle_before(event, None).await
+    }
+
+    /// Handles one event and logs its summary record. `deadline` is when Lambda ends the invocation:
+    /// a sweep stops starting images before it.
+    pub async fn handle_before(
+        &self,
+        event: Value,
+        deadline: Option<SystemTime>,
+    ) -> Result<Value, HandlerError> {
         let trigger = match trigger::parse(event) {
             Ok(trigger) => trigger,
             Err(e) => {
@@ -84,17 +112,12 @@ impl<A: Aws> Handler<A> {
                 tracing::info!(outcome = "ignored", reason = %reason, "event ignored: {reason}");
                 return Ok(json!({ "status": "ignored", "reason": reason }));
             }
+            Trigger::Sweep { event_id } => return Ok(self.sweep(event_id, deadline).await),
             Trigger::Image(event) => event,
         };
-        let reconciler = Reconciler {
-            config: &self.config,
-            aws: &self.aws,
-            home_region: &self.home_region,
-            mode: Mode::Apply,
-            key_policy_writes: self.key_policy_writes,
-        };
-        let outcome = reconciler.reconcile(&event).await;
+        let outcome = self.reconciler().reconcile(&event).await;
         log_summary(&outcome, event.event_id.as_deref());
+        emit_metrics(Counts::of(&outcome));
         if outcome.is_incomplete() && outcome.retryable() {
             return Err(HandlerError::Retryable {
                 headline: outcome.headline(),
@@ -102,6 +125,81 @@ impl<A: Aws> Handler<A> {
         }
         Ok(json!({ "status": outcome.status(), "summary": outcome.headline(), "outcome": outcome }))
     }
+}
+
+impl<A: Aws> Handler<A> {
+    fn reconciler(&self) -> Reconciler<'_, A> {
+        Reconciler {
+            config: &self.config,
+            aws: &self.aws,
+            home_region: &self.home_region,
+            mode: Mode::Apply,
+            key_policy_writes: self.key_policy_writes,
+        }
+    }
+
+    /// The scheduled sweep of the function's region.
+    async fn sweep(&self, event_id: Option<String>, deadline: Option<SystemTime>) -> Value {
+        let options = SweepOptions {
+            regions: vec![self.home_region.clone()],
+            concurrency: SWEEP_CONCURRENCY,
+            stop_starting_at: deadline.map(|deadline| {
+                let left = deadline
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
+                Instant::now() + left.saturating_sub(SWEEP_MARGIN)
+            }),
+        };
+        let mut counts = Counts::default();
+        let report = sweep::sweep(&self.reconciler(), &options, |progress| {
+            if let SweepProgress::Reconciled(outcome) = progress {
+                counts.add(Counts::of(outcome));
+                let worth_a_record = !outcome.done.is_empty()
+                    || !outcome.blocked.is_empty()
+                    || outcome.is_incomplete();
+                if worth_a_record {
+                    log_summary(outcome, event_id.as_deref());
+                }
+            }
+        })
+        .await;
+        log_sweep(&report, event_id.as_deref());
+        emit_metrics(counts);
+        let status = if report.is_complete() {
+            "done"
+        } else {
+            "incomplete"
+        };
+        json!({ "status": status, "summary": report.headline(), "sweep": report })
+    }
+}
+
+/// The sweep's own summary record.
+fn log_sweep(report: &SweepReport, event_id: Option<&str>) {
+    tracing::info!(
+        outcome = if report.is_complete() { "swept" } else { "sweep_incomplete" },
+        event_id = event_id.unwrap_or_default(),
+        images = report.reconciled,
+        changed = report.changed,
+        actions_done = report.actions,
+        not_started = report.not_started,
+        by_status = %to_json(&report.by_status),
+        incomplete = %to_json(&report.incomplete),
+        listing_failures = %to_json(&report.listing_failures),
+        "{}",
+        report.headline()
+    );
+}
+
+/// Prints the counters as one EMF line on stdout, beside the logs, where CloudWatch Logs reads it.
+fn emit_metrics(counts: Counts) {
+    let function_name =
+        std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "ami-share".to_string());
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default();
+    println!("{}", counts.emf(&function_name, now_ms));
 }
 
 /// The one summary record per event: flat fields for log queries, the headline as the message.

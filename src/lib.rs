@@ -20,6 +20,7 @@ pub mod key_policy;
 pub mod keys;
 pub mod logging;
 pub mod markers;
+pub mod metrics;
 pub mod observed;
 pub mod plan;
 pub mod reconcile;

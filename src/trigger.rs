@@ -17,7 +17,8 @@ use crate::config::CreatedBy;
 
 pub const CLOUDTRAIL_DETAIL_TYPE: &str = "AWS API Call via CloudTrail";
 pub const STATE_CHANGE_DETAIL_TYPE: &str = "EC2 AMI State Change";
-const EXPECTED: &str = "an EventBridge event from source \"aws.ec2\" with detail-type \"AWS API Call via CloudTrail\" (eventName CreateImage, CopyImage or RegisterImage) or \"EC2 AMI State Change\"";
+pub const SCHEDULED_DETAIL_TYPE: &str = "Scheduled Event";
+const EXPECTED: &str = "an EventBridge event from source \"aws.ec2\" with detail-type \"AWS API Call via CloudTrail\" (eventName CreateImage, CopyImage or RegisterImage) or \"EC2 AMI State Change\", or a \"Scheduled Event\" from source \"aws.events\" (the scheduled sweep)";
 
 /// An image in a region. AMIs are regional: the id alone does not find one.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -56,6 +57,8 @@ pub enum Trigger {
     Image(ImageEvent),
     /// A well-formed event that calls for no work, and why (e.g. a failed CreateImage call).
     Ignore { reason: String },
+    /// An EventBridge schedule fired: sweep the function's region (every AMI this account owns there).
+    Sweep { event_id: Option<String> },
 }
 
 /// An event ami-share cannot use. Says what was found and what was expected.
@@ -101,6 +104,11 @@ pub fn parse(event: Value) -> Result<Trigger, TriggerError> {
     }
     let envelope: EventBridgeEvent<Value> = serde_json::from_value(event)
         .map_err(|e| unsupported(format!("not an EventBridge envelope ({e})")))?;
+    if envelope.source == "aws.events" && envelope.detail_type == SCHEDULED_DETAIL_TYPE {
+        return Ok(Trigger::Sweep {
+            event_id: envelope.id,
+        });
+    }
     if envelope.source != "aws.ec2" {
         return Err(unsupported(format!("source is {:?}", envelope.source)));
     }
@@ -295,6 +303,25 @@ mod tests {
         assert_eq!(
             image_event(parse(event).unwrap()).image.region.as_deref(),
             Some("ap-south-1")
+        );
+    }
+
+    #[test]
+    fn a_scheduled_event_asks_for_a_sweep() {
+        assert_eq!(
+            parse(sample("scheduled-sweep.json")).unwrap(),
+            Trigger::Sweep {
+                event_id: Some("5c4e7b2a-9d31-4f6e-b8a0-7e2f1c3d4b5a".into())
+            }
+        );
+        // Only EventBridge's own schedule: the same detail-type from another source is not one.
+        let forged =
+            json!({"detail-type": SCHEDULED_DETAIL_TYPE, "source": "custom.app", "detail": {}});
+        let error = parse(forged).unwrap_err().to_string();
+        assert!(error.contains("source is \"custom.app\""), "{error}");
+        assert!(
+            error.contains("\"Scheduled Event\" from source \"aws.events\""),
+            "{error}"
         );
     }
 

@@ -123,6 +123,102 @@ async fn the_bootstrap_tags_and_shares_through_the_runtime_api_and_logs_json_wit
     );
 }
 
+#[tokio::test]
+async fn a_scheduled_event_sweeps_the_region_within_the_deadline_and_prints_emf_metrics() {
+    let emulator = Emulator::start();
+    let ec2 = emulator.ec2().await;
+    // Two images whose events were missed, and one no rule selects.
+    let (first, _) = create_image(&ec2, "golden-1", &[]).await;
+    let (second, _) = create_image(&ec2, "golden-2", &[]).await;
+    let (other, _) = create_image(&ec2, "scratch", &[]).await;
+    let config = write_config(
+        "[[rule]]\nname = \"golden\"\nmatch.name = [\"golden-*\"]\nshare.accounts = [\"210987654321\"]\n",
+    );
+    let mut api = RuntimeApi::start();
+    let mut env = emulator.aws_env();
+    env.push(("AMI_SHARE_CONFIG", config.env()));
+    env.push(("AWS_LAMBDA_FUNCTION_NAME", "ami-share-test".into()));
+    let function = Function::start(&binary(), &api, &env);
+    let schedule: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_path("events/scheduled-sweep.json")).unwrap(),
+    )
+    .unwrap();
+
+    // 10 s left is less than the sweep's margin: it starts no image, and says so.
+    let before = emulator.requests().len();
+    let short = api.invoke_with(schedule.clone(), std::time::Duration::from_secs(10));
+    assert_eq!(short.kind, "response", "{short:?}");
+    assert_eq!(short.body["status"], "incomplete");
+    assert_eq!(short.body["sweep"]["not_started"], 3);
+    assert_eq!(
+        emulator.mutating_requests_since(before),
+        Vec::<String>::new()
+    );
+
+    let answer = api.invoke(schedule.clone());
+    assert_eq!(answer.body["status"], "done", "{answer:?}");
+    assert!(
+        answer.body["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("swept 3 of 3 image(s) in 1 region(s)"),
+        "{answer:?}"
+    );
+    for image in [&first, &second] {
+        assert_eq!(
+            launch_permissions(&ec2, image).await,
+            ["account=210987654321".to_string()].into()
+        );
+    }
+    assert!(launch_permissions(&ec2, &other).await.is_empty());
+    let before = emulator.requests().len();
+    assert_eq!(api.invoke(schedule).body["sweep"]["changed"], 0);
+    assert_eq!(
+        emulator.mutating_requests_since(before),
+        Vec::<String>::new()
+    );
+
+    // The log: a summary record for each image that changed, one per sweep, and one EMF line per sweep.
+    let emf_of = |log: &[serde_json::Value]| -> Vec<serde_json::Value> {
+        log.iter()
+            .filter(|l| l["_aws"].is_object())
+            .cloned()
+            .collect()
+    };
+    for _ in 0..100 {
+        if emf_of(&function.json_log()).len() >= 3 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let log = function.json_log();
+    let emf = emf_of(&log);
+    assert_eq!(emf.len(), 3, "{log:#?}");
+    let directive = &emf[1]["_aws"]["CloudWatchMetrics"][0];
+    assert_eq!(directive["Namespace"], "AmiShare");
+    assert_eq!(emf[1]["FunctionName"], "ami-share-test");
+    assert_eq!(
+        (
+            &emf[0]["Images"],
+            &emf[1]["Images"],
+            &emf[1]["Shared"],
+            &emf[2]["Shared"]
+        ),
+        (&json!(0), &json!(3), &json!(2), &json!(0))
+    );
+    let outcomes: Vec<&str> = log.iter().filter_map(|l| l["outcome"].as_str()).collect();
+    assert_eq!(
+        outcomes,
+        ["sweep_incomplete", "done", "done", "swept", "swept"],
+        "{log:#?}"
+    );
+    let swept = log.iter().find(|l| l["outcome"] == "swept").unwrap();
+    assert_eq!(
+        swept["span"]["requestId"],
+        "req-0002-0000-4000-8000-000000000000"
+    );
+}
+
 #[test]
 fn the_bootstrap_refuses_to_start_with_an_invalid_config() {
     let config = write_config("[[rule]]\nname = \"r\"\nshare.organizations = [\"o-a1b2c3d4e5\"]\n");

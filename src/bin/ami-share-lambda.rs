@@ -22,7 +22,9 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let handler = Handler::new(config, aws, home_region);
     let handler = &handler;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
-        handler.handle(event.payload).await
+        let deadline =
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(event.context.deadline);
+        handler.handle_before(event.payload, Some(deadline)).await
     }))
     .await
 }

@@ -345,5 +345,9 @@ fn image_event(target: &Target) -> Result<Option<ImageEvent>, String> {
             println!("nothing to do: {reason}");
             Ok(None)
         }
+        Trigger::Sweep { .. } => Err(format!(
+            "{} is the scheduled sweep's event, which names no image: run `ami-share sweep --config … --region …` (add --dry-run to plan only)",
+            path.display()
+        )),
     }
 }

@@ -25,7 +25,7 @@ pub struct Answer {
 
 pub struct RuntimeApi {
     pub address: String,
-    events: Sender<(String, Value)>,
+    events: Sender<(String, Value, Duration)>,
     answers: Receiver<Answer>,
     next_request: u64,
 }
@@ -99,7 +99,7 @@ fn respond(stream: &mut TcpStream, status: &str, headers: &[(&str, String)], bod
 
 fn serve(
     stream: TcpStream,
-    events: Arc<Mutex<Receiver<(String, Value)>>>,
+    events: Arc<Mutex<Receiver<(String, Value, Duration)>>>,
     answers: Sender<Answer>,
 ) {
     let mut writer = stream.try_clone().unwrap();
@@ -107,11 +107,10 @@ fn serve(
     while let Some(request) = read_request(&mut reader) {
         let path = request.path.trim_start_matches("/2018-06-01/runtime/");
         if request.method == "GET" && path == "invocation/next" {
-            let Ok((request_id, event)) = events.lock().unwrap().recv() else {
+            let Ok((request_id, event, time_left)) = events.lock().unwrap().recv() else {
                 return;
             };
-            let deadline =
-                SystemTime::now().duration_since(UNIX_EPOCH).unwrap() + Duration::from_secs(300);
+            let deadline = SystemTime::now().duration_since(UNIX_EPOCH).unwrap() + time_left;
             let headers = [
                 ("Content-Type", "application/json".to_string()),
                 ("Lambda-Runtime-Aws-Request-Id", request_id),
@@ -182,11 +181,18 @@ impl RuntimeApi {
         }
     }
 
-    /// Delivers one event and waits for the function's answer.
+    /// Delivers one event and waits for the function's answer (the invocation's deadline in 300 s).
     pub fn invoke(&mut self, event: Value) -> Answer {
+        self.invoke_with(event, Duration::from_secs(300))
+    }
+
+    /// As [`RuntimeApi::invoke`], with the invocation's deadline `time_left` from now.
+    pub fn invoke_with(&mut self, event: Value, time_left: Duration) -> Answer {
         self.next_request += 1;
         let request_id = format!("req-{:04}-0000-4000-8000-000000000000", self.next_request);
-        self.events.send((request_id.clone(), event)).unwrap();
+        self.events
+            .send((request_id.clone(), event, time_left))
+            .unwrap();
         let answer = self.wait();
         assert_eq!(
             answer.request_id, request_id,
