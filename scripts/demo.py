@@ -75,32 +75,11 @@ def main():
         image_id = make_image(ec2, "golden-al2023-2026.11.25")
 
         config = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
-        config.write(f"""# The demo's rules (the same form as config/ami-share.toml)
-[[rule]]
-name = "golden-images"
-match.name = ["golden-*"]
-match.tags = {{ stage = "release" }}
-tags = {{ "ami-share:distributed" = "org", "cost-center" = "platform" }}
-share.organizations = ["{org['arn']}"]
-# AMIs on the AWS managed aws/ebs key cannot be shared: share a copy re-encrypted with this key.
-reencrypt.kms_key = "alias/ami-share"
-
-[[rule]]
-name = "engineering-ou"
-match.name = ["golden-*"]
-share.organizational_units = ["{org['ous']['engineering']['arn']}"]
-share.accounts = ["210987654321"]
-
-[[rule]]
-name = "regional"
-match.name = ["regional-*"]
-tags = {{ "cost-center" = "platform" }}
-share.organizations = ["{org['arn']}"]
-# Copies in two more regions, each tagged and shared there; the one in us-west-2 encrypted with its key.
-copy.regions = [{{ region = "us-west-2", kms_key = "alias/ami-share" }}, {{ region = "eu-central-1" }}]
-copy.name = "{{name}}-from-{{source_region}}"
-ssm_parameter = "/ami-share/{{rule}}/latest"
-""")
+        # The demo's rules, shared with tests/cli.rs (which plans every sample event against this state).
+        with open(os.path.join(ROOT, "scripts/demo-config.toml")) as f:
+            rules = f.read()
+        rules = rules.replace("@ORG_ARN@", org["arn"]).replace("@ENGINEERING_OU_ARN@", org["ous"]["engineering"]["arn"])
+        config.write(rules)
         config.close()
         print(f"\nconfig ({config.name}):\n" + open(config.name).read())
 

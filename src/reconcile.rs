@@ -235,6 +235,25 @@ impl Outcome {
 
     /// One line for a person: what happened to the image and why.
     pub fn headline(&self) -> String {
+        let (subject, parts) = self.subject_and_parts();
+        match parts {
+            Some(parts) => format!("{subject}: {}", parts.join("; ")),
+            None => subject,
+        }
+    }
+
+    /// The same as [`Outcome::headline`], one part per line, for a person at a terminal.
+    pub fn report(&self) -> String {
+        let (subject, parts) = self.subject_and_parts();
+        match parts {
+            Some(parts) => format!("{subject}:\n  {}", parts.join("\n  ")),
+            None => subject,
+        }
+    }
+
+    /// The image (and what it is), and each thing done, not done, blocked, deferred, failed; `None`
+    /// parts when it was skipped (the subject then says why).
+    fn subject_and_parts(&self) -> (String, Option<Vec<String>>) {
         let mut subject = format!("{} in {}", self.image_id, self.region);
         if let Some(copy) = &self.event_image_id {
             subject.push_str(&format!(" (the event named {copy}, its re-encrypted copy)"));
@@ -243,7 +262,7 @@ impl Outcome {
             subject.push_str(&format!(" (ami-share's copy of {source})"));
         }
         if let Some(reason) = &self.skipped {
-            return format!("{subject}: skipped: {reason}");
+            return (format!("{subject}: skipped: {reason}"), None);
         }
         let mut parts = vec![format!("rules [{}]", self.rules.join(", "))];
         if self.done.is_empty()
@@ -272,7 +291,7 @@ impl Outcome {
         }));
         parts.extend(self.failures.iter().map(|f| format!("failed: {f}")));
         parts.extend(self.retry_reason.iter().map(|r| format!("to retry: {r}")));
-        format!("{subject}: {}", parts.join("; "))
+        (subject, Some(parts))
     }
 }
 

@@ -6,6 +6,7 @@ mod common;
 use std::process::Command;
 
 use common::*;
+use serde_json::Value;
 
 fn cli() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ami-share"))
@@ -136,4 +137,115 @@ async fn plan_prints_the_actions_and_changes_nothing() {
         emulator.requests().len() > before,
         "plan reads the real state"
     );
+}
+
+/// The demo's rules (scripts/demo-config.toml) for this emulator's organization.
+fn demo_config(emulator: &Emulator) -> (String, String, String) {
+    let org = emulator.organization(&["engineering", "data"]);
+    let org_arn = org["arn"].as_str().unwrap().to_string();
+    let ou_arn = org["ous"]["engineering"]["arn"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let text = std::fs::read_to_string(repo_path("scripts/demo-config.toml"))
+        .unwrap()
+        .replace("@ORG_ARN@", &org_arn)
+        .replace("@ENGINEERING_OU_ARN@", &ou_arn);
+    (text, org_arn, ou_arn)
+}
+
+#[tokio::test]
+async fn plan_on_each_sample_event_against_the_demo_state_prints_the_actions_and_changes_nothing() {
+    // The demo's state: its organization, its rules, its golden image (made by CreateImage, tagged
+    // stage=release, unencrypted).
+    let emulator = Emulator::start();
+    let (rules, org_arn, ou_arn) = demo_config(&emulator);
+    let ec2 = emulator.ec2().await;
+    let (image, snapshots) =
+        create_image(&ec2, "golden-al2023-2026.11.25", &[("stage", "release")]).await;
+    let dir = std::env::temp_dir().join(format!("ami-share-plan-samples-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("demo.toml");
+    std::fs::write(&config, rules).unwrap();
+
+    let before = emulator.requests().len();
+    let mut files: Vec<String> = std::fs::read_dir(repo_path("events"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|name| name.ends_with(".json"))
+        .collect();
+    files.sort();
+    let mut planned = Vec::new();
+    for file in &files {
+        let raw: Value = serde_json::from_str(
+            &std::fs::read_to_string(repo_path(&format!("events/{file}"))).unwrap(),
+        )
+        .unwrap();
+        // Events that name an image get the demo's image.
+        let names_an_image = raw["detail"].get("ImageId").is_some()
+            || raw["detail"]["responseElements"].get("imageId").is_some();
+        let event = if names_an_image {
+            sample_event(file, &image, REGION)
+        } else {
+            raw
+        };
+        let path = dir.join(file);
+        std::fs::write(&path, event.to_string()).unwrap();
+        let out = cli()
+            .envs(emulator.aws_env())
+            .args(["plan", "--config"])
+            .arg(&config)
+            .arg("--event")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        println!(
+            "$ ami-share plan --event events/{file}  (exit {:?})\n{stdout}{stderr}",
+            out.status.code()
+        );
+        match file.as_str() {
+            "create-image.json"
+            | "register-image.json"
+            | "copy-image.json"
+            | "ami-state-available.json" => {
+                assert_eq!(out.status.code(), Some(0), "{file}: {stderr}");
+                // One line per action, readable at a glance.
+                let expected = [
+                    format!("{image} in us-east-1:"),
+                    "  rules [golden-images, engineering-ou]".to_string(),
+                    format!(
+                        "  would: tag {image}, {} in us-east-1: ami-share:distributed=org, cost-center=platform",
+                        snapshots[0]
+                    ),
+                    format!(
+                        "  would: share {image} in us-east-1 with organization {org_arn}, OU {ou_arn}, account 210987654321"
+                    ),
+                ];
+                assert_eq!(stdout.lines().collect::<Vec<_>>(), expected, "{file}");
+                planned.push(file.clone());
+            }
+            "create-image-failed.json" => {
+                assert_eq!(out.status.code(), Some(0), "{file}: {stderr}");
+                assert!(
+                    stdout.starts_with("nothing to do: CreateImage failed"),
+                    "{file}: {stdout}"
+                );
+            }
+            "scheduled-sweep.json" => {
+                assert_eq!(out.status.code(), Some(2), "{file}: {stdout}");
+                assert!(stderr.contains("run `ami-share sweep"), "{file}: {stderr}");
+            }
+            other => panic!("events/{other} is new: add what `plan` must print for it here"),
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(planned.len(), 4, "{planned:?}");
+    assert_eq!(
+        emulator.mutating_requests_since(before),
+        Vec::<String>::new(),
+        "plan changes nothing"
+    );
+    assert!(launch_permissions(&ec2, &image).await.is_empty());
 }

@@ -200,7 +200,7 @@ async fn sweep(args: SweepArgs) -> ExitCode {
                 || !outcome.not_done.is_empty()
                 || !outcome.blocked.is_empty()
                 || outcome.is_incomplete();
-            let line = worth_a_line.then(|| outcome.headline());
+            let line = worth_a_line.then(|| outcome.report());
             let print = |line: &str| {
                 if json {
                     eprintln!("{line}");
@@ -304,7 +304,7 @@ async fn run(target: Target, mode: Mode) -> ExitCode {
             serde_json::to_string_pretty(&outcome).expect("outcome serializes")
         );
     } else {
-        println!("{}", outcome.headline());
+        println!("{}", outcome.report());
     }
     if outcome.is_incomplete() {
         ExitCode::FAILURE
