@@ -1,5 +1,8 @@
 //! The real `ami-share-lambda` binary, run as Lambda runs it: through the Runtime API (tests/common/
 //! runtime_api.rs), with its config file and the emulator as AWS.
+//!
+//! `AMI_SHARE_BOOTSTRAP` names another binary to run instead: CI sets it to the `bootstrap` that
+//! `sam build` made (scripts/test), so the artifact SAM would deploy is the one tested.
 
 mod common;
 
@@ -8,7 +11,16 @@ use common::*;
 use serde_json::json;
 
 fn binary() -> std::path::PathBuf {
-    env!("CARGO_BIN_EXE_ami-share-lambda").into()
+    let binary = std::env::var_os("AMI_SHARE_BOOTSTRAP")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_ami-share-lambda").into());
+    assert!(
+        binary.is_file(),
+        "no function binary at {}",
+        binary.display()
+    );
+    println!("function binary: {}", binary.display());
+    binary
 }
 
 fn write_config(text: &str) -> tempfile_path::TempPath {
