@@ -27,6 +27,17 @@ use crate::reconcile::{KeyPolicyWrites, Mode, Outcome, Reconciler};
 use crate::sweep::{self, SweepOptions, SweepProgress, SweepReport};
 use crate::trigger::{self, Trigger, TriggerError};
 
+/// `tracing::event!` at a level known only at run time (the macro wants a constant).
+macro_rules! at_level {
+    ($level:expr, $($fields:tt)+) => {
+        match $level {
+            tracing::Level::ERROR => tracing::error!($($fields)+),
+            tracing::Level::WARN => tracing::warn!($($fields)+),
+            _ => tracing::info!($($fields)+),
+        }
+    };
+}
+
 /// A scheduled sweep starts no image later than this before the invocation's deadline: time for the
 /// images in flight to finish (a key policy write waits a second and reads back) and be logged.
 pub const SWEEP_MARGIN: Duration = Duration::from_secs(20);
@@ -112,7 +123,10 @@ impl<A: Aws> Handler<A> {
                 tracing::info!(outcome = "ignored", reason = %reason, "event ignored: {reason}");
                 return Ok(json!({ "status": "ignored", "reason": reason }));
             }
-            Trigger::Sweep { event_id } => return Ok(self.sweep(event_id, deadline).await),
+            // Boxed: the sweep's future is large and deep, and the event path need not carry it.
+            Trigger::Sweep { event_id } => {
+                return Ok(Box::pin(self.sweep(event_id, deadline)).await);
+            }
             Trigger::Image(event) => event,
         };
         let outcome = self.reconciler().reconcile(&event).await;
@@ -152,14 +166,24 @@ impl<A: Aws> Handler<A> {
         };
         let mut counts = Counts::default();
         let report = sweep::sweep(&self.reconciler(), &options, |progress| {
-            if let SweepProgress::Reconciled(outcome) = progress {
-                counts.add(Counts::of(outcome));
-                let worth_a_record = !outcome.done.is_empty()
-                    || !outcome.blocked.is_empty()
-                    || outcome.is_incomplete();
-                if worth_a_record {
-                    log_summary(outcome, event_id.as_deref());
+            let outcome = match progress {
+                SweepProgress::Listed { .. } => return,
+                SweepProgress::Reconciled(outcome) => {
+                    counts.add(Counts::of(outcome));
+                    outcome
                 }
+                SweepProgress::Rechecked(outcome) => {
+                    counts.add(Counts {
+                        images: 0,
+                        ..Counts::of(outcome)
+                    });
+                    outcome
+                }
+            };
+            let worth_a_record =
+                !outcome.done.is_empty() || !outcome.blocked.is_empty() || outcome.is_incomplete();
+            if worth_a_record {
+                log_summary(outcome, event_id.as_deref());
             }
         })
         .await;
@@ -174,10 +198,24 @@ impl<A: Aws> Handler<A> {
     }
 }
 
-/// The sweep's own summary record.
+/// The sweep's own summary record: `failed` (at ERROR, so the failure alarm sees it) when a region
+/// could not even be listed, `sweep_incomplete` (WARN) when images were left, else `swept`.
 fn log_sweep(report: &SweepReport, event_id: Option<&str>) {
-    tracing::info!(
-        outcome = if report.is_complete() { "swept" } else { "sweep_incomplete" },
+    let outcome = if !report.listing_failures.is_empty() {
+        "failed"
+    } else if report.is_complete() {
+        "swept"
+    } else {
+        "sweep_incomplete"
+    };
+    let level = match outcome {
+        "failed" => tracing::Level::ERROR,
+        "sweep_incomplete" => tracing::Level::WARN,
+        _ => tracing::Level::INFO,
+    };
+    at_level!(
+        level,
+        outcome,
         event_id = event_id.unwrap_or_default(),
         images = report.reconciled,
         changed = report.changed,
@@ -202,9 +240,17 @@ fn emit_metrics(counts: Counts) {
     println!("{}", counts.emf(&function_name, now_ms));
 }
 
-/// The one summary record per event: flat fields for log queries, the headline as the message.
+/// The one summary record per event: flat fields for log queries, the headline as the message. At
+/// ERROR when something failed, WARN when it must be retried or is blocked, else INFO: a stack whose
+/// `LogLevel` is WARN still logs every record its alarm counts.
 fn log_summary(outcome: &Outcome, event_id: Option<&str>) {
-    tracing::info!(
+    let level = match outcome.status() {
+        "failed" => tracing::Level::ERROR,
+        "retry" | "blocked" => tracing::Level::WARN,
+        _ => tracing::Level::INFO,
+    };
+    at_level!(
+        level,
         outcome = outcome.status(),
         event_id = event_id.unwrap_or_default(),
         image_id = %outcome.image_id,

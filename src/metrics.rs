@@ -45,12 +45,8 @@ impl Counts {
             unshared: done(|a| matches!(a, Action::RemoveLaunchPermissions { .. })),
             copied: done(|a| matches!(a, Action::CopyImage(_))),
             key_policies_patched: done(|a| matches!(a, Action::PatchKeyPolicy { .. })),
-            blocked: (outcome.blocked.len()
-                + outcome
-                    .regions
-                    .values()
-                    .filter(|r| r.status == "blocked")
-                    .count()) as u64,
+            // A blocked region is one of `outcome.blocked` too ("no copy in <region>: …").
+            blocked: outcome.blocked.len() as u64,
             failed: outcome.failures.len() as u64,
         }
     }
@@ -132,6 +128,7 @@ mod tests {
             tags: Tags::new(),
         });
         outcome.blocked.push("aws/ebs".into());
+        outcome.blocked.push("no copy in us-west-2: no key".into());
         outcome.regions.insert(
             "us-west-2".into(),
             RegionOutcome {

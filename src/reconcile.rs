@@ -1532,6 +1532,7 @@ mod tests {
             seen.push(match p {
                 SweepProgress::Listed { to_reconcile } => format!("listed {to_reconcile}"),
                 SweepProgress::Reconciled(outcome) => outcome.image_id.clone(),
+                SweepProgress::Rechecked(outcome) => format!("rechecked {}", outcome.image_id),
             })
         })
         .await;
@@ -1550,6 +1551,44 @@ mod tests {
         let second = sweep(&reconciler(&aws, &config, Mode::Apply), &options, |_| {}).await;
         assert_eq!((second.reconciled, second.changed), (1, 0));
         assert_eq!(aws.writes().len(), writes);
+    }
+
+    #[tokio::test]
+    async fn a_sweep_rechecks_the_images_that_wrote_a_parameter_newest_first() {
+        use crate::sweep::{SweepOptions, SweepProgress, sweep};
+        let aws = FakeAws::new(ImageState::Available, None);
+        {
+            let mut state = aws.state.lock().unwrap();
+            let mut older = state.images[IMAGE].clone();
+            older.image_id = "ami-0000000000000old".into();
+            older.name = Some("golden-0".into());
+            older.creation_date = Some("2026-01-01T00:00:00.000Z".into());
+            state.images.insert(older.image_id.clone(), older);
+        }
+        let config = config(
+            "[[rule]]\nname = \"golden\"\nmatch.name = [\"golden-*\"]\nshare.accounts = [\"210987654321\"]\nssm_parameter = \"/ami-share/{rule}/latest\"\n",
+        );
+        let options = SweepOptions {
+            regions: vec![REGION.into()],
+            concurrency: 2,
+            stop_starting_at: None,
+        };
+        let mut rechecked = Vec::new();
+        let report = sweep(&reconciler(&aws, &config, Mode::Apply), &options, |p| {
+            if let SweepProgress::Rechecked(outcome) = p {
+                rechecked.push(outcome.image_id.clone());
+            }
+        })
+        .await;
+        // Newest first: the newest wrote the parameter, the older found a newer value and left it.
+        assert_eq!(report.parameter_rechecks, 1, "{}", report.headline());
+        assert!(rechecked.is_empty(), "nothing left to do: {rechecked:?}");
+        assert_eq!(
+            aws.state.lock().unwrap().parameters
+                [&(REGION.to_string(), "/ami-share/golden/latest".to_string())],
+            IMAGE
+        );
+        assert!(report.is_complete(), "{}", report.headline());
     }
 
     #[tokio::test]

@@ -6,6 +6,11 @@
 //! makes no mutating call. What is swept, and in what order, is decided by [`selection`], a pure
 //! function; the rest streams the images through the reconciler a bounded number at a time (each
 //! reconciliation runs its own calls concurrently too), stopping to start new ones at a deadline.
+//!
+//! One write is not safe to make concurrently: a rule's SSM parameter ("the latest AMI") is read, then
+//! written, and two images of one rule reconciled together could leave the older one. So the images that
+//! wrote a parameter are reconciled again, one at a time, newest first: the newest sets it if it lost,
+//! the others then find a newer value and leave it.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -16,6 +21,7 @@ use serde::Serialize;
 use crate::aws::{Aws, AwsError};
 use crate::markers;
 use crate::observed::ObservedImage;
+use crate::plan::Action;
 use crate::reconcile::{Outcome, Reconciler};
 
 /// How to sweep.
@@ -37,6 +43,9 @@ pub enum SweepProgress<'a> {
     Listed { to_reconcile: usize },
     /// One image's reconciliation is done.
     Reconciled(&'a Outcome),
+    /// An image was reconciled again, after the others, for its SSM parameter, and something was done
+    /// or failed.
+    Rechecked(&'a Outcome),
 }
 
 /// The images a sweep reconciles, newest first, and those it leaves to their source.
@@ -100,6 +109,8 @@ pub struct SweepReport {
     pub left_to_source: usize,
     /// Images not started before the deadline.
     pub not_started: usize,
+    /// Images reconciled again, one at a time, because they wrote an SSM parameter (see the module).
+    pub parameter_rechecks: usize,
     /// Regions whose listing failed: nothing there was swept.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub listing_failures: Vec<AwsError>,
@@ -179,7 +190,7 @@ impl SweepReport {
         }
         if self.not_started > 0 {
             line.push_str(&format!(
-                "; {} not started before the deadline (the next sweep does them)",
+                "; {} not started before the deadline (oldest first; `ami-share sweep` reaches them)",
                 self.not_started
             ));
         }
@@ -216,28 +227,59 @@ pub async fn sweep<A: Aws>(
             Err(e) => report.listing_failures.push(e),
         }
     }
-    let selection = selection(listed, &options.regions);
+    // A copy is left to its source only if the source's region was listed, hence swept.
+    let swept: Vec<String> = report.listed.keys().cloned().collect();
+    let selection = selection(listed, &swept);
     report.left_to_source = selection.left_to_source.len();
     progress(SweepProgress::Listed {
         to_reconcile: selection.to_reconcile.len(),
     });
 
     let stop_at = options.stop_starting_at;
-    let mut outcomes = futures::stream::iter(selection.to_reconcile)
-        .map(|image| async move {
-            if stop_at.is_some_and(|at| Instant::now() >= at) {
-                return None;
+    let mut wrote_parameters = Vec::new();
+    {
+        let mut outcomes = futures::stream::iter(selection.to_reconcile)
+            .map(|image| async move {
+                if stop_at.is_some_and(|at| Instant::now() >= at) {
+                    return None;
+                }
+                Some((image.clone(), reconciler.reconcile_listed(image).await))
+            })
+            .buffer_unordered(options.concurrency.max(1));
+        while let Some(reconciled) = outcomes.next().await {
+            match reconciled {
+                Some((image, outcome)) => {
+                    report.count(&outcome);
+                    progress(SweepProgress::Reconciled(&outcome));
+                    if outcome
+                        .done
+                        .iter()
+                        .any(|a| matches!(a, Action::PutParameter { .. }))
+                    {
+                        wrote_parameters.push(image);
+                    }
+                }
+                None => report.not_started += 1,
             }
-            Some(reconciler.reconcile_listed(image).await)
-        })
-        .buffer_unordered(options.concurrency.max(1));
-    while let Some(outcome) = outcomes.next().await {
-        match outcome {
-            Some(outcome) => {
-                report.count(&outcome);
-                progress(SweepProgress::Reconciled(&outcome));
-            }
-            None => report.not_started += 1,
+        }
+    }
+    // Newest first, one at a time: see the module's doc. Their outcomes are logged, not counted again.
+    wrote_parameters.sort_by(|a, b| b.creation_date.cmp(&a.creation_date));
+    for image in wrote_parameters {
+        report.parameter_rechecks += 1;
+        let outcome = reconciler.reconcile_listed(image).await;
+        if !outcome.done.is_empty() || outcome.is_incomplete() {
+            progress(SweepProgress::Rechecked(&outcome));
+        }
+        report.actions += if outcome.dry_run {
+            0
+        } else {
+            outcome.done.len()
+        };
+        if outcome.is_incomplete() {
+            report
+                .incomplete
+                .push(format!("{}: {}", outcome.image_id, outcome.headline()));
         }
     }
     report.elapsed = started.elapsed();

@@ -20,11 +20,19 @@ Test-only control endpoints (never part of any AWS API), under /_ami_share/:
          before it (as a writer that read the policy earlier and wrote it later would)
     POST /_ami_share/key-policy-edit {"region", "key_id", "statement"}   simulate an operator's edit: right
          after the next GetKeyPolicy of the key is answered, `statement` is appended to its policy
-    GET  /_ami_share/requests                                           every AWS request served so far
+    POST /_ami_share/faults {"fraction", "seed", "access_key"}          answer that fraction of the AWS
+         requests signed with `access_key` (chosen by a generator seeded with `seed`) with the service's own
+         throttling error instead of serving them; fraction 0: serve all again
+    POST /_ami_share/broken-answer {"action", "kind"}                    answer every `action` request with a
+         body the SDK cannot read: "html-500" (moto's own answer to what it does not implement: HTTP 500
+         and an HTML page) or "cut-xml" (HTTP 200, XML cut off mid-element); kind null: serve it again
+    GET  /_ami_share/requests                                           every AWS request so far; a request
+         answered by a fault or a broken answer (never served by moto) has "fault" set
 """
 
 import io
 import json
+import random
 import re
 import signal
 import sys
@@ -186,9 +194,17 @@ def block_device_mappings(self):
 
 
 _client_tokens = {}
+# AWS makes a ClientToken's check and the copy one step: requests with one token at the same moment still
+# make one copy. (The threaded server runs requests concurrently.)
+_copy_lock = threading.Lock()
 
 
 def copy_image_response(self):
+    with _copy_lock:
+        return _copy_image_response(self)
+
+
+def _copy_image_response(self):
     """AWS CopyImage: the copy is `pending` at first; Encrypted+KmsKeyId encrypt its snapshots with that key
     (Encrypted alone: the account's default EBS key; neither: as the source; KmsKeyId without Encrypted is
     refused); TagSpecifications tag the new image and snapshots; the same ClientToken returns the same copy,
@@ -351,7 +367,7 @@ KmsResponse.get_key_policy = get_key_policy
 
 # --- test control and request log --------------------------------------------------------------------
 
-CREDENTIAL_SCOPE = re.compile(r"Credential=[^/]+/\d{8}/([^/]+)/([^/]+)/aws4_request")
+CREDENTIAL_SCOPE = re.compile(r"Credential=([^/]+)/\d{8}/([^/]+)/([^/]+)/aws4_request")
 
 
 class Emulator:
@@ -360,6 +376,11 @@ class Emulator:
         self.latency = 0.0
         # region -> (HTTP status, EC2 error code, message): every EC2 call there is refused.
         self.refusals = {}
+        # (fraction, random.Random, access key): requests signed with that key answered with a throttling
+        # error.
+        self.faults = (0.0, random.Random(0), None)
+        # action -> kind of unreadable answer.
+        self.broken = {}
         self.lock = threading.Lock()
         self.endpoint = None
         self.moto = DomainDispatcherApplication(create_backend_app)
@@ -372,7 +393,20 @@ class Emulator:
         refusal = self.refusals.get(entry["region"])
         if refusal and entry["service"] == "ec2":
             entry["end"] = time.monotonic()
+            entry["fault"] = refusal[1]
             return self.refuse(start_response, *refusal)
+        fraction, rng, access_key = self.faults
+        with self.lock:
+            throttle = fraction > 0 and entry["access_key"] == access_key and rng.random() < fraction
+        if throttle:
+            entry["end"] = time.monotonic()
+            entry["fault"] = "throttled"
+            return self.throttle(start_response, entry["service"])
+        kind = self.broken.get(entry["action"])
+        if kind:
+            entry["end"] = time.monotonic()
+            entry["fault"] = kind
+            return self.broken_answer(start_response, kind)
         if self.latency:
             # A fixed delay per request, as a real network has: calls made one after another then take
             # visibly longer than calls made together, so the log shows how deep the chain of calls is.
@@ -388,14 +422,15 @@ class Emulator:
         body = environ["wsgi.input"].read(length) if length else b""
         environ["wsgi.input"] = io.BytesIO(body)
         scope = CREDENTIAL_SCOPE.search(environ.get("HTTP_AUTHORIZATION", ""))
-        region, service = scope.groups() if scope else (None, None)
+        access_key, region, service = scope.groups() if scope else (None, None, None)
         target = environ.get("HTTP_X_AMZ_TARGET")
         if target:
             action = target.split(".")[-1]
         else:
             form = urllib.parse.parse_qs(body.decode("utf-8", "replace"))
             action = (form.get("Action") or [None])[0]
-        entry = {"service": service, "region": region, "action": action, "start": time.monotonic()}
+        entry = {"service": service, "region": region, "action": action, "access_key": access_key,
+                 "start": time.monotonic()}
         with self.lock:
             self.requests.append(entry)
         return entry
@@ -423,6 +458,40 @@ class Emulator:
         ).encode()
         start_response(status, [("Content-Type", "text/xml"), ("Content-Length", str(len(body)))])
         return [body]
+
+    def throttle(self, start_response, service):
+        """Each service's own throttling answer, as AWS sends it: EC2 (query protocol) 503 with
+        RequestLimitExceeded in XML; KMS and SSM (JSON protocol) 400 ThrottlingException; Organizations 400
+        TooManyRequestsException."""
+        if service == "ec2":
+            return self.refuse(start_response, "503 Service Unavailable", "RequestLimitExceeded", "Request limit exceeded.")
+        code = "TooManyRequestsException" if service == "organizations" else "ThrottlingException"
+        data = json.dumps({"__type": code, "message": "Rate exceeded"}).encode()
+        start_response("400 Bad Request", [("Content-Type", "application/x-amz-json-1.1"),
+                                           ("x-amzn-ErrorType", code), ("Content-Length", str(len(data)))])
+        return [data]
+
+    def broken_answer(self, start_response, kind):
+        if kind == "html-500":
+            data = b"<!doctype html>\n<html><head><title>500 Internal Server Error</title></head><body><h1>Internal Server Error</h1><p>The server encountered an internal error and was unable to complete your request.</p></body></html>"
+            start_response("500 INTERNAL SERVER ERROR", [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(data)))])
+        else:
+            data = b'<?xml version="1.0" encoding="UTF-8"?>\n<ModifyImageAttributeResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"><requestId>ami-share-test</requestId><return>tr'
+            start_response("200 OK", [("Content-Type", "text/xml"), ("Content-Length", str(len(data)))])
+        return [data]
+
+    def control_faults(self, fraction=0.0, seed=0, access_key=None):
+        self.faults = (float(fraction), random.Random(seed), access_key)
+        return {"fraction": self.faults[0], "seed": seed, "access_key": access_key}
+
+    def control_broken_answer(self, action, kind=None):
+        if kind is None:
+            self.broken.pop(action, None)
+        elif kind in ("html-500", "cut-xml"):
+            self.broken[action] = kind
+        else:
+            raise ValueError(f"kind must be html-500, cut-xml or null, not {kind!r}")
+        return {"action": action, "kind": kind}
 
     def control_region_refusal(self, region, kind=None):
         """AWS, for a region an account cannot use: an opt-in region not enabled for the account answers every

@@ -37,7 +37,8 @@ pub trait Aws: Send + Sync {
         image_id: &str,
     ) -> impl Future<Output = Result<ImageLookup, AwsError>> + Send;
 
-    /// EC2 DescribeImages of every image this account owns in `region`, in any state (all pages).
+    /// EC2 DescribeImages of every image this account owns in `region`, all pages: pending, available and
+    /// failed ones (disabled AMIs are not listed: they can be neither shared nor launched).
     fn list_owned_images(
         &self,
         region: &str,

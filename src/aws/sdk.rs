@@ -136,6 +136,19 @@ impl SdkAws {
     }
 }
 
+/// The message of the deepest error in `error`'s source chain, at most 300 characters.
+fn innermost_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = error;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    let text = cause.to_string();
+    match text.char_indices().nth(300) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text,
+    }
+}
+
 /// Error codes that mean "slow down": always worth a retry.
 const THROTTLING_CODES: [&str; 5] = [
     "RequestLimitExceeded",
@@ -156,16 +169,25 @@ where
     R: std::fmt::Debug + HttpStatus,
 {
     let code = error.code().map(str::to_string);
-    let message = error
-        .message()
-        .map(str::to_string)
-        .unwrap_or_else(|| DisplayErrorContext(&error).to_string());
+    let message = match (error.message(), &error) {
+        (Some(message), _) => message.to_string(),
+        // An answer with no error code: not AWS's error document (a proxy's page, an emulator's crash,
+        // a body cut off). Say so, with the status and the innermost cause, not the whole response.
+        (None, SdkError::ServiceError(context)) => format!(
+            "the answer could not be read (HTTP {}): {}",
+            context.raw().status(),
+            innermost_cause(context.err())
+        ),
+        (None, _) => DisplayErrorContext(&error).to_string(),
+    };
     let retryable = match &error {
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
             true
         }
         SdkError::ServiceError(context) => {
             context.raw().status() >= 500
+                // No error code: the answer was unreadable, not a refusal; another attempt may read one.
+                || code.is_none()
                 || code.as_deref().is_some_and(|c| THROTTLING_CODES.contains(&c))
                 // Sharing raced the image becoming available: the state-change event or a retry completes it.
                 || code.as_deref() == Some("InvalidAMIID.Unavailable")

@@ -1,7 +1,8 @@
 //! The operator CLI over the same core as the Lambda.
 //!
-//! Exit codes: 0 success; 1 the work failed or is incomplete (an AWS call, an unsupported event, a sweep
-//! that could not finish every image); 2 bad usage or an invalid config.
+//! Exit codes: 0 success; 1 the work failed or is incomplete (an AWS call failed, an image must be
+//! retried, a sweep could not finish every image); 2 bad usage, an invalid config, or an event file
+//! that is not a supported event naming an image.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -63,8 +64,8 @@ struct SweepArgs {
     regions: Vec<String>,
     #[command(flatten)]
     connection: Connection,
-    /// Images reconciled at once (each makes at most 8 calls at once). The SDK's adaptive retry mode
-    /// slows the sweep down when AWS throttles it.
+    /// Images reconciled at once (each runs its independent calls concurrently too). The SDK's
+    /// adaptive retry mode slows the sweep down when AWS throttles it.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=32))]
     concurrency: u16,
     /// Plan only: print what would be done, change nothing.
@@ -158,7 +159,12 @@ async fn sweep(args: SweepArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     };
-    let mut regions = args.regions.clone();
+    let mut regions: Vec<String> = Vec::new();
+    for region in &args.regions {
+        if !regions.contains(region) {
+            regions.push(region.clone());
+        }
+    }
     if regions.is_empty() {
         regions.push(home_region.clone());
     }
@@ -180,43 +186,57 @@ async fn sweep(args: SweepArgs) -> ExitCode {
     };
     // A progress bar only for a person watching: never in a pipe or a CI log.
     let bar = std::io::stderr().is_terminal().then(|| {
-        ProgressBar::new(0).with_style(
+        let bar = ProgressBar::new(0).with_style(
             ProgressStyle::with_template(
                 "{spinner} {pos}/{len} images [{bar:30}] {per_sec} eta {eta} {msg}",
             )
             .expect("valid template")
             .progress_chars("=> "),
-        )
+        );
+        bar.set_message(format!(
+            "listing the images of {}…",
+            options.regions.join(", ")
+        ));
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        bar
     });
     let json = args.json;
+    // Per-image lines: stdout, or stderr when stdout carries the JSON report; above the bar.
+    let print = |outcome: &ami_share::reconcile::Outcome| {
+        let worth_a_line = !outcome.done.is_empty()
+            || !outcome.not_done.is_empty()
+            || !outcome.blocked.is_empty()
+            || outcome.is_incomplete();
+        if !worth_a_line {
+            return;
+        }
+        let text = outcome.report();
+        let write = || {
+            if json {
+                eprintln!("{text}");
+            } else {
+                println!("{text}");
+            }
+        };
+        match &bar {
+            Some(bar) => bar.suspend(write),
+            None => write(),
+        }
+    };
     let report = ami_share::sweep::sweep(&reconciler, &options, |progress| match progress {
         SweepProgress::Listed { to_reconcile } => {
             if let Some(bar) = &bar {
+                bar.set_message("");
                 bar.set_length(to_reconcile as u64);
             }
         }
         SweepProgress::Reconciled(outcome) => {
-            let worth_a_line = !outcome.done.is_empty()
-                || !outcome.not_done.is_empty()
-                || !outcome.blocked.is_empty()
-                || outcome.is_incomplete();
-            let line = worth_a_line.then(|| outcome.report());
-            let print = |line: &str| {
-                if json {
-                    eprintln!("{line}");
-                } else {
-                    println!("{line}");
-                }
-            };
-            match (&bar, line) {
-                (Some(bar), Some(line)) => bar.suspend(|| print(&line)),
-                (None, Some(line)) => print(&line),
-                _ => {}
-            }
+            print(outcome);
             if let Some(bar) = &bar {
                 bar.inc(1);
             }
         }
+        SweepProgress::Rechecked(outcome) => print(outcome),
     })
     .await;
     if let Some(bar) = bar {

@@ -18,13 +18,15 @@ use serde_json::{Value, json};
 
 pub const ACCOUNT: &str = "123456789012";
 pub const REGION: &str = "us-east-1";
+/// The access key of clients that fault injection applies to.
+pub const FAULTY_CLIENT: &str = "AKIAFAULTYCLIENT0000";
 
 pub fn repo_path(relative: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(relative)
 }
 
 /// The Python with the pinned test requirements: `AMI_SHARE_PYTHON`, else the repository's `.venv`.
-fn python() -> PathBuf {
+pub fn python() -> PathBuf {
     if let Some(python) = std::env::var_os("AMI_SHARE_PYTHON") {
         return python.into();
     }
@@ -127,6 +129,71 @@ impl Emulator {
             "region-refusal",
             Some(json!({"region": region, "kind": kind})),
         );
+    }
+
+    /// Answers `fraction` of the requests signed with the access key [`FAULTY_CLIENT`] from now on
+    /// (chosen by a generator seeded with `seed`) with the service's own throttling error instead of
+    /// serving them; 0.0 serves all again. The tests' own set-up and checks use another key.
+    pub fn set_faults(&self, fraction: f64, seed: u64) {
+        self.control(
+            "faults",
+            Some(json!({"fraction": fraction, "seed": seed, "access_key": FAULTY_CLIENT})),
+        );
+    }
+
+    /// The SDK config of a client whose requests [`Emulator::set_faults`] applies to.
+    pub async fn faulty_sdk_config(&self) -> SdkConfig {
+        self.sdk_config()
+            .await
+            .into_builder()
+            .credentials_provider(aws_sdk_ec2::config::SharedCredentialsProvider::new(
+                Credentials::new(FAULTY_CLIENT, "testing", None, None, "tests"),
+            ))
+            .build()
+    }
+
+    /// Answers every `action` request with a body the SDK cannot read (`"html-500"`: moto's answer to
+    /// what it does not implement; `"cut-xml"`: a 200 cut off mid-element); `None` serves it again.
+    pub fn break_answers(&self, action: &str, kind: Option<&str>) {
+        self.control(
+            "broken-answer",
+            Some(json!({"action": action, "kind": kind})),
+        );
+    }
+
+    /// The mutating requests after the first `since` that moto served (not answered by an injected
+    /// fault), as "service:Action@region", sorted: what was applied.
+    pub fn applied_since(&self, since: usize) -> Vec<String> {
+        let mut applied: Vec<String> = self
+            .control("requests", None)
+            .as_array()
+            .unwrap()
+            .iter()
+            .skip(since)
+            .filter(|r| r.get("fault").is_none())
+            .map(|r| {
+                format!(
+                    "{}:{}@{}",
+                    r["service"].as_str().unwrap_or("?"),
+                    r["action"].as_str().unwrap_or("?"),
+                    r["region"].as_str().unwrap_or("?")
+                )
+            })
+            .filter(|r| is_mutating(r.split('@').next().unwrap()))
+            .collect();
+        applied.sort();
+        applied
+    }
+
+    /// How many requests after the first `since` were answered by an injected fault.
+    pub fn faults_since(&self, since: usize) -> usize {
+        self.control("requests", None)
+            .as_array()
+            .unwrap()
+            .iter()
+            .skip(since)
+            .filter(|r| r.get("fault").is_some())
+            .count()
     }
 
     /// Every request is answered this much later, as over a real network.

@@ -1,0 +1,230 @@
+//! Security properties, checked as tests:
+//! - no `Group=all` (public) launch permission unless a selecting rule says `share.public = true`
+//!   (a property over generated configs and images, below);
+//! - the IAM policy of template.yaml: no `*` action and no `service:*`, every statement limited to the
+//!   stack's regions, `Resource: "*"` only for the read calls that support nothing narrower, and the
+//!   writes on the resource types they need;
+//! - the key policies ami-share writes never admit anyone (`Principal: *` or `{"AWS": "*"}`) without an
+//!   `aws:PrincipalOrgID` condition: the property `anyone_is_never_admitted_without_an_organization_condition`
+//!   in src/key_policy.rs (2,000 generated policies and grantee sets), beside the merge it checks.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use ami_share::config::{Config, CreatedBy};
+use ami_share::observed::Tags;
+use ami_share::rules::{ImageFacts, desired_for};
+use ami_share::targets::LaunchPermission;
+use common::*;
+use proptest::prelude::*;
+use serde_json::Value;
+
+const ORG: &str = "arn:aws:organizations::123456789012:organization/o-a1b2c3d4e5";
+const OU: &str = "arn:aws:organizations::123456789012:ou/o-a1b2c3d4e5/ou-ab12-cd34ef56";
+
+/// One generated rule: (name glob, shares with the org, the OU, public, exclusive).
+fn rule_strategy() -> impl Strategy<Value = (&'static str, bool, bool, bool, bool)> {
+    (
+        prop::sample::select(vec!["golden-*", "*", "data-*", "golden-data-*"]),
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+    )
+}
+
+fn config_text(rules: &[(&str, bool, bool, bool, bool)]) -> String {
+    let mut text = String::new();
+    for (i, (glob, org, ou, public, exclusive)) in rules.iter().enumerate() {
+        text.push_str(&format!(
+            "[[rule]]\nname = \"r{i}\"\nmatch.name = [\"{glob}\"]\nshare.accounts = [\"2109876543{i:02}\"]\n"
+        ));
+        if *org {
+            text.push_str(&format!("share.organizations = [\"{ORG}\"]\n"));
+        }
+        if *ou {
+            text.push_str(&format!("share.organizational_units = [\"{OU}\"]\n"));
+        }
+        if *public {
+            text.push_str("share.public = true\n");
+        }
+        if *exclusive {
+            text.push_str("share.exclusive = true\n");
+        }
+    }
+    text
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn public_only_when_a_selecting_rule_says_public_true(
+        rules in prop::collection::vec(rule_strategy(), 1..5),
+        name in prop::sample::select(vec!["golden-1", "data-x", "golden-data-2", "other"]),
+    ) {
+        let config = Config::parse(&config_text(&rules)).unwrap();
+        let tags = Tags::new();
+        let desired = desired_for(&config, &ImageFacts {
+            name: Some(name),
+            tags: &tags,
+            owner_id: "123456789012",
+            created_by: CreatedBy::CreateImage,
+            creation_date: None,
+        });
+        let public_rules: BTreeMap<String, bool> = rules
+            .iter()
+            .enumerate()
+            .map(|(i, rule)| (format!("r{i}"), rule.3))
+            .collect();
+        let a_selecting_rule_is_public = desired.rules.iter().any(|r| public_rules[r]);
+        prop_assert_eq!(
+            desired.launch_permissions.contains(&LaunchPermission::Public),
+            a_selecting_rule_is_public,
+            "{:?}", desired
+        );
+    }
+}
+
+/// template.yaml as CloudFormation reads it (intrinsic functions as `Fn::…` objects), via cfn-lint's
+/// loader from the test virtualenv.
+fn template() -> Value {
+    let out = std::process::Command::new(python())
+        .args([
+            "-c",
+            "import json, sys\nfrom cfnlint.decode import decode\ntemplate, problems = decode(sys.argv[1])\nassert not problems, problems\nprint(json.dumps(template, default=str))",
+        ])
+        .arg(repo_path("template.yaml"))
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    match value {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(items) => items.iter().flat_map(strings).collect(),
+        other => vec![other.to_string()],
+    }
+}
+
+#[test]
+fn the_function_role_grants_no_wildcard_action_and_scopes_every_statement() {
+    let template = template();
+    let policies = template["Resources"]["AmiShareFunction"]["Properties"]["Policies"]
+        .as_array()
+        .expect("the function's inline policies");
+    let statements: Vec<&Value> = policies
+        .iter()
+        .flat_map(|p| p["Statement"].as_array().expect("a policy document"))
+        .collect();
+    assert!(statements.len() >= 8, "{statements:#?}");
+    for statement in statements {
+        let sid = statement["Sid"].as_str().unwrap_or("(no Sid)");
+        assert_eq!(statement["Effect"], "Allow", "{sid}");
+        assert!(
+            statement.get("NotAction").is_none() && statement.get("NotResource").is_none(),
+            "{sid}"
+        );
+        let actions = strings(&statement["Action"]);
+        for action in &actions {
+            let (service, name) = action.split_once(':').unwrap_or(("", action));
+            assert!(
+                !service.is_empty() && name != "*" && !name.is_empty() && action != "*",
+                "{sid}: action {action:?} is a wildcard"
+            );
+            assert!(
+                ["ec2", "kms", "ssm"].contains(&service),
+                "{sid}: {action} is a service ami-share does not use"
+            );
+        }
+        // Every statement holds only in this region and the CopyRegions (in each branch of a condition
+        // chosen by a stack parameter).
+        let condition = &statement["Condition"];
+        let conditions: Vec<&Value> = match condition["Fn::If"].as_array() {
+            Some(branches) => branches[1..].iter().collect(),
+            None => vec![condition],
+        };
+        for condition in conditions {
+            let region_limited = condition
+                .as_object()
+                .is_some_and(|c| c.values().any(|op| op.get("aws:RequestedRegion").is_some()));
+            assert!(
+                region_limited,
+                "{sid}: not limited by aws:RequestedRegion: {condition}"
+            );
+        }
+        // "*" only where AWS supports no resource-level permission: the read calls.
+        let resources = strings(&statement["Resource"]);
+        if resources.iter().any(|r| r == "*") {
+            for action in &actions {
+                let name = action.split_once(':').unwrap().1;
+                assert!(
+                    name.starts_with("Describe") || name.starts_with("Get"),
+                    "{sid}: {action} on Resource \"*\""
+                );
+            }
+        }
+        // The key-policy writer and KMS use: this account's keys only.
+        if actions.iter().any(|a| a.starts_with("kms:")) {
+            for resource in &resources {
+                assert!(
+                    resource.contains(":kms:") && resource.contains("${AWS::AccountId}:key/"),
+                    "{sid}: KMS on {resource}"
+                );
+            }
+        }
+        // Writes of EC2 go to images and snapshots only.
+        if actions
+            .iter()
+            .any(|a| a.starts_with("ec2:") && !a.contains(":Describe") && !a.contains(":Get"))
+        {
+            for resource in &resources {
+                assert!(
+                    resource.contains("::image/") || resource.contains("::snapshot/"),
+                    "{sid}: EC2 writes on {resource}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn only_eventbridge_may_invoke_the_function_or_write_to_the_dead_letter_queue() {
+    let template = template();
+    let resources = template["Resources"].as_object().unwrap();
+    for (name, resource) in resources {
+        let properties = &resource["Properties"];
+        match resource["Type"].as_str().unwrap() {
+            "AWS::Lambda::Permission" => {
+                assert_eq!(properties["Principal"], "events.amazonaws.com", "{name}");
+                assert!(
+                    properties.get("SourceArn").is_some(),
+                    "{name}: any rule could invoke"
+                );
+            }
+            "AWS::SQS::QueuePolicy" => {
+                for statement in properties["PolicyDocument"]["Statement"]
+                    .as_array()
+                    .unwrap()
+                {
+                    assert_eq!(
+                        statement["Principal"]["Service"], "events.amazonaws.com",
+                        "{name}"
+                    );
+                    assert!(
+                        statement["Condition"]["ArnEquals"]["aws:SourceArn"].is_array(),
+                        "{name}: not limited to the stack's rules"
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+}
