@@ -179,6 +179,14 @@ fn image_event(
             "{image_id:?} is not an image id (ami- and 8 or 17 hex digits)"
         )));
     }
+    // The region becomes part of an endpoint's host name: only a region code may get that far.
+    if let Some(region) = &region
+        && crate::distribution::RegionName::try_from(region.clone()).is_err()
+    {
+        return Err(unsupported(format!(
+            "region {region:?} is not a region code (e.g. us-east-1)"
+        )));
+    }
     Ok(Trigger::Image(ImageEvent {
         image: ImageRef {
             region,
@@ -303,6 +311,17 @@ mod tests {
         assert_eq!(
             image_event(parse(event).unwrap()).image.region.as_deref(),
             Some("ap-south-1")
+        );
+    }
+
+    #[test]
+    fn a_region_that_is_not_a_region_code_is_refused() {
+        let mut event = sample("ami-state-available.json");
+        event["region"] = json!("us-east-1.evil.example/");
+        let error = parse(event).unwrap_err().to_string();
+        assert!(
+            error.contains("region \"us-east-1.evil.example/\" is not a region code"),
+            "{error}"
         );
     }
 
