@@ -333,7 +333,7 @@ fn apply_edit(text: &str, edit: &Edit) -> String {
     lines.join("\n")
 }
 
-fn check_config(text: &String) {
+fn check_config(text: &str) {
     match Config::parse(text) {
         Ok(config) => {
             // Accepted: every rule is named, and the names are unique.
@@ -375,6 +375,6 @@ fn fuzz_config_parsing() {
     fuzz(
         "config parsing",
         prop_oneof![5 => mutated, 1 => ".{0,300}"],
-        check_config,
+        |text: &String| check_config(text),
     );
 }
