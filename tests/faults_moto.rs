@@ -16,7 +16,6 @@ use ami_share::aws::sdk::SdkAws;
 use ami_share::config::Config;
 use ami_share::handler::{Handler, HandlerError};
 use ami_share::key_policy;
-use ami_share::markers;
 use ami_share::reconcile::KeyPolicyWrites;
 use aws_config::retry::RetryConfig;
 use common::*;
@@ -98,22 +97,8 @@ impl World {
 
     /// ami-share's copies of `source` in `region`, by their marks.
     async fn copies_in(&self, region: &str, source: &str) -> Vec<String> {
-        let ec2 = self.emulator.ec2_in(region).await;
-        ec2.describe_images()
-            .owners("self")
-            .filters(
-                aws_sdk_ec2::types::Filter::builder()
-                    .name(format!("tag:{}", markers::SOURCE_IMAGE))
-                    .values(source)
-                    .build(),
-            )
-            .send()
-            .await
-            .unwrap()
-            .images()
-            .iter()
-            .map(|i| i.image_id().unwrap().to_string())
-            .collect()
+        let copies = copies_of(&self.emulator, region, source).await;
+        copies.into_iter().map(|(id, _)| id).collect()
     }
 
     /// What EC2 does minutes after CopyImage: every copy of `source` becomes available.

@@ -84,31 +84,7 @@ impl Setup {
 
     /// ami-share's copies of `source` in `region`, by their marks: (image id, tags).
     async fn copies_in(&self, region: &str, source: &str) -> Vec<(String, Tags)> {
-        let ec2 = self.emulator.ec2_in(region).await;
-        let images = ec2
-            .describe_images()
-            .owners("self")
-            .filters(
-                aws_sdk_ec2::types::Filter::builder()
-                    .name(format!("tag:{}", markers::SOURCE_IMAGE))
-                    .values(source)
-                    .build(),
-            )
-            .send()
-            .await
-            .unwrap();
-        images
-            .images()
-            .iter()
-            .map(|i| {
-                let tags = i
-                    .tags()
-                    .iter()
-                    .map(|t| (t.key().unwrap().to_string(), t.value().unwrap().to_string()))
-                    .collect();
-                (i.image_id().unwrap().to_string(), tags)
-            })
-            .collect()
+        copies_of(&self.emulator, region, source).await
     }
 
     async fn parameter(&self, region: &str, name: &str) -> Option<String> {

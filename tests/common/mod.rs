@@ -568,3 +568,33 @@ pub fn tags(pairs: &[(&str, &str)]) -> Tags {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
 }
+
+/// ami-share's copies of `source` in `region` (this account's images marked with it as their source):
+/// (image id, tags).
+pub async fn copies_of(emulator: &Emulator, region: &str, source: &str) -> Vec<(String, Tags)> {
+    let ec2 = emulator.ec2_in(region).await;
+    let images = ec2
+        .describe_images()
+        .owners("self")
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name(format!("tag:{}", ami_share::markers::SOURCE_IMAGE))
+                .values(source)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    images
+        .images()
+        .iter()
+        .map(|i| {
+            let tags = i
+                .tags()
+                .iter()
+                .map(|t| (t.key().unwrap().to_string(), t.value().unwrap().to_string()))
+                .collect();
+            (i.image_id().unwrap().to_string(), tags)
+        })
+        .collect()
+}
