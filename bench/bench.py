@@ -155,7 +155,9 @@ def is_mutating(action):
 def env_for(endpoint, config):
     env = {
         "PATH": os.environ.get("PATH", ""),
-        "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": REGION, "AWS_ACCESS_KEY_ID": "testing",
+        # AWS_REGION for the Rust SDK (as Lambda sets it), AWS_DEFAULT_REGION for boto3 (the peer).
+        "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": REGION, "AWS_DEFAULT_REGION": REGION,
+        "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true",
         "AMI_SHARE_CONFIG": config, "AWS_LAMBDA_FUNCTION_NAME": "ami-share-bench",
     }
