@@ -159,7 +159,11 @@ def env_for(endpoint, config):
         "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": REGION, "AWS_DEFAULT_REGION": REGION,
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true",
-        "AMI_SHARE_CONFIG": config, "AWS_LAMBDA_FUNCTION_NAME": "ami-share-bench",
+        "AMI_SHARE_CONFIG": config,
+        # What Lambda sets for every function (lambda_runtime reads them at start).
+        "AWS_LAMBDA_FUNCTION_NAME": "ami-share-bench", "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "128",
+        "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST", "AWS_LAMBDA_LOG_STREAM_NAME": "bench",
+        "AWS_LAMBDA_LOG_GROUP_NAME": "/aws/lambda/ami-share-bench",
     }
     return env
 
@@ -172,7 +176,7 @@ def cold_start(api, command, env):
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if not api.first_next_seen.wait(30):
         process.kill()
-        raise RuntimeError(f"{command[0]} never asked for an event")
+        raise RuntimeError(f"{command[0]} never asked for an event (exit code {process.wait()})")
     return process, api.first_next - started
 
 
