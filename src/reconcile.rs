@@ -1566,7 +1566,7 @@ mod tests {
             state.images.insert(older.image_id.clone(), older);
         }
         let config = config(
-            "[[rule]]\nname = \"golden\"\nmatch.name = [\"golden-*\"]\nshare.accounts = [\"210987654321\"]\nssm_parameter = \"/ami-share/{rule}/latest\"\n",
+            "[[rule]]\nname = \"golden\"\nmatch.name = [\"golden-*\"]\ntags = { t = \"1\" }\nshare.accounts = [\"210987654321\"]\nssm_parameter = \"/ami-share/{rule}/latest\"\n",
         );
         let options = SweepOptions {
             regions: vec![REGION.into()],
@@ -1583,6 +1583,10 @@ mod tests {
         // Newest first: the newest wrote the parameter, the older found a newer value and left it.
         assert_eq!(report.parameter_rechecks, 1, "{}", report.headline());
         assert!(rechecked.is_empty(), "nothing left to do: {rechecked:?}");
+        // The recheck describes the image afresh: the tags written by the first pass are not written
+        // again (a stale listing would say they are missing).
+        let tag_writes = aws.writes().iter().filter(|w| **w == "CreateTags").count();
+        assert_eq!(tag_writes, 2, "{:?}", aws.writes());
         assert_eq!(
             aws.state.lock().unwrap().parameters
                 [&(REGION.to_string(), "/ami-share/golden/latest".to_string())],

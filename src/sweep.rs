@@ -23,6 +23,7 @@ use crate::markers;
 use crate::observed::ObservedImage;
 use crate::plan::Action;
 use crate::reconcile::{Outcome, Reconciler};
+use crate::trigger::{EventKind, ImageEvent, ImageRef};
 
 /// How to sweep.
 #[derive(Debug, Clone)]
@@ -243,12 +244,14 @@ pub async fn sweep<A: Aws>(
                 if stop_at.is_some_and(|at| Instant::now() >= at) {
                     return None;
                 }
-                Some((image.clone(), reconciler.reconcile_listed(image).await))
+                // What a recheck needs: where the image is and how new it is.
+                let key = (image.creation_date.clone(), image.region.clone());
+                Some((key, reconciler.reconcile_listed(image).await))
             })
             .buffer_unordered(options.concurrency.max(1));
         while let Some(reconciled) = outcomes.next().await {
             match reconciled {
-                Some((image, outcome)) => {
+                Some((key, outcome)) => {
                     report.count(&outcome);
                     progress(SweepProgress::Reconciled(&outcome));
                     if outcome
@@ -256,18 +259,28 @@ pub async fn sweep<A: Aws>(
                         .iter()
                         .any(|a| matches!(a, Action::PutParameter { .. }))
                     {
-                        wrote_parameters.push(image);
+                        wrote_parameters.push((key, outcome.image_id.clone()));
                     }
                 }
                 None => report.not_started += 1,
             }
         }
     }
-    // Newest first, one at a time: see the module's doc. Their outcomes are logged, not counted again.
-    wrote_parameters.sort_by(|a, b| b.creation_date.cmp(&a.creation_date));
-    for image in wrote_parameters {
+    // Newest first, one at a time: see the module's doc. Each is described again (the listing is stale
+    // now: its tags, for one, were just written). Their outcomes are logged, not counted again.
+    wrote_parameters.sort_by(|a, b| b.0.0.cmp(&a.0.0));
+    for ((_, region), image_id) in wrote_parameters {
         report.parameter_rechecks += 1;
-        let outcome = reconciler.reconcile_listed(image).await;
+        let event = ImageEvent {
+            image: ImageRef {
+                region: Some(region),
+                image_id,
+            },
+            kind: EventKind::Direct,
+            account: None,
+            event_id: None,
+        };
+        let outcome = reconciler.reconcile(&event).await;
         if !outcome.done.is_empty() || outcome.is_incomplete() {
             progress(SweepProgress::Rechecked(&outcome));
         }
