@@ -68,6 +68,23 @@ async fn setup() -> Setup {
     }
 }
 
+impl Setup {
+    /// A handler whose one rule, `name`, shares the images `glob` selects with the organization, plus
+    /// `extra` (a line of the rule).
+    async fn org_rule_handler(&self, name: &str, glob: &str, extra: &str) -> Handler<SdkAws> {
+        let config = Config::parse(&format!(
+            "[[rule]]\nname = \"{name}\"\nmatch.name = [\"{glob}\"]\nshare.organizations = [\"{}\"]\n{extra}\n",
+            self.org_arn
+        ))
+        .unwrap();
+        Handler::new(
+            config,
+            SdkAws::new(self.emulator.sdk_config().await),
+            REGION,
+        )
+    }
+}
+
 fn perms(entries: &[String]) -> BTreeSet<String> {
     entries.iter().cloned().collect()
 }
@@ -431,18 +448,9 @@ async fn an_aws_failure_is_an_error_that_says_what_was_done_and_what_failed() {
 #[tokio::test]
 async fn exclusive_mode_removes_exactly_what_no_rule_grants_and_then_nothing() {
     let s = setup().await;
-    let config = Config::parse(&format!(
-        r#"
-        [[rule]]
-        name = "golden-exclusive"
-        match.name = ["golden-*"]
-        share.organizations = ["{}"]
-        share.exclusive = true
-        "#,
-        s.org_arn
-    ))
-    .unwrap();
-    let handler = Handler::new(config, SdkAws::new(s.emulator.sdk_config().await), REGION);
+    let handler = s
+        .org_rule_handler("golden-exclusive", "golden-*", "share.exclusive = true")
+        .await;
     let (image, _) = create_image(&s.ec2, "golden-exclusive-1", &[]).await;
     // Shared by hand beforehand: with a stranger account and the data OU.
     s.ec2
@@ -496,18 +504,9 @@ async fn exclusive_mode_removes_exactly_what_no_rule_grants_and_then_nothing() {
 #[tokio::test]
 async fn public_sharing_only_with_share_public_and_never_encrypted_or_while_blocked() {
     let s = setup().await;
-    let config = Config::parse(&format!(
-        r#"
-        [[rule]]
-        name = "public-images"
-        match.name = ["public-*"]
-        share.organizations = ["{}"]
-        share.public = true
-        "#,
-        s.org_arn
-    ))
-    .unwrap();
-    let handler = Handler::new(config, SdkAws::new(s.emulator.sdk_config().await), REGION);
+    let handler = s
+        .org_rule_handler("public-images", "public-*", "share.public = true")
+        .await;
     let everyone = format!("group={:?}", Some(aws_sdk_ec2::types::PermissionGroup::All));
 
     let (open, _) = create_image(&s.ec2, "public-1", &[]).await;
