@@ -1,5 +1,5 @@
 //! The key-policy merge: admit an AMI's share targets to the customer managed KMS key that encrypts its
-//! snapshots, keeping every statement ami-share does not own exactly as it was.
+//! snapshots, through EC2 only, keeping every statement ami-share does not own exactly as it was.
 //!
 //! Pure. ami-share owns six statements, known by their Sids ([`OWNED_SIDS`]): for each audience
 //! (organizations, OUs, accounts) one statement for using the key and one for `kms:CreateGrant`, which needs
@@ -11,7 +11,24 @@
 //! - **monotonic**: a grantee is never removed. Several AMIs, shared by different rules, may use one key: a
 //!   grantee one AMI no longer needs may be needed by another. (Removing is an operator's decision.)
 //! - **never open**: a statement with `Principal: {"AWS": "*"}` is only ever written with an
-//!   `aws:PrincipalOrgID` condition naming at least one organization.
+//!   `aws:PrincipalOrgID` condition naming at least one organization;
+//! - **through EC2 only**: every statement carries `"StringLike": {"kms:ViaService": "ec2.*.amazonaws.com"}`
+//!   (`amazonaws.com.cn` in `aws-cn`), so the receivers' principals can use the key only in calls EC2 and
+//!   EBS make on their behalf (launching an instance, creating a volume, copying the AMI), never by calling
+//!   KMS themselves: an organization-wide `kms:Decrypt` on a key that may also encrypt other data would
+//!   otherwise let any principal of the organization decrypt what it holds of that data. The region is
+//!   left open (`ec2.*`): a receiver that copies the AMI to another region has EC2 in that region use the
+//!   key, and `kms:ViaService` is set only by AWS services, so `ec2.*.amazonaws.com` names EC2 in some
+//!   region and nothing else. Launches by Auto Scaling run under grants, which key policy conditions do not
+//!   govern (README, "Encrypted AMIs"). Statements written by earlier versions, without the condition, are
+//!   upgraded by the next merge.
+//!
+//! **An operator may narrow ami-share's statements**, and the merge keeps it: conditions ami-share does not
+//! write (IAM requires every condition of a statement, so an added one can only narrow it), a `kms:ViaService`
+//! limited to named regions (`ec2.eu-west-1.amazonaws.com`), or a shorter list of ami-share's actions. What
+//! would widen a statement (another action, another principal or principal form, one of ami-share's
+//! conditions removed or loosened, `NotAction`, another effect or resource) is refused as a foreign edit:
+//! the policy is left as it is and the AMI is not shared.
 //!
 //! Why these actions (AWS EBS guide, "Share the KMS key used to encrypt a shared snapshot"; EC2 guide,
 //! "Allow organizations and OUs to use a KMS key"): launching from, or copying, an AMI with encrypted
@@ -28,7 +45,7 @@
 //! every account in the organization, so they are left out. Receivers also need an IAM policy in their
 //! own account allowing these actions on the key (README, "Encrypted AMIs").
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::Serialize;
@@ -53,6 +70,40 @@ pub const USE_ACTIONS: [&str; 6] = [
 const ORG_ID_KEY: &str = "aws:PrincipalOrgID";
 const ORG_PATHS_KEY: &str = "aws:PrincipalOrgPaths";
 const GRANT_FOR_AWS_RESOURCE: &str = "kms:GrantIsForAWSResource";
+/// The condition that limits every statement ami-share writes to calls EC2 makes for the principal.
+pub const VIA_SERVICE_KEY: &str = "kms:ViaService";
+const VIA_SERVICE_OPERATOR: &str = "StringLike";
+
+/// `kms:ViaService` of EC2 in any region of `partition`: `ec2.*.amazonaws.com` (`.com.cn` in China).
+pub fn via_ec2(partition: &str) -> String {
+    format!("ec2.*.{}", dns_suffix(partition))
+}
+
+fn dns_suffix(partition: &str) -> &'static str {
+    match partition {
+        "aws-cn" => "amazonaws.com.cn",
+        _ => "amazonaws.com",
+    }
+}
+
+/// Whether `value` limits `kms:ViaService` to EC2 in named regions only: each entry a literal
+/// `ec2.<region>.<suffix>`, no wildcard. That is narrower than [`via_ec2`], so it is kept.
+fn names_ec2_regions(value: &Value, partition: &str) -> bool {
+    let suffix = format!(".{}", dns_suffix(partition));
+    strings(value).is_some_and(|values| {
+        !values.is_empty()
+            && values.iter().all(|v| {
+                v.strip_prefix("ec2.")
+                    .and_then(|rest| rest.strip_suffix(suffix.as_str()))
+                    .is_some_and(|region| {
+                        !region.is_empty()
+                            && region
+                                .bytes()
+                                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    })
+            })
+    })
+}
 
 /// Who a statement admits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +118,15 @@ enum Audience {
 enum Purpose {
     UseKey,
     CreateGrant,
+}
+
+impl Purpose {
+    fn actions(self) -> BTreeSet<String> {
+        match self {
+            Self::UseKey => USE_ACTIONS.iter().map(|a| a.to_string()).collect(),
+            Self::CreateGrant => ["kms:CreateGrant".to_string()].into(),
+        }
+    }
 }
 
 /// ami-share's statements, in the order it writes them. A statement with one of these Sids is ami-share's.
@@ -208,7 +268,7 @@ pub enum KeyPolicyError {
     #[error("the key policy is not a policy document ami-share can read ({0})")]
     Unreadable(String),
     #[error(
-        "the key policy has a statement with ami-share's Sid {sid:?} that is not in the form ami-share writes ({problem}); if the statement is yours, give it another Sid, otherwise delete it and ami-share will write it again"
+        "the key policy has a statement with ami-share's Sid {sid:?} that would admit more than ami-share writes ({problem}); ami-share keeps changes that narrow its statements (added conditions, kms:ViaService limited to named regions, fewer of its actions), but not this one: if the statement is yours, give it another Sid, otherwise delete it and ami-share will write it again"
     )]
     ForeignEdit { sid: String, problem: String },
     #[error(
@@ -217,19 +277,22 @@ pub enum KeyPolicyError {
     TooLarge { bytes: usize },
 }
 
-/// The policy to write and whom it newly admits.
+/// The policy to write and what it changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Merged {
     /// The whole new policy document.
     pub policy: String,
     /// The wanted grantees the current policy lacked.
     pub admitted: KeyGrantees,
+    /// Whether statements an earlier version wrote without `kms:ViaService` are limited to EC2 now.
+    pub limited_to_ec2: bool,
 }
 
 /// Merges `want` into the policy document `current` of a key in `partition`.
 ///
-/// `Ok(None)`: every wanted grantee is already admitted, nothing to write. `Ok(Some(_))`: the policy to
-/// write. An error means the policy must not be written (it would lose something, or KMS would refuse it).
+/// `Ok(None)`: every wanted grantee is already admitted through EC2, nothing to write. `Ok(Some(_))`:
+/// the policy to write. An error means the policy must not be written (it would lose something, widen
+/// what someone narrowed, or KMS would refuse it).
 pub fn merge(
     current: &str,
     want: &KeyGrantees,
@@ -238,16 +301,16 @@ pub fn merge(
     let (mut document, statements) = parse(current)?;
     let (foreign, owned) = split(statements, partition)?;
     let missing = want.difference(&owned.admitted());
-    if missing.is_empty() {
+    let limited_to_ec2 = !owned.legacy.is_empty();
+    if missing.is_empty() && !limited_to_ec2 {
         return Ok(None);
     }
     let all = owned.use_key.union(&owned.create_grant).union(want);
     let mut statements = foreign;
-    statements.extend(
-        OWNED
-            .iter()
-            .filter_map(|(audience, purpose)| render(*audience, *purpose, &all, partition)),
-    );
+    statements.extend(OWNED.iter().filter_map(|(audience, purpose)| {
+        let narrowing = owned.narrowings.get(sid_of(*audience, *purpose));
+        render(*audience, *purpose, &all, partition, narrowing)
+    }));
     document
         .entry("Version")
         .or_insert_with(|| json!("2012-10-17"));
@@ -267,6 +330,7 @@ pub fn merge(
     Ok(Some(Merged {
         policy,
         admitted: missing,
+        limited_to_ec2,
     }))
 }
 
@@ -304,11 +368,45 @@ fn parse(policy: &str) -> Result<(Map<String, Value>, Vec<Value>), KeyPolicyErro
     Ok((document, statements))
 }
 
-/// What ami-share's own statements grant, by purpose.
+/// What an operator changed in one of ami-share's statements that only narrows it: kept on every merge.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Narrowing {
+    /// Some of ami-share's actions, when the operator removed the others.
+    actions: Option<BTreeSet<String>>,
+    /// Condition entries to put over ami-share's own, operator → key → value: entries ami-share does not
+    /// write, and a `kms:ViaService` limited to named regions.
+    conditions: Map<String, Value>,
+}
+
+impl Narrowing {
+    fn add_condition(&mut self, operator: &str, key: &str, value: Value) {
+        let entries = self
+            .conditions
+            .entry(operator.to_string())
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(entries) = entries {
+            entries.insert(key.to_string(), value);
+        }
+    }
+}
+
+/// One of ami-share's statements as found in a policy.
+struct Found {
+    grantees: BTreeSet<String>,
+    narrowing: Narrowing,
+    /// Written before statements carried `kms:ViaService`: to be limited to EC2.
+    legacy: bool,
+}
+
+/// What ami-share's own statements grant, by purpose, and how they were narrowed.
 #[derive(Default)]
 struct OwnedGrants {
     use_key: KeyGrantees,
     create_grant: KeyGrantees,
+    /// By Sid: the narrowing found in that statement (absent: none).
+    narrowings: BTreeMap<&'static str, Narrowing>,
+    /// Sids of statements without `kms:ViaService`.
+    legacy: BTreeSet<&'static str>,
 }
 
 impl OwnedGrants {
@@ -332,25 +430,42 @@ fn split(
             foreign.push(statement);
             continue;
         };
-        let grantees = read_owned(&statement, audience, purpose, partition)?;
+        let sid = sid_of(audience, purpose);
+        let found = read_owned(&statement, audience, purpose, partition)?;
         let into = match purpose {
             Purpose::UseKey => &mut owned_grants.use_key,
             Purpose::CreateGrant => &mut owned_grants.create_grant,
         };
-        into.set_mut(audience).extend(grantees);
+        into.set_mut(audience).extend(found.grantees);
+        if found.legacy {
+            owned_grants.legacy.insert(sid);
+        }
+        if found.narrowing != Narrowing::default() {
+            // Two statements under one Sid are written back as one: they must narrow alike.
+            if let Some(earlier) = owned_grants.narrowings.get(sid)
+                && *earlier != found.narrowing
+            {
+                return Err(KeyPolicyError::ForeignEdit {
+                    sid: sid.to_string(),
+                    problem: "two statements have this Sid and are narrowed differently".into(),
+                });
+            }
+            owned_grants.narrowings.insert(sid, found.narrowing);
+        }
     }
     Ok((foreign, owned_grants))
 }
 
-/// The statement ami-share writes for `audience` and `purpose`, or `None` when nobody is to be admitted.
-fn render(
+/// ami-share's conditions of a statement for `grantees`, operator → key → value, or `None` when
+/// nobody is to be admitted.
+fn conditions(
     audience: Audience,
     purpose: Purpose,
     grantees: &KeyGrantees,
     partition: &str,
-) -> Option<Value> {
+) -> Option<Map<String, Value>> {
     let mut condition = Map::new();
-    let principal = match audience {
+    match audience {
         Audience::Organizations | Audience::OrganizationalUnits => {
             let org_ids: BTreeSet<&str> = match audience {
                 Audience::Organizations => {
@@ -373,12 +488,36 @@ fn render(
                     json!({ ORG_PATHS_KEY: grantees.ou_paths }),
                 );
             }
-            json!({ "AWS": "*" })
         }
         Audience::Accounts => {
             if grantees.accounts.is_empty() {
                 return None;
             }
+        }
+    }
+    condition.insert(
+        VIA_SERVICE_OPERATOR.into(),
+        json!({ VIA_SERVICE_KEY: via_ec2(partition) }),
+    );
+    if purpose == Purpose::CreateGrant {
+        condition.insert("Bool".into(), json!({ GRANT_FOR_AWS_RESOURCE: "true" }));
+    }
+    Some(condition)
+}
+
+/// The statement ami-share writes for `audience` and `purpose`, with what an operator narrowed in it
+/// kept, or `None` when nobody is to be admitted.
+fn render(
+    audience: Audience,
+    purpose: Purpose,
+    grantees: &KeyGrantees,
+    partition: &str,
+    narrowing: Option<&Narrowing>,
+) -> Option<Value> {
+    let mut condition = conditions(audience, purpose, grantees, partition)?;
+    let principal = match audience {
+        Audience::Organizations | Audience::OrganizationalUnits => json!({ "AWS": "*" }),
+        Audience::Accounts => {
             let roots: Vec<String> = grantees
                 .accounts
                 .iter()
@@ -387,51 +526,105 @@ fn render(
             json!({ "AWS": roots })
         }
     };
-    let action = match purpose {
+    let mut action = match purpose {
         Purpose::UseKey => json!(USE_ACTIONS),
-        Purpose::CreateGrant => {
-            condition.insert("Bool".into(), json!({ GRANT_FOR_AWS_RESOURCE: "true" }));
-            json!("kms:CreateGrant")
-        }
+        Purpose::CreateGrant => json!("kms:CreateGrant"),
     };
+    if let Some(narrowing) = narrowing {
+        if let Some(actions) = &narrowing.actions {
+            action = json!(actions);
+        }
+        for (operator, entries) in &narrowing.conditions {
+            let into = condition
+                .entry(operator.clone())
+                .or_insert_with(|| Value::Object(Map::new()));
+            if let (Value::Object(into), Value::Object(entries)) = (into, entries) {
+                for (key, value) in entries {
+                    into.insert(key.clone(), value.clone());
+                }
+            }
+        }
+    }
     let mut statement = Map::new();
     statement.insert("Sid".into(), json!(sid_of(audience, purpose)));
     statement.insert("Effect".into(), json!("Allow"));
     statement.insert("Principal".into(), principal);
     statement.insert("Action".into(), action);
     statement.insert("Resource".into(), json!("*"));
-    if !condition.is_empty() {
-        statement.insert("Condition".into(), Value::Object(condition));
-    }
+    statement.insert("Condition".into(), Value::Object(condition));
     Some(Value::Object(statement))
 }
 
-/// The grantees an owned statement names. Refuses a statement that is not exactly what `render` writes
-/// for those grantees (other actions, another condition, a malformed id): rewriting it would lose, or widen,
-/// what someone changed by hand. (If a later version writes other actions, it must also accept these.)
+/// The statement elements ami-share writes; any other (`NotAction`, `NotPrincipal`, …) widens or
+/// changes what a statement means.
+const STATEMENT_ELEMENTS: [&str; 6] = [
+    "Sid",
+    "Effect",
+    "Principal",
+    "Action",
+    "Resource",
+    "Condition",
+];
+
+/// The grantees an owned statement names, and what an operator narrowed in it. Refuses a statement
+/// that admits more than what [`render`] writes for those grantees (another action or principal, one of
+/// ami-share's conditions removed or loosened, a malformed id): rewriting it would widen, or lose, what
+/// someone changed by hand. A statement without `kms:ViaService` is one an earlier version wrote: it is
+/// read, and marked to be limited to EC2. (If a later version writes more actions, statements of this
+/// version read as narrowed to these, and keep them.)
 fn read_owned(
     statement: &Value,
     audience: Audience,
     purpose: Purpose,
     partition: &str,
-) -> Result<BTreeSet<String>, KeyPolicyError> {
+) -> Result<Found, KeyPolicyError> {
     let sid = sid_of(audience, purpose);
     let problem = |problem: String| KeyPolicyError::ForeignEdit {
         sid: sid.to_string(),
         problem,
     };
-    let condition_values =
-        |operator: &str, key: &str| -> Result<BTreeSet<String>, KeyPolicyError> {
-            let value = statement
-                .get("Condition")
-                .and_then(|c| c.get(operator))
-                .and_then(|o| o.get(key))
-                .ok_or_else(|| problem(format!("it has no {operator} {key} condition")))?;
-            strings(value)
-                .ok_or_else(|| problem(format!("its {operator} {key} is not a list of strings")))
-        };
-    let grantees = match audience {
+    let element = |name: &str| statement.get(name);
+    if let Some(other) = statement
+        .as_object()
+        .and_then(|s| s.keys().find(|k| !STATEMENT_ELEMENTS.contains(&k.as_str())))
+    {
+        return Err(problem(format!("it has {other}, which ami-share never writes")));
+    }
+    if element("Effect") != Some(&json!("Allow")) {
+        return Err(problem("its Effect is not Allow".into()));
+    }
+    if element("Resource").and_then(strings) != Some(["*".to_string()].into()) {
+        return Err(problem("its Resource is not \"*\" (the key itself)".into()));
+    }
+    let found_conditions: Map<String, Value> = match element("Condition") {
+        None => Map::new(),
+        Some(Value::Object(c)) if c.values().all(Value::is_object) => c.clone(),
+        Some(_) => {
+            return Err(problem(
+                "its Condition is not an object of operators, each an object of keys".into(),
+            ));
+        }
+    };
+    let condition_values = |operator: &str, key: &str| -> Result<BTreeSet<String>, KeyPolicyError> {
+        let value = found_conditions
+            .get(operator)
+            .and_then(|o| o.get(key))
+            .ok_or_else(|| problem(format!("it has no {operator} {key} condition")))?;
+        strings(value)
+            .ok_or_else(|| problem(format!("its {operator} {key} is not a list of strings")))
+    };
+    let anyone = || {
+        if element("Principal").is_some_and(|p| same_policy_value(p, &json!({"AWS": "*"}))) {
+            Ok(())
+        } else {
+            Err(problem(
+                "its Principal is not {\"AWS\": \"*\"} (limited by the organization condition)".into(),
+            ))
+        }
+    };
+    let grantees: BTreeSet<String> = match audience {
         Audience::Organizations => {
+            anyone()?;
             let org_ids = condition_values("StringEquals", ORG_ID_KEY)?;
             if let Some(bad) = org_ids.iter().find(|id| !is_org_id(id)) {
                 return Err(problem(format!(
@@ -441,6 +634,7 @@ fn read_owned(
             org_ids
         }
         Audience::OrganizationalUnits => {
+            anyone()?;
             let paths = condition_values("ForAnyValue:StringLike", ORG_PATHS_KEY)?;
             if let Some(bad) = paths.iter().find(|path| !is_ou_path(path)) {
                 return Err(problem(format!(
@@ -450,8 +644,8 @@ fn read_owned(
             paths
         }
         Audience::Accounts => {
-            let arns = statement
-                .get("Principal")
+            let arns = element("Principal")
+                .and_then(|p| p.as_object().filter(|p| p.len() == 1))
                 .and_then(|p| p.get("AWS"))
                 .and_then(strings)
                 .ok_or_else(|| {
@@ -472,15 +666,61 @@ fn read_owned(
                 .collect::<Result<_, _>>()?
         }
     };
+
+    let mut narrowing = Narrowing::default();
+    let actions = element("Action")
+        .and_then(strings)
+        .ok_or_else(|| problem("its Action is not a string or a list of strings".into()))?;
+    let ours = purpose.actions();
+    if actions != ours {
+        let others: Vec<&str> = actions
+            .difference(&ours)
+            .map(String::as_str)
+            .collect();
+        if !others.is_empty() || actions.is_empty() {
+            return Err(problem(format!(
+                "its Action has {}, which ami-share does not grant",
+                if others.is_empty() { "nothing".to_string() } else { others.join(", ") }
+            )));
+        }
+        narrowing.actions = Some(actions);
+    }
+
     let mut named = KeyGrantees::default();
     named.set_mut(audience).extend(grantees.iter().cloned());
-    let expected = render(audience, purpose, &named, partition);
-    if !expected.is_some_and(|expected| same_policy_value(statement, &expected)) {
-        return Err(problem(
-            "its effect, principal, actions, resource or conditions differ from what ami-share writes for the grantees it names".into(),
-        ));
+    let expected =
+        conditions(audience, purpose, &named, partition).ok_or_else(|| problem("it names nobody".into()))?;
+    let mut legacy = false;
+    for (operator, entries) in &expected {
+        for (key, value) in entries.as_object().into_iter().flatten() {
+            match found_conditions.get(operator).and_then(|o| o.get(key)) {
+                None if key == VIA_SERVICE_KEY => legacy = true,
+                None => return Err(problem(format!("it has no {operator} {key} condition"))),
+                Some(found) if same_policy_value(found, value) => {}
+                Some(found) if key == VIA_SERVICE_KEY && names_ec2_regions(found, partition) => {
+                    narrowing.add_condition(operator, key, found.clone());
+                }
+                Some(_) => {
+                    return Err(problem(format!(
+                        "its {operator} {key} condition differs from what ami-share writes for the grantees it names"
+                    )));
+                }
+            }
+        }
     }
-    Ok(grantees)
+    // Every condition entry ami-share does not write is the operator's, and narrows: keep it.
+    for (operator, entries) in &found_conditions {
+        for (key, value) in entries.as_object().into_iter().flatten() {
+            if expected.get(operator).and_then(|o| o.get(key)).is_none() {
+                narrowing.add_condition(operator, key, value.clone());
+            }
+        }
+    }
+    Ok(Found {
+        grantees,
+        narrowing,
+        legacy,
+    })
 }
 
 /// `o-…/*/ou-…/*`, as [`KeyGrantees::for_launch_permissions`] derives it from an OU ARN.
@@ -606,30 +846,34 @@ mod tests {
         assert_eq!(document["Id"], "key-consolepolicy-3");
         let use_actions = json!(USE_ACTIONS);
         let grant = json!({"kms:GrantIsForAWSResource": "true"});
+        let ec2 = json!({"kms:ViaService": "ec2.*.amazonaws.com"});
         assert_eq!(
             after[2..],
             [
                 json!({"Sid": "AmiShareOrganizationsUseKey", "Effect": "Allow", "Principal": {"AWS": "*"},
                        "Action": use_actions, "Resource": "*",
-                       "Condition": {"StringEquals": {"aws:PrincipalOrgID": [ORG]}}}),
+                       "Condition": {"StringEquals": {"aws:PrincipalOrgID": [ORG]}, "StringLike": ec2}}),
                 json!({"Sid": "AmiShareOrganizationsCreateGrant", "Effect": "Allow", "Principal": {"AWS": "*"},
                        "Action": "kms:CreateGrant", "Resource": "*",
-                       "Condition": {"StringEquals": {"aws:PrincipalOrgID": [ORG]}, "Bool": grant}}),
+                       "Condition": {"StringEquals": {"aws:PrincipalOrgID": [ORG]}, "StringLike": ec2,
+                                     "Bool": grant}}),
                 json!({"Sid": "AmiShareOrganizationalUnitsUseKey", "Effect": "Allow", "Principal": {"AWS": "*"},
                        "Action": use_actions, "Resource": "*",
                        "Condition": {"StringEquals": {"aws:PrincipalOrgID": [ORG]},
-                                     "ForAnyValue:StringLike": {"aws:PrincipalOrgPaths": [OU_PATH]}}}),
+                                     "ForAnyValue:StringLike": {"aws:PrincipalOrgPaths": [OU_PATH]},
+                                     "StringLike": ec2}}),
                 json!({"Sid": "AmiShareOrganizationalUnitsCreateGrant", "Effect": "Allow", "Principal": {"AWS": "*"},
                        "Action": "kms:CreateGrant", "Resource": "*",
                        "Condition": {"StringEquals": {"aws:PrincipalOrgID": [ORG]},
                                      "ForAnyValue:StringLike": {"aws:PrincipalOrgPaths": [OU_PATH]},
-                                     "Bool": grant}}),
+                                     "StringLike": ec2, "Bool": grant}}),
                 json!({"Sid": "AmiShareAccountsUseKey", "Effect": "Allow",
                        "Principal": {"AWS": ["arn:aws:iam::210987654321:root"]},
-                       "Action": use_actions, "Resource": "*"}),
+                       "Action": use_actions, "Resource": "*", "Condition": {"StringLike": ec2}}),
                 json!({"Sid": "AmiShareAccountsCreateGrant", "Effect": "Allow",
                        "Principal": {"AWS": ["arn:aws:iam::210987654321:root"]},
-                       "Action": "kms:CreateGrant", "Resource": "*", "Condition": {"Bool": grant}}),
+                       "Action": "kms:CreateGrant", "Resource": "*",
+                       "Condition": {"StringLike": ec2, "Bool": grant}}),
             ]
         );
         assert_eq!(admitted(&merged.policy, "aws").unwrap(), want);
@@ -745,47 +989,54 @@ mod tests {
     fn owned_statements(g: &KeyGrantees) -> Vec<Value> {
         OWNED
             .iter()
-            .filter_map(|(a, p)| render(*a, *p, g, "aws"))
+            .filter_map(|(a, p)| render(*a, *p, g, "aws", None))
             .collect()
     }
 
+    /// A policy of ami-share's statements for `all`, one of them changed by `change`.
+    fn edited(all: &KeyGrantees, sid: &str, change: &dyn Fn(&mut Value)) -> String {
+        let mut statements = owned_statements(all);
+        let s = statements.iter_mut().find(|s| s["Sid"] == sid).unwrap();
+        change(s);
+        json!({"Version": "2012-10-17", "Statement": statements}).to_string()
+    }
+
     #[test]
-    fn a_hand_edited_statement_with_an_owned_sid_is_refused_not_rewritten() {
+    fn a_hand_edit_that_widens_an_owned_statement_is_refused_not_rewritten() {
         let want = grantees(&[ORG], &[], &[]);
         let all = grantees(&[ORG], &[OU_PATH], &["210987654321"]);
-        let differs = "differ from what ami-share writes";
-        let edit = |sid: &str, change: &dyn Fn(&mut Value)| {
-            let mut statements = owned_statements(&all);
-            let s = statements.iter_mut().find(|s| s["Sid"] == sid).unwrap();
-            change(s);
-            json!({"Version": "2012-10-17", "Statement": statements}).to_string()
-        };
+        let differs = "differs from what ami-share writes";
+        let edit = |sid: &str, change: &dyn Fn(&mut Value)| edited(&all, sid, change);
         let cases: Vec<(String, &str)> = vec![
             (
                 edit("AmiShareAccountsUseKey", &|s| {
-                    s["Action"] = json!("kms:Decrypt");
-                    s["Condition"] =
-                        json!({"StringEquals": {"kms:ViaService": "ec2.us-east-1.amazonaws.com"}});
+                    s["Action"] = json!(["kms:Decrypt", "kms:Encrypt"]);
                 }),
-                differs,
+                "its Action has kms:Encrypt, which ami-share does not grant",
             ),
             (
                 edit("AmiShareAccountsCreateGrant", &|s| {
                     s["Action"] = json!("kms:*")
                 }),
-                differs,
+                "its Action has kms:*",
             ),
             (
                 edit("AmiShareOrganizationsUseKey", &|s| {
                     s["Effect"] = json!("Deny")
                 }),
-                differs,
+                "its Effect is not Allow",
             ),
             (
                 edit("AmiShareOrganizationsUseKey", &|s| {
                     s["Resource"] = json!("arn:aws:kms:*")
                 }),
-                differs,
+                "its Resource is not",
+            ),
+            (
+                edit("AmiShareOrganizationsUseKey", &|s| {
+                    s["NotAction"] = json!("kms:Encrypt")
+                }),
+                "it has NotAction, which ami-share never writes",
             ),
             (
                 edit("AmiShareOrganizationsUseKey", &|s| {
@@ -812,6 +1063,12 @@ mod tests {
                 "no StringEquals aws:PrincipalOrgID condition",
             ),
             (
+                edit("AmiShareOrganizationsUseKey", &|s| {
+                    s["Principal"] = json!("*");
+                }),
+                "its Principal is not",
+            ),
+            (
                 edit("AmiShareAccountsUseKey", &|s| {
                     s["Principal"] = json!({"AWS": "arn:aws:iam::210987654321:user/bob"})
                 }),
@@ -819,16 +1076,108 @@ mod tests {
             ),
             (
                 edit("AmiShareAccountsCreateGrant", &|s| {
-                    s.as_object_mut().unwrap().remove("Condition");
+                    s["Condition"].as_object_mut().unwrap().remove("Bool");
                 }),
-                differs,
+                "no Bool kms:GrantIsForAWSResource condition",
+            ),
+            (
+                edit("AmiShareAccountsUseKey", &|s| {
+                    s["Condition"]["StringLike"]["kms:ViaService"] = json!("*.amazonaws.com")
+                }),
+                "its StringLike kms:ViaService condition differs",
+            ),
+            (
+                edit("AmiShareAccountsUseKey", &|s| {
+                    s["Condition"]["StringLike"]["kms:ViaService"] = json!(["ec2.*.amazonaws.com", "s3.*.amazonaws.com"])
+                }),
+                "its StringLike kms:ViaService condition differs",
             ),
         ];
         for (policy, expected) in cases {
             let e = merge(&policy, &want, "aws").unwrap_err();
             assert!(matches!(e, KeyPolicyError::ForeignEdit { .. }), "{e}");
             assert!(e.to_string().contains(expected), "{expected}: {e}");
+            assert!(e.to_string().contains("narrow"), "says what is kept: {e}");
         }
+    }
+
+    #[test]
+    fn an_operators_narrowing_is_kept_by_every_later_merge() {
+        let earlier = grantees(&[], &[], &["210987654321"]);
+        let policy = edited(&earlier, "AmiShareAccountsUseKey", &|s| {
+            s["Action"] = json!(["kms:Decrypt", "kms:DescribeKey"]);
+            s["Condition"]["StringLike"]["kms:ViaService"] = json!("ec2.eu-west-1.amazonaws.com");
+            s["Condition"]["StringEquals"] = json!({"aws:PrincipalTag/team": "platform"});
+        });
+        let want = grantees(&[], &[], &["111122223333"]);
+        let merged = merge(&policy, &want, "aws").unwrap().unwrap();
+        assert_eq!(merged.admitted, want);
+        assert!(!merged.limited_to_ec2);
+        let after = statements(&merged.policy);
+        let use_key = after
+            .iter()
+            .find(|s| s["Sid"] == "AmiShareAccountsUseKey")
+            .unwrap();
+        assert_eq!(use_key["Action"], json!(["kms:Decrypt", "kms:DescribeKey"]));
+        assert_eq!(
+            use_key["Condition"],
+            json!({"StringLike": {"kms:ViaService": "ec2.eu-west-1.amazonaws.com"},
+                   "StringEquals": {"aws:PrincipalTag/team": "platform"}})
+        );
+        assert_eq!(
+            use_key["Principal"]["AWS"],
+            json!(["arn:aws:iam::111122223333:root", "arn:aws:iam::210987654321:root"])
+        );
+        assert_eq!(merge(&merged.policy, &want, "aws").unwrap(), None, "and stays");
+    }
+
+    /// ami-share's statements as versions before kms:ViaService wrote them.
+    fn legacy_statements(g: &KeyGrantees) -> Vec<Value> {
+        owned_statements(g)
+            .into_iter()
+            .map(|mut s| {
+                let condition = s["Condition"].as_object_mut().unwrap();
+                condition.remove("StringLike");
+                if condition.is_empty() {
+                    s.as_object_mut().unwrap().remove("Condition");
+                }
+                s
+            })
+            .collect()
+    }
+
+    #[test]
+    fn statements_written_before_via_service_are_limited_to_ec2_once() {
+        let all = grantees(&[ORG], &[OU_PATH], &["210987654321"]);
+        let mut written = statements(&default_policy());
+        written.extend(legacy_statements(&all));
+        let policy = json!({"Version": "2012-10-17", "Statement": written}).to_string();
+        assert_eq!(admitted(&policy, "aws").unwrap(), all, "read as admitting");
+        let merged = merge(&policy, &grantees(&[ORG], &[], &[]), "aws")
+            .unwrap()
+            .unwrap();
+        assert!(merged.limited_to_ec2);
+        assert!(merged.admitted.is_empty());
+        assert_eq!(
+            statements(&merged.policy),
+            statements(&merge(&default_policy(), &all, "aws").unwrap().unwrap().policy),
+            "the same as a fresh merge"
+        );
+        assert_eq!(merge(&merged.policy, &all, "aws").unwrap(), None);
+    }
+
+    #[test]
+    fn in_china_the_condition_names_ec2_under_its_own_domain() {
+        let merged = merge(&default_policy(), &grantees(&[ORG], &[], &[]), "aws-cn")
+            .unwrap()
+            .unwrap();
+        assert!(
+            merged
+                .policy
+                .contains("\"kms:ViaService\": \"ec2.*.amazonaws.com.cn\""),
+            "{}",
+            merged.policy
+        );
     }
 
     #[test]
@@ -861,7 +1210,7 @@ mod tests {
         }
         assert!(e.to_string().contains("over KMS's limit of 32768"), "{e}");
         // Near the limit: the pretty form would not fit, the compact one does.
-        let near = padded(MAX_POLICY_BYTES - 2_000);
+        let near = padded(MAX_POLICY_BYTES - 2_400);
         let merged = merge(&near, &want, "aws").unwrap().unwrap();
         assert!(merged.policy.len() <= MAX_POLICY_BYTES);
         assert!(!merged.policy.contains('\n'), "compact");
@@ -929,21 +1278,82 @@ mod tests {
         })
     }
 
-    /// A starting policy: foreign statements with, maybe, ami-share's statements of an earlier merge placed
-    /// anywhere among them, pretty or compact.
+    /// A narrowing an operator may make to one of ami-share's statements: an added condition (under an
+    /// operator ami-share uses, or another), kms:ViaService limited to a region, fewer actions.
+    fn narrowing_strategy() -> impl Strategy<Value = Narrowing> {
+        let condition = (
+            prop::sample::select(vec!["StringEquals", "StringLike", "ArnLike", "Null", "IpAddress"]),
+            prop::sample::select(vec![
+                "aws:PrincipalTag/team",
+                "aws:SourceVpce",
+                "kms:EncryptionContext:aws:ebs:id",
+                "aws:PrincipalArn",
+            ]),
+            "[a-z0-9-]{1,12}",
+        );
+        (
+            prop::collection::vec(condition, 0..3),
+            prop::option::of(prop::sample::select(vec!["eu-west-1", "us-east-1"])),
+            prop::option::of(prop::sample::subsequence(USE_ACTIONS.to_vec(), 1..=5)),
+        )
+            .prop_map(|(conditions, region, actions)| {
+                let mut narrowing = Narrowing::default();
+                for (operator, key, value) in conditions {
+                    narrowing.add_condition(operator, key, json!(value));
+                }
+                if let Some(region) = region {
+                    narrowing.add_condition(
+                        VIA_SERVICE_OPERATOR,
+                        VIA_SERVICE_KEY,
+                        json!(format!("ec2.{region}.amazonaws.com")),
+                    );
+                }
+                narrowing.actions = actions.map(|a| a.into_iter().map(str::to_string).collect());
+                narrowing
+            })
+    }
+
+    /// ami-share's statements for `earlier` as a policy may hold them: as written now, as an earlier
+    /// version wrote them (no kms:ViaService), or narrowed by an operator.
+    fn owned_strategy() -> impl Strategy<Value = Vec<Value>> {
+        (
+            grantees_strategy(),
+            prop::collection::vec((0u8..3, narrowing_strategy()), 6),
+        )
+            .prop_map(|(earlier, forms)| {
+                OWNED
+                    .iter()
+                    .zip(forms)
+                    .filter_map(|((a, p), (form, narrowing))| match form {
+                        0 => render(*a, *p, &earlier, "aws", None),
+                        1 => render(*a, *p, &earlier, "aws", None).map(|mut s| {
+                            s["Condition"].as_object_mut().unwrap().remove(VIA_SERVICE_OPERATOR);
+                            s
+                        }),
+                        _ => {
+                            // CreateGrant has one action: only conditions narrow it.
+                            let narrowing = match p {
+                                Purpose::UseKey => narrowing,
+                                Purpose::CreateGrant => Narrowing { actions: None, ..narrowing },
+                            };
+                            render(*a, *p, &earlier, "aws", Some(&narrowing))
+                        }
+                    })
+                    .collect()
+            })
+    }
+
+    /// A starting policy: foreign statements with, maybe, ami-share's statements of an earlier merge (as
+    /// [`owned_strategy`] makes them) placed anywhere among them, pretty or compact.
     fn policy_strategy() -> impl Strategy<Value = (String, Vec<Value>)> {
         (
             foreign_strategy(),
-            grantees_strategy(),
+            owned_strategy(),
             any::<prop::sample::Index>(),
             any::<bool>(),
         )
-            .prop_map(|(foreign, earlier, at, pretty)| {
+            .prop_map(|(foreign, owned, at, pretty)| {
                 let mut all = foreign.clone();
-                let owned: Vec<Value> = OWNED
-                    .iter()
-                    .filter_map(|(a, p)| render(*a, *p, &earlier, "aws"))
-                    .collect();
                 let at = at.index(all.len() + 1);
                 all.splice(at..at, owned);
                 let document =
@@ -1044,30 +1454,96 @@ mod tests {
         }
 
         #[test]
-        fn a_tampered_owned_statement_is_refused_never_rewritten(
-            earlier in grantees_strategy(),
+        fn a_widening_edit_of_an_owned_statement_is_refused_never_rewritten(
+            owned in owned_strategy(),
             want in grantees_strategy(),
             which in any::<prop::sample::Index>(),
-            tamper in 0usize..6,
+            widen in 0usize..9,
         ) {
-            let mut statements = owned_statements(&earlier);
+            let mut statements = owned;
             prop_assume!(!statements.is_empty());
             let i = which.index(statements.len());
             let s = statements[i].as_object_mut().unwrap();
-            match tamper {
+            let condition = s["Condition"].as_object_mut().unwrap();
+            match widen {
                 0 => { s.insert("Action".into(), json!("kms:*")); }
-                1 => { s.insert("Effect".into(), json!("Deny")); }
-                2 => { s.insert("NotAction".into(), json!("kms:Decrypt")); }
-                3 => {
-                    let condition = s.entry("Condition").or_insert_with(|| json!({}));
-                    condition["StringEquals"]["kms:ViaService"] = json!("ec2.us-east-1.amazonaws.com");
+                1 => {
+                    let mut actions = strings(&s["Action"]).unwrap();
+                    actions.insert("kms:Encrypt".into());
+                    s.insert("Action".into(), json!(actions));
                 }
+                2 => { s.insert("Effect".into(), json!("Deny")); }
+                3 => { s.insert("NotAction".into(), json!("kms:Decrypt")); }
                 4 => { s.insert("Principal".into(), json!("*")); s.remove("Condition"); }
-                _ => { s.insert("Resource".into(), json!("arn:aws:kms:us-east-1:123456789012:key/other")); }
+                5 => { s.insert("Resource".into(), json!("arn:aws:kms:us-east-1:123456789012:key/other")); }
+                6 => {
+                    // One of ami-share's conditions, other than kms:ViaService, removed.
+                    let ours: Vec<String> = condition
+                        .iter()
+                        .filter(|(operator, entries)| {
+                            *operator != VIA_SERVICE_OPERATOR
+                                && entries.as_object().unwrap().keys().any(|k| {
+                                    [ORG_ID_KEY, ORG_PATHS_KEY, GRANT_FOR_AWS_RESOURCE].contains(&k.as_str())
+                                })
+                        })
+                        .map(|(operator, _)| operator.clone())
+                        .collect();
+                    prop_assume!(!ours.is_empty());
+                    condition.remove(&ours[0]);
+                }
+                7 => {
+                    prop_assume!(condition.contains_key(VIA_SERVICE_OPERATOR));
+                    condition[VIA_SERVICE_OPERATOR][VIA_SERVICE_KEY] = json!("*");
+                }
+                _ => {
+                    // An account principal that is not an account root.
+                    prop_assume!(s["Principal"]["AWS"].is_array());
+                    s["Principal"]["AWS"].as_array_mut().unwrap().push(json!("arn:aws:iam::444455556666:role/x"));
+                }
             }
             let policy = json!({"Version": "2012-10-17", "Statement": statements}).to_string();
             let refused = matches!(merge(&policy, &want, "aws"), Err(KeyPolicyError::ForeignEdit { .. }));
             prop_assert!(refused, "{}", policy);
+        }
+
+        #[test]
+        fn an_operators_added_condition_survives_every_later_merge(
+            earlier in grantees_strategy(),
+            want in grantees_strategy(),
+            later in grantees_strategy(),
+            which in any::<prop::sample::Index>(),
+            key in "[A-Za-z]{1,10}",
+            value in "[a-z0-9]{1,10}",
+        ) {
+            let mut owned = owned_statements(&earlier);
+            prop_assume!(!owned.is_empty());
+            let i = which.index(owned.len());
+            let sid = owned[i]["Sid"].clone();
+            let added = format!("aws:PrincipalTag/{key}");
+            owned[i]["Condition"]["StringEquals"][&added] = json!(value);
+            let policy = json!({"Version": "2012-10-17", "Statement": owned}).to_string();
+            let after = apply(&apply(&policy, &want), &later);
+            let kept = statements(&after).into_iter().find(|s| s["Sid"] == sid).unwrap();
+            prop_assert_eq!(&kept["Condition"]["StringEquals"][&added], &json!(value));
+            prop_assert_eq!(merge(&after, &later, "aws").unwrap(), None);
+        }
+
+        #[test]
+        fn every_statement_ami_share_writes_admits_only_through_ec2(
+            (policy, _) in policy_strategy(),
+            want in grantees_strategy(),
+        ) {
+            let after = apply(&policy, &want);
+            for statement in statements(&after) {
+                if statement.get("Sid").and_then(Value::as_str).and_then(owned).is_some() {
+                    let via = &statement["Condition"][VIA_SERVICE_OPERATOR][VIA_SERVICE_KEY];
+                    prop_assert!(
+                        via == &json!(via_ec2("aws")) || names_ec2_regions(via, "aws"),
+                        "{}",
+                        statement
+                    );
+                }
+            }
         }
 
         #[test]
@@ -1086,7 +1562,7 @@ mod tests {
                     prop_assert!(bytes > MAX_POLICY_BYTES);
                     // Compact is the smallest form: with it, the policy really is too large.
                     let (mut document, mut statements) = parse(&policy).unwrap();
-                    statements.extend(OWNED.iter().filter_map(|(a, p)| render(*a, *p, &want, "aws")));
+                    statements.extend(OWNED.iter().filter_map(|(a, p)| render(*a, *p, &want, "aws", None)));
                     document.insert("Statement".into(), Value::Array(statements));
                     prop_assert!(Value::Object(document).to_string().len() > MAX_POLICY_BYTES);
                 }

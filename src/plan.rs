@@ -45,6 +45,10 @@ pub enum Action {
         key_arn: String,
         /// The grantees the policy lacks now.
         admit: KeyGrantees,
+        /// Whether ami-share's statements there, written by an earlier version, are limited to use
+        /// through EC2 (`kms:ViaService`) by this write.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        limit_to_ec2: bool,
         /// Every grantee the image needs: apply merges them into a fresh read of the policy.
         #[serde(skip)]
         grantees: KeyGrantees,
@@ -134,11 +138,22 @@ impl fmt::Display for Action {
                 region,
                 key_arn,
                 admit,
+                limit_to_ec2,
                 ..
-            } => write!(
-                f,
-                "let {admit} use KMS key {key_arn} in {region} (ami-share's statements in its key policy)"
-            ),
+            } => {
+                if !admit.is_empty() {
+                    write!(f, "let {admit} use KMS key {key_arn} in {region} through EC2")?;
+                } else {
+                    write!(f, "limit the grantees of KMS key {key_arn} in {region} to use through EC2")?;
+                }
+                match limit_to_ec2 {
+                    true => write!(
+                        f,
+                        " (ami-share's statements in its key policy, now limited by kms:ViaService)"
+                    ),
+                    false => write!(f, " (ami-share's statements in its key policy)"),
+                }
+            }
             Self::AddLaunchPermissions {
                 region,
                 image_id,
@@ -456,6 +471,7 @@ pub fn key_patches(desired: &Desired, image: &ObservedImage) -> Result<Vec<Actio
                 region: image.region.clone(),
                 key_arn: arn.to_string(),
                 admit: merged.admitted,
+                limit_to_ec2: merged.limited_to_ec2,
                 grantees,
                 policy: merged.policy,
             }),
@@ -1662,7 +1678,7 @@ mod tests {
         assert_eq!(
             p.actions[1].to_string(),
             format!(
-                "let organization o-a1b2c3d4e5, account 210987654321 use KMS key {CMK} in us-east-1 (ami-share's statements in its key policy)"
+                "let organization o-a1b2c3d4e5, account 210987654321 use KMS key {CMK} in us-east-1 through EC2 (ami-share's statements in its key policy)"
             )
         );
     }

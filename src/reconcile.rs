@@ -948,10 +948,13 @@ impl<A: Aws> Reconciler<'_, A> {
                 }
             };
             if writes == max_writes {
+                let lost = match merged.admitted.is_empty() {
+                    true => "kms:ViaService limit".to_string(),
+                    false => format!("grantees ({})", merged.admitted),
+                };
                 return Err(error(
                     format!(
-                        "the key policy lost ami-share's grantees ({}) after each of {max_writes} writes: another writer keeps replacing it. If CloudFormation, Terraform or a script manages this key's policy, add ami-share's statements there (README, \"Encrypted AMIs\")",
-                        merged.admitted
+                        "the key policy lost ami-share's {lost} after each of {max_writes} writes: another writer keeps replacing it. If CloudFormation, Terraform or a script manages this key's policy, add ami-share's statements there (README, \"Encrypted AMIs\")"
                     ),
                     true,
                 ));

@@ -118,7 +118,7 @@ async fn plan_prints_the_actions_and_changes_nothing() {
     );
     assert!(
         stdout.contains(&format!(
-            "would: let account 210987654321 use KMS key {key} in us-east-1 (ami-share's statements in its key policy)"
+            "would: let account 210987654321 use KMS key {key} in us-east-1 through EC2 (ami-share's statements in its key policy)"
         )),
         "{stdout}"
     );
