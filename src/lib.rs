@@ -23,6 +23,7 @@ pub mod markers;
 pub mod metrics;
 pub mod observed;
 pub mod plan;
+pub mod provenance;
 pub mod reconcile;
 pub mod rules;
 pub mod sweep;

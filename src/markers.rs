@@ -2,6 +2,10 @@
 //! makes. One home for their keys and values, so the config can refuse them as rule tags and every part of
 //! the flow reads and writes the same names.
 
+use std::fmt;
+
+use serde::Serialize;
+
 use crate::observed::Tags;
 
 /// Why an AMI is not shared as the config says, or that it is (written only once a status was needed).
@@ -14,17 +18,48 @@ pub const REENCRYPTED_COPY: &str = "ami-share:reencrypted-copy";
 pub const SOURCE_IMAGE: &str = "ami-share:source-image";
 /// On a copy ami-share made: the region of the image it copied.
 pub const SOURCE_REGION: &str = "ami-share:source-region";
-/// On a copy ami-share made: the `CreationDate` of the image it copied, so a copy is as old as its source
-/// where ages are compared (the SSM parameter follows the newest source, whenever its copy was made).
+/// Written on copies by earlier versions: the `CreationDate` of the image copied. Never read (a copy's age
+/// is its source's `CreationDate` as EC2 reports it, see [`crate::provenance`]) and no longer written;
+/// still reserved, so a rule cannot set it.
 pub const SOURCE_CREATED: &str = "ami-share:source-created";
-/// On a copy ami-share made: why it exists ([`COPY_REENCRYPTED`] or [`COPY_REGIONAL`]). A copy is never
-/// copied again: this mark is what stops copy loops.
+/// On a copy ami-share made: why it exists ([`CopyKind`]). A copy is never copied again: this mark is
+/// what stops copy loops. Like every mark, it is only a claim: [`crate::provenance`] believes it only
+/// where EC2's own record of the image agrees.
 pub const COPY_KIND: &str = "ami-share:copy-kind";
 
-/// [`COPY_KIND`] of a copy re-encrypted with a customer managed key, shared in place of its source.
-pub const COPY_REENCRYPTED: &str = "re-encrypted";
-/// [`COPY_KIND`] of a copy in another region, distributed as a rule's `copy.regions` say.
-pub const COPY_REGIONAL: &str = "regional";
+/// Why ami-share made a copy: the value of [`COPY_KIND`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum CopyKind {
+    /// `re-encrypted`: a copy beside its source, re-encrypted with a customer managed key, shared in its
+    /// source's place.
+    #[serde(rename = "re-encrypted")]
+    Reencrypted,
+    /// `regional`: a copy in another region, distributed as a rule's `copy.regions` say.
+    #[serde(rename = "regional")]
+    Regional,
+}
+
+impl CopyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Reencrypted => "re-encrypted",
+            Self::Regional => "regional",
+        }
+    }
+
+    /// The kind a [`COPY_KIND`] value names, if any.
+    pub fn from_mark(value: &str) -> Option<Self> {
+        [Self::Reencrypted, Self::Regional]
+            .into_iter()
+            .find(|kind| kind.as_str() == value)
+    }
+}
+
+impl fmt::Display for CopyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Tag keys a rule may not set: ami-share's own bookkeeping would be overwritten.
 pub const RESERVED: [&str; 7] = [
@@ -78,40 +113,17 @@ pub fn status_tags(status: Status, reason: &str) -> Tags {
 }
 
 /// The marks on a copy of `source_image` (in `source_region`) of the given kind.
-pub fn copy_tags(kind: &str, source_image: &str, source_region: &str) -> Tags {
+pub fn copy_tags(kind: CopyKind, source_image: &str, source_region: &str) -> Tags {
     [
         (SOURCE_IMAGE.to_string(), source_image.to_string()),
         (SOURCE_REGION.to_string(), source_region.to_string()),
-        (COPY_KIND.to_string(), kind.to_string()),
+        (COPY_KIND.to_string(), kind.as_str().to_string()),
     ]
     .into()
 }
 
-/// When the image's family began: for ami-share's copy, its source's creation (its mark); for any other
-/// image, its own.
-pub fn family_created<'a>(tags: &'a Tags, creation_date: Option<&'a str>) -> Option<&'a str> {
-    match tags.get(SOURCE_CREATED) {
-        Some(source) if tags.contains_key(COPY_KIND) => Some(source),
-        _ => creation_date,
-    }
-}
-
-/// A copy made by ami-share, as its marks tell.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CopyMarks<'a> {
-    pub kind: &'a str,
-    pub source_region: &'a str,
-    pub source_image: &'a str,
-}
-
-/// The marks of a copy made by ami-share, if `tags` carry all of them.
-pub fn copy_marks(tags: &Tags) -> Option<CopyMarks<'_>> {
-    Some(CopyMarks {
-        kind: tags.get(COPY_KIND)?,
-        source_region: tags.get(SOURCE_REGION)?,
-        source_image: tags.get(SOURCE_IMAGE)?,
-    })
-}
+/// The tag keys of a copy's marks: an image carrying any of them claims to be ami-share's copy.
+pub const COPY_MARKS: [&str; 3] = [COPY_KIND, SOURCE_IMAGE, SOURCE_REGION];
 
 #[cfg(test)]
 mod tests {
@@ -127,18 +139,15 @@ mod tests {
     }
 
     #[test]
-    fn a_copy_is_known_by_its_marks() {
-        let marks = copy_tags(COPY_REGIONAL, "ami-12345678", "eu-west-1");
+    fn a_copy_kind_reads_back_from_its_mark() {
+        for kind in [CopyKind::Reencrypted, CopyKind::Regional] {
+            assert_eq!(CopyKind::from_mark(kind.as_str()), Some(kind));
+            assert_eq!(copy_tags(kind, "ami-12345678", "eu-west-1")[COPY_KIND], kind.as_str());
+        }
+        assert_eq!(CopyKind::from_mark("Regional"), None, "marks are exact");
         assert_eq!(
-            copy_marks(&marks),
-            Some(CopyMarks {
-                kind: COPY_REGIONAL,
-                source_region: "eu-west-1",
-                source_image: "ami-12345678"
-            })
+            serde_json::to_value(CopyKind::Reencrypted).unwrap(),
+            "re-encrypted"
         );
-        let mut partial = marks.clone();
-        partial.remove(COPY_KIND);
-        assert_eq!(copy_marks(&partial), None, "all marks are needed");
     }
 }

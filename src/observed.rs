@@ -127,6 +127,10 @@ pub struct ObservedImage {
     /// selects the same rules. (AMIs made before AWS added these fields in 2024 read as RegisterImage;
     /// CreateRestoreImageTask reads as CopyImage.)
     pub created_by: CreatedBy,
+    /// The image this one was made from, as EC2 records it: the one fact about an image's origin nobody
+    /// in the account can write. (Its tags, name and description anyone with `ec2:CreateTags` or
+    /// `ec2:CreateImage` can.)
+    pub source: Option<SourceImage>,
     pub snapshots: Vec<ObservedSnapshot>,
     /// `None` until read (DescribeImageAttribute is only called when sharing is wanted).
     pub launch_permissions: Option<BTreeSet<LaunchPermission>>,
@@ -134,6 +138,15 @@ pub struct ObservedImage {
     pub keys: BTreeMap<String, ObservedKey>,
     /// The SSM parameters the rules name, in the image's region; read only once it can be shared.
     pub parameters: BTreeMap<String, ObservedParameter>,
+}
+
+/// DescribeImages `SourceImageId` and `SourceImageRegion`: EC2 writes them on every copy (CopyImage,
+/// CreateRestoreImageTask) and, for CreateImage, names the instance's AMI. Images made before AWS added
+/// these fields (2024) have none.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SourceImage {
+    pub image_id: String,
+    pub region: Option<String>,
 }
 
 /// An SSM parameter that is to hold a rule's latest AMI id in a region.
@@ -163,6 +176,9 @@ pub struct ObservedCopies {
     /// The configured key as DescribeKey resolved it in that region: read only when a copy is to be made
     /// with a key. `Some(None)`: no such key there.
     pub key: Option<Option<ObservedKey>>,
+    /// Images found by the marks that EC2 does not record as copies of the source, each with why: never
+    /// taken for its copies.
+    pub ignored: Vec<String>,
 }
 
 /// Everything reconciling one image observed: the input of [`crate::plan::plan`].

@@ -22,10 +22,11 @@ use crate::config::MAX_TAGS_PER_RESOURCE;
 use crate::distribution::{TemplateValues, is_before, next_minute, same_minute};
 use crate::key_policy::{self, KeyGrantees};
 use crate::keys::{KeyArn, KeyRef};
-use crate::markers::{self, Status};
+use crate::markers::{self, CopyKind, Status};
 use crate::observed::{
     ImageState, KeyManager, Observed, ObservedCopies, ObservedImage, ObservedKey, Tags,
 };
+use crate::provenance::{Provenance, provenance};
 use crate::rules::{CopyWanted, Desired};
 use crate::targets::LaunchPermission;
 
@@ -105,8 +106,8 @@ pub enum Action {
 /// TagSpecifications, so no event ever sees the copy unmarked, and a copy is never copied again).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ImageCopy {
-    /// Why the copy is made: [`markers::COPY_REENCRYPTED`] or [`markers::COPY_REGIONAL`].
-    pub kind: &'static str,
+    /// Why the copy is made.
+    pub kind: CopyKind,
     /// Where the copy is made (CopyImage is called there).
     pub region: String,
     pub source_region: String,
@@ -179,7 +180,7 @@ impl fmt::Display for Action {
                 image_id,
                 tags,
             } => write!(f, "mark {image_id} in {region}: {}", pairs(tags)),
-            Self::CopyImage(copy) if copy.kind == markers::COPY_REENCRYPTED => write!(
+            Self::CopyImage(copy) if copy.kind == CopyKind::Reencrypted => write!(
                 f,
                 "copy {} in {} as {:?}, re-encrypted with KMS key {}, to share the copy instead",
                 copy.source_image_id,
@@ -255,6 +256,10 @@ pub struct Plan {
     /// Each target region of the rules' `copy`, and where its copy stands.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub regions: BTreeMap<String, RegionCopy>,
+    /// What a person should know that changes nothing: images found by ami-share's marks that EC2 does
+    /// not record as copies (ignored), configured targets that need no grant.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// Where the copy of an image in one target region stands, as planning saw it.
@@ -555,6 +560,10 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
                     after_tags.extend(copy_plan.actions);
                     plan.deferred.extend(copy_plan.deferred);
                     plan.blocked.extend(copy_plan.blocked);
+                    plan.notes.extend(copy_plan.notes);
+                }
+                if let Some(reencryption) = &observed.reencryption {
+                    plan.notes.extend(reencryption.ignored.iter().cloned());
                 }
             }
         }
@@ -679,7 +688,7 @@ fn parameter_actions(desired: &Desired, image: &ObservedImage, plan: &mut Plan) 
         if current.value.as_deref() == Some(image.image_id.as_str()) {
             continue;
         }
-        let ours = markers::family_created(&image.tags, image.creation_date.as_deref());
+        let ours = desired.family_created.as_deref();
         if let (Some(theirs), Some(ours)) = (current.value_created.as_deref(), ours)
             && is_before(ours, theirs)
         {
@@ -758,7 +767,8 @@ fn region_copy(
     plan: &mut Plan,
 ) -> RegionCopy {
     let source = &observed.image;
-    let copy_desired = desired_for_copy(desired, source, markers::COPY_REGIONAL);
+    let copy_desired = desired_for_copy(desired, source, CopyKind::Regional);
+    plan.notes.extend(found.ignored.iter().cloned());
     if let Some(copy) = chosen_copy(&found.copies) {
         let copy_plan = self::plan(
             &copy_desired,
@@ -772,6 +782,7 @@ fn region_copy(
         plan.actions.extend(copy_plan.actions);
         plan.deferred.extend(copy_plan.deferred);
         plan.blocked.extend(copy_plan.blocked);
+        plan.notes.extend(copy_plan.notes);
         plan.blocked
             .extend(duplicate_copies(&found.copies, copy, source, "copies"));
         return RegionCopy::Copy {
@@ -804,7 +815,7 @@ fn region_copy(
         false => Tags::new(),
     };
     plan.actions.push(Action::CopyImage(new_copy(CopyDraft {
-        kind: markers::COPY_REGIONAL,
+        kind: CopyKind::Regional,
         source,
         region,
         key: key.as_ref(),
@@ -890,8 +901,8 @@ fn not_shareable(
         Some(key_ref) if curable => key_ref,
         None if curable => {
             // ami-share never copies its own copies: a regional copy is cured at its making.
-            let remedy = match markers::copy_marks(&image.tags) {
-                Some(marks) if marks.kind == markers::COPY_REGIONAL => format!(
+            let remedy = match provenance(image) {
+                Provenance::Copy(copy) if copy.kind == CopyKind::Regional => format!(
                     "to share copies in {}, set its kms_key in the rule's copy.regions",
                     image.region
                 ),
@@ -915,7 +926,7 @@ fn not_shareable(
     if let Some(copy) = chosen_copy(&reencryption.copies) {
         shared_as_copy.insert(markers::REENCRYPTED_COPY.into(), copy.image_id.clone());
         let mut copy_plan = plan(
-            &desired_for_copy(desired, image, markers::COPY_REENCRYPTED),
+            &desired_for_copy(desired, image, CopyKind::Reencrypted),
             &Observed {
                 image: copy.clone(),
                 now: observed.now.clone(),
@@ -962,9 +973,9 @@ fn not_shareable(
                 "{} re-encrypted with {key_ref} by ami-share, to be shared in its place",
                 image.image_id
             );
-            let marks = desired_for_copy(desired, image, markers::COPY_REENCRYPTED).image_tags;
+            let marks = desired_for_copy(desired, image, CopyKind::Reencrypted).image_tags;
             let copy = new_copy(CopyDraft {
-                kind: markers::COPY_REENCRYPTED,
+                kind: CopyKind::Reencrypted,
                 source: image,
                 region: &image.region,
                 key: key.as_ref(),
@@ -1012,14 +1023,14 @@ pub fn chosen_copy(copies: &[ObservedImage]) -> Option<&ObservedImage> {
 
 /// What a copy of `source` must have: the source's wanted tags, shares, snapshot permissions,
 /// deprecation and parameters, plus its marks; never a copy of its own.
-pub fn desired_for_copy(desired: &Desired, source: &ObservedImage, kind: &str) -> Desired {
+pub fn desired_for_copy(desired: &Desired, source: &ObservedImage, kind: CopyKind) -> Desired {
     let mut image_tags = desired.image_tags.clone();
     image_tags.extend(markers::copy_tags(kind, &source.image_id, &source.region));
-    if let Some(created) = markers::family_created(&source.tags, source.creation_date.as_deref()) {
-        image_tags.insert(markers::SOURCE_CREATED.into(), created.to_string());
-    }
     Desired {
         image_tags,
+        // A copy is as old as its source, as EC2 dates the source (copies are never copied: a source is
+        // always an image of its own).
+        family_created: source.creation_date.clone(),
         reencrypt_with: None,
         copy: None,
         conflicts: Vec::new(),
@@ -1106,7 +1117,7 @@ fn with_marks(tags: Tags, marks: Tags) -> Tags {
 
 /// What a new copy is made of, before its token and final name are derived.
 struct CopyDraft<'a> {
-    kind: &'static str,
+    kind: CopyKind,
     source: &'a ObservedImage,
     region: &'a str,
     key: Option<&'a KeyArn>,
@@ -1127,9 +1138,9 @@ fn new_copy(draft: CopyDraft) -> ImageCopy {
     let key = draft.key.map(KeyArn::as_str).unwrap_or_default();
     let identity: Vec<&str> = match draft.kind {
         // The re-encrypted copy's token is as it was before regional copies existed.
-        markers::COPY_REENCRYPTED => vec![source.image_id.as_str(), key],
+        CopyKind::Reencrypted => vec![source.image_id.as_str(), key],
         kind => vec![
-            kind,
+            kind.as_str(),
             source.region.as_str(),
             source.image_id.as_str(),
             draft.region,
@@ -1143,7 +1154,7 @@ fn new_copy(draft: CopyDraft) -> ImageCopy {
             .collect::<Vec<_>>(),
     );
     let base = match draft.kind {
-        markers::COPY_REENCRYPTED => "-reencrypted",
+        CopyKind::Reencrypted => "-reencrypted",
         _ => "",
     };
     let suffix = match draft.previous {
@@ -1354,6 +1365,8 @@ mod tests {
             launch_permissions: [org(), account("210987654321")].into(),
             reencrypt_with: None,
             conflicts: vec![],
+            // As the rules date the image of `image()`.
+            family_created: Some("2026-11-25T10:00:00.000Z".into()),
             ..Desired::default()
         }
     }
@@ -1824,7 +1837,11 @@ mod tests {
     fn reencryption(copies: Vec<ObservedImage>, key: Option<Option<ObservedKey>>) -> Observed {
         Observed {
             image: encrypted(AWS_EBS, Some(self::key(AWS_EBS, KeyManager::Aws))),
-            reencryption: Some(ObservedCopies { copies, key }),
+            reencryption: Some(ObservedCopies {
+                copies,
+                key,
+                ..ObservedCopies::default()
+            }),
             regional: BTreeMap::new(),
             now: None,
         }
@@ -1897,7 +1914,7 @@ mod tests {
         copy.tags = desired_for_copy(
             &reencrypting(),
             &encrypted(AWS_EBS, None),
-            markers::COPY_REENCRYPTED,
+            CopyKind::Reencrypted,
         )
         .image_tags;
         copy.snapshots[0].tags = Some(desired().snapshot_tags);
@@ -2006,6 +2023,7 @@ mod tests {
             reencryption: Some(ObservedCopies {
                 copies: vec![],
                 key: Some(Some(key(REENCRYPT_KEY, KeyManager::Customer))),
+                ..ObservedCopies::default()
             }),
             regional: BTreeMap::new(),
             now: None,
@@ -2168,6 +2186,7 @@ mod tests {
         let west = ObservedCopies {
             copies: vec![],
             key: Some(Some(key(WEST_KEY, KeyManager::Customer))),
+            ..ObservedCopies::default()
         };
         let p = plan(
             &distributing(),
@@ -2177,7 +2196,7 @@ mod tests {
         assert_eq!(made.len(), 2, "{p:#?}");
         let west = made.iter().find(|c| c.region == "us-west-2").unwrap();
         let frankfurt = made.iter().find(|c| c.region == "eu-central-1").unwrap();
-        assert_eq!(west.kind, markers::COPY_REGIONAL);
+        assert_eq!(west.kind, CopyKind::Regional);
         assert_eq!(west.source_region, "us-east-1");
         assert_eq!(west.name, "golden-us-west-2");
         assert_eq!(west.description, "Golden (from ami-12345678 in us-east-1)");
@@ -2194,12 +2213,16 @@ mod tests {
             "never aws: tags"
         );
         assert_eq!(
-            markers::copy_marks(&west.tags),
-            Some(markers::CopyMarks {
-                kind: markers::COPY_REGIONAL,
-                source_region: "us-east-1",
-                source_image: "ami-12345678"
-            })
+            (
+                west.tags[markers::COPY_KIND].as_str(),
+                west.tags[markers::SOURCE_REGION].as_str(),
+                west.tags[markers::SOURCE_IMAGE].as_str()
+            ),
+            ("regional", "us-east-1", "ami-12345678")
+        );
+        assert!(
+            !west.tags.contains_key(markers::SOURCE_CREATED),
+            "a copy's age is read from its source, never from a tag"
         );
         assert_eq!(p.regions["us-west-2"], RegionCopy::ToCopy);
         // The same state plans the same calls: a retry reuses the tokens, so EC2 returns the same copies.
@@ -2210,6 +2233,7 @@ mod tests {
                 Some(ObservedCopies {
                     copies: vec![],
                     key: Some(Some(key(WEST_KEY, KeyManager::Customer))),
+                    ..ObservedCopies::default()
                 }),
             ),
         );
@@ -2221,14 +2245,10 @@ mod tests {
         let mut copy = image(ImageState::Available);
         copy.image_id = "ami-0west".into();
         copy.region = "us-west-2".into();
-        copy.tags = markers::copy_tags(markers::COPY_REGIONAL, "ami-12345678", "us-east-1");
-        copy.tags.insert(
-            markers::SOURCE_CREATED.into(),
-            "2026-11-25T10:00:00.000Z".into(),
-        );
+        copy.tags = markers::copy_tags(CopyKind::Regional, "ami-12345678", "us-east-1");
         let west = ObservedCopies {
             copies: vec![copy],
-            key: None,
+            ..ObservedCopies::default()
         };
         let p = plan(
             &distributing(),
@@ -2265,6 +2285,7 @@ mod tests {
                 Some(ObservedCopies {
                     copies: vec![],
                     key: Some(None),
+                    ..ObservedCopies::default()
                 }),
             ),
         );
@@ -2295,6 +2316,7 @@ mod tests {
         let west = |copies: Vec<ObservedImage>| ObservedCopies {
             copies,
             key: Some(Some(key(WEST_KEY, KeyManager::Customer))),
+            ..ObservedCopies::default()
         };
         let first = plan(
             &distributing(),
@@ -2420,16 +2442,19 @@ mod tests {
 
     #[test]
     fn a_copy_is_as_old_as_its_source_for_the_parameter() {
-        let mut d = desired();
-        d.ssm_parameters = ["/p".to_string()].into();
-        // A copy of an older source, made after the copy of a newer source the parameter names.
+        // A copy of an older source, made after the copy of a newer source the parameter names: the
+        // copy's family began when its source was created (what the reconciler reads from the source).
         let mut copy = image(ImageState::Available);
         copy.creation_date = Some("2026-11-30T00:00:00.000Z".into());
-        copy.tags = markers::copy_tags(markers::COPY_REGIONAL, "ami-old", "us-east-1");
-        copy.tags.insert(
-            markers::SOURCE_CREATED.into(),
-            "2026-11-01T00:00:00.000Z".into(),
+        let mut d = desired_for_copy(
+            &desired(),
+            &ObservedImage {
+                creation_date: Some("2026-11-01T00:00:00.000Z".into()),
+                ..image(ImageState::Available)
+            },
+            CopyKind::Regional,
         );
+        d.ssm_parameters = ["/p".to_string()].into();
         copy.parameters.insert(
             "/p".into(),
             crate::observed::ObservedParameter {
@@ -2437,13 +2462,19 @@ mod tests {
                 value_created: Some("2026-11-20T00:00:00.000Z".into()),
             },
         );
-        let p = plan(&d, &observed(copy));
+        let p = plan(&d, &observed(copy.clone()));
         assert!(
             !p.actions
                 .iter()
                 .any(|a| matches!(a, Action::PutParameter { .. })),
             "{p:#?}"
         );
+        // Tags never date a family: a forged source-created mark in the future changes nothing.
+        copy.tags.insert(
+            markers::SOURCE_CREATED.into(),
+            "2099-01-01T00:00:00.000Z".into(),
+        );
+        assert_eq!(plan(&d, &observed(copy)), p);
     }
 
     #[test]
@@ -2451,6 +2482,7 @@ mod tests {
         let west = ObservedCopies {
             copies: vec![],
             key: Some(Some(key(WEST_KEY, KeyManager::Customer))),
+            ..ObservedCopies::default()
         };
         let p = plan(
             &distributing(),

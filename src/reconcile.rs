@@ -22,11 +22,12 @@ use crate::aws::{Aws, AwsError, ImageLookup};
 use crate::config::{Config, CreatedBy};
 use crate::key_policy::{self, KeyGrantees};
 use crate::keys::{KeyArn, KeyRef};
-use crate::markers::{self, CopyMarks};
+use crate::markers::CopyKind;
 use crate::observed::{
     ImageState, KeyManager, Observed, ObservedCopies, ObservedImage, ObservedKey, ObservedParameter,
 };
 use crate::plan::{self, Action, Plan, RegionCopy, desired_for_copy, keys_to_read, reads_needed};
+use crate::provenance::{self, Provenance, provenance};
 use crate::rules::{Desired, ImageFacts, desired_for};
 use crate::trigger::{EventKind, ImageEvent};
 
@@ -94,6 +95,10 @@ pub struct Outcome {
     /// Tag keys rules disagreed on.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub conflicts: Vec<String>,
+    /// What a person should know about how the image was taken: marks EC2 does not back, images found
+    /// by marks and ignored, configured targets that need no grant.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
     /// AWS calls that failed.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub failures: Vec<AwsError>,
@@ -181,6 +186,7 @@ impl Outcome {
             deferred: self.deferred.clone(),
             blocked: self.blocked.clone(),
             regions: BTreeMap::new(),
+            notes: self.notes.clone(),
         }
     }
 
@@ -277,6 +283,7 @@ impl Outcome {
         parts.extend(self.not_done.iter().map(|a| format!("{label}: {a}")));
         parts.extend(self.blocked.iter().map(|b| format!("blocked: {b}")));
         parts.extend(self.deferred.iter().map(|d| format!("deferred: {d}")));
+        parts.extend(self.notes.iter().map(|n| format!("note: {n}")));
         parts.extend(self.regions.iter().map(|(region, r)| {
             let mut text = format!("{region}: {}", r.status);
             if let Some(id) = &r.image_id {
@@ -357,97 +364,110 @@ impl<A: Aws> Reconciler<'_, A> {
             .await
     }
 
-    /// Everything after the image is described: ami-share's copies go to their source's rules.
+    /// Everything after the image is described. ami-share's copies go to their source's rules, but only
+    /// where EC2 vouches that they are copies of that source and the source is this account's
+    /// ([`crate::provenance`]); any other image is governed by the rules that select it, and one whose
+    /// marks EC2 does not back is never copied.
     async fn reconcile_described(
         &self,
         image: ObservedImage,
         kind: &EventKind,
-        outcome: Outcome,
+        mut outcome: Outcome,
     ) -> Outcome {
-        let image_id = image.image_id.clone();
-        match markers::copy_marks(&image.tags) {
-            // ami-share's copy in another region: finished here, in its region, under its source's rules.
-            Some(marks) if marks.kind == markers::COPY_REGIONAL => {
-                let marks = (
-                    marks.source_region.to_string(),
-                    marks.source_image.to_string(),
-                );
-                self.reconcile_regional_copy(image, marks, outcome).await
-            }
-            // ami-share's re-encrypted copy: its source's rules govern it, and it is never copied again.
-            Some(CopyMarks {
-                source_region,
-                source_image,
-                ..
-            }) => {
-                let (source_region, source_id) =
-                    (source_region.to_string(), source_image.to_string());
-                let mut outcome = Outcome::new(&source_id, &source_region);
-                outcome.event_image_id = Some(image_id.to_string());
-                match self.aws.describe_image(&source_region, &source_id).await {
+        let created_by = match kind {
+            EventKind::ApiCall(created_by) => *created_by,
+            EventKind::StateChange { .. } | EventKind::Direct => image.created_by,
+        };
+        let disputed = match provenance(&image) {
+            Provenance::Own => None,
+            Provenance::Disputed(reason) => Some(reason),
+            Provenance::Copy(copy) => {
+                let source = &copy.source_image;
+                let region = &copy.source_region;
+                match self.aws.describe_image(region, source).await {
                     Ok(ImageLookup::Owned(source)) => {
-                        let created_by = source.created_by;
-                        self.reconcile_image(*source, created_by, outcome).await
+                        return match copy.kind {
+                            CopyKind::Regional => {
+                                self.reconcile_regional_copy(image, *source, outcome).await
+                            }
+                            // Its source's rules govern it: the source is reconciled, and with it the copy.
+                            CopyKind::Reencrypted => {
+                                let mut outcome = Outcome::new(&source.image_id, &source.region);
+                                outcome.event_image_id = Some(image.image_id.clone());
+                                let created_by = source.created_by;
+                                self.reconcile_image(*source, created_by, outcome, true)
+                                    .await
+                            }
+                        };
                     }
-                    Ok(_) => outcome.skipped(format!(
-                        "{image_id} is ami-share's re-encrypted copy of {source_id}, which is gone or not this account's: the copy is left as it is"
+                    Ok(ImageLookup::NotOwned { owner_id }) => Some(format!(
+                        "EC2 records it as a copy of {source} in {region}, which account {owner_id} owns, not this one"
                     )),
-                    Err(e) => outcome.failed(e),
+                    Ok(ImageLookup::NotFound) => Some(format!(
+                        "EC2 records it as a copy of {source} in {region}, which is gone"
+                    )),
+                    Err(e) => return outcome.failed(e),
                 }
             }
-            None => {
-                let created_by = match kind {
-                    EventKind::ApiCall(created_by) => *created_by,
-                    EventKind::StateChange { .. } | EventKind::Direct => image.created_by,
-                };
-                self.reconcile_image(image, created_by, outcome).await
-            }
+        };
+        let may_copy = disputed.is_none();
+        if let Some(reason) = disputed {
+            tracing::warn!(
+                image_id = %image.image_id,
+                "{} is not taken for ami-share's copy: {reason}",
+                image.image_id
+            );
+            outcome.notes.push(format!(
+                "not taken for ami-share's copy: {reason}; its own rules govern it, and it is never copied"
+            ));
         }
+        self.reconcile_image(image, created_by, outcome, may_copy)
+            .await
     }
 
     /// Selects the rules for a described image, then observes, plans and (in [`Mode::Apply`]) applies.
-    pub async fn reconcile_image(
+    /// `may_copy`: false for an image that claims to be a copy EC2 does not vouch for, which is never
+    /// copied (no `copy`, no `reencrypt`).
+    async fn reconcile_image(
         &self,
         image: ObservedImage,
         created_by: CreatedBy,
         mut outcome: Outcome,
+        may_copy: bool,
     ) -> Outcome {
         outcome.created_by = Some(created_by);
-        let desired = desired_for(self.config, &facts_of(&image, created_by));
+        let mut desired = desired_for(self.config, &facts_of(&image, created_by));
         if desired.is_empty() {
             let name = image.name.as_deref().unwrap_or("(no name)");
             return outcome.skipped(format!("no rule selects it (name {name:?})"));
         }
+        if !may_copy {
+            desired.copy = None;
+            desired.reencrypt_with = None;
+        }
         self.reconcile_desired(image, desired, outcome).await
     }
 
-    /// A copy ami-share made in this region of an image in another: its source's rules say what it must
-    /// have (tags, shares, key grants, deprecation, parameter). It is never copied again: the copy's
-    /// wanted state has no `copy`. Only this region is touched, so a stack per region finishes its copies.
+    /// A copy ami-share made in this region of `source`, an image of this account in another: its
+    /// source's rules say what it must have (tags, shares, key grants, deprecation, parameter). It is never
+    /// copied again: the copy's wanted state has no `copy`. Only this region is touched, so a stack per
+    /// region finishes its copies.
     async fn reconcile_regional_copy(
         &self,
         copy: ObservedImage,
-        (source_region, source_id): (String, String),
+        source: ObservedImage,
         mut outcome: Outcome,
     ) -> Outcome {
-        outcome.copy_of = Some(format!("{source_id} in {source_region}"));
-        let source = match self.aws.describe_image(&source_region, &source_id).await {
-            Ok(ImageLookup::Owned(source)) => *source,
-            Ok(_) => {
-                return outcome.skipped(format!(
-                    "its source {source_id} in {source_region} is gone or not this account's, so no rule can be read for it: the copy is left as it is"
-                ));
-            }
-            Err(e) => return outcome.failed(e),
-        };
+        outcome.copy_of = Some(format!("{} in {}", source.image_id, source.region));
         outcome.created_by = Some(source.created_by);
         let desired = desired_for(self.config, &facts_of(&source, source.created_by));
         if desired.is_empty() {
             return outcome.skipped(format!(
-                "no rule of this function's config selects its source {source_id} (any more, or the config here differs from the source region's): the copy is left as it is"
+                "no rule of this function's config selects its source {} (any more, or the config here differs from the source region's): the copy is left as it is",
+                source.image_id
             ));
         }
-        let desired = desired_for_copy(&desired, &source, markers::COPY_REGIONAL);
+        let desired = desired_for_copy(&desired, &source, CopyKind::Regional);
         self.reconcile_desired(copy, desired, outcome).await
     }
 
@@ -467,6 +487,7 @@ impl<A: Aws> Reconciler<'_, A> {
         let plan = plan::plan(&desired, &observed);
         outcome.deferred = plan.deferred;
         outcome.blocked = plan.blocked;
+        outcome.notes.extend(plan.notes);
         if self.mode == Mode::DryRun {
             outcome.dry_run = true;
             outcome.not_done = plan.actions;
@@ -489,7 +510,7 @@ impl<A: Aws> Reconciler<'_, A> {
         outcome: &mut Outcome,
     ) -> Result<Observed, AwsError> {
         let regions = self.regional_targets(&image, desired);
-        let copy_desired = desired_for_copy(desired, &image, markers::COPY_REGIONAL);
+        let copy_desired = desired_for_copy(desired, &image, CopyKind::Regional);
         let (source, regional) = futures::join!(
             async {
                 let image = self.observe_image(image.clone(), desired).await?;
@@ -499,9 +520,9 @@ impl<A: Aws> Reconciler<'_, A> {
                             .observe_copies(
                                 &image.region,
                                 &image,
-                                markers::COPY_REENCRYPTED,
+                                CopyKind::Reencrypted,
                                 Some(key),
-                                &desired_for_copy(desired, &image, markers::COPY_REENCRYPTED),
+                                &desired_for_copy(desired, &image, CopyKind::Reencrypted),
                             )
                             .await?;
                         Some(copies)
@@ -513,7 +534,7 @@ impl<A: Aws> Reconciler<'_, A> {
             join_all(regions.iter().map(|(region, key)| self.observe_copies(
                 region,
                 &image,
-                markers::COPY_REGIONAL,
+                CopyKind::Regional,
                 key.as_ref(),
                 &copy_desired
             )))
@@ -565,14 +586,27 @@ impl<A: Aws> Reconciler<'_, A> {
         &self,
         region: &str,
         source: &ObservedImage,
-        kind: &str,
+        kind: CopyKind,
         key: Option<&KeyRef>,
         copy_desired: &Desired,
     ) -> Result<ObservedCopies, AwsError> {
-        let mut copies = self
+        let found = self
             .aws
             .find_copies(region, &source.region, &source.image_id, kind)
             .await?;
+        // Found by their marks, which anyone may write: only those EC2 records as copies of the source are
+        // taken for its copies. The others are named, and left alone.
+        let (mut copies, impostors): (Vec<ObservedImage>, Vec<ObservedImage>) = found
+            .into_iter()
+            .partition(|c| provenance::is_copy_of(c, kind, &source.region, &source.image_id));
+        let ignored = impostors
+            .iter()
+            .map(|image| match provenance(image) {
+                Provenance::Disputed(reason) => reason,
+                _ => format!("{} is no {kind} copy of {}", image.image_id, source.image_id),
+            })
+            .map(|reason| format!("ignored as a {kind} copy of {} in {region}: {reason}", source.image_id))
+            .collect();
         let key = match plan::chosen_copy(&copies).map(|c| c.image_id.clone()) {
             Some(chosen) => {
                 let copy = copies.iter_mut().find(|c| c.image_id == chosen);
@@ -585,7 +619,11 @@ impl<A: Aws> Reconciler<'_, A> {
                 None => None,
             },
         };
-        Ok(ObservedCopies { copies, key })
+        Ok(ObservedCopies {
+            copies,
+            key,
+            ignored,
+        })
     }
 
     /// Launch permissions, snapshots, snapshot permissions and parameters (concurrently), then the keys
@@ -691,11 +729,7 @@ impl<A: Aws> Reconciler<'_, A> {
             let value_created = match value.as_deref() {
                 Some(id) if id.starts_with("ami-") => {
                     match self.aws.describe_image(region, id).await? {
-                        // A copy is as old as its source: parameters follow the newest source.
-                        ImageLookup::Owned(image) => {
-                            markers::family_created(&image.tags, image.creation_date.as_deref())
-                                .map(str::to_string)
-                        }
+                        ImageLookup::Owned(image) => self.family_created(&image).await?,
                         _ => None,
                     }
                 }
@@ -712,6 +746,25 @@ impl<A: Aws> Reconciler<'_, A> {
             .zip(observed)
             .map(|(name, p)| Ok((name.clone(), p?)))
             .collect()
+    }
+
+    /// When an image's family began, as EC2 dates it: for ami-share's copy (as EC2 vouches), its
+    /// source's `CreationDate`, read from the source (`None` when the source is gone or not this
+    /// account's); for any other image, its own. Parameters follow the newest family.
+    async fn family_created(&self, image: &ObservedImage) -> Result<Option<String>, AwsError> {
+        match provenance(image) {
+            Provenance::Copy(copy) => Ok(
+                match self
+                    .aws
+                    .describe_image(&copy.source_region, &copy.source_image)
+                    .await?
+                {
+                    ImageLookup::Owned(source) => source.creation_date,
+                    _ => None,
+                },
+            ),
+            Provenance::Own | Provenance::Disputed(_) => Ok(image.creation_date.clone()),
+        }
     }
 
     /// DescribeKey and GetKeyPolicy together. The policy of an AWS managed key is not needed (it cannot
@@ -797,7 +850,7 @@ impl<A: Aws> Reconciler<'_, A> {
             match result {
                 Ok(made) => {
                     if let (Action::CopyImage(copy), Some(id)) = (&action, made)
-                        && copy.kind == markers::COPY_REGIONAL
+                        && copy.kind == CopyKind::Regional
                     {
                         outcome.made.insert(copy.region.clone(), id);
                     }
@@ -881,7 +934,7 @@ impl<A: Aws> Reconciler<'_, A> {
                     // found by their marks): the copy gets a name of its own rather than failing for good.
                     Err(e)
                         if e.code.as_deref() == Some("InvalidAMIName.Duplicate")
-                            && copy.kind == markers::COPY_REGIONAL =>
+                            && copy.kind == CopyKind::Regional =>
                     {
                         let renamed = copy.renamed();
                         tracing::warn!(
@@ -1000,7 +1053,8 @@ mod tests {
 
     use super::*;
     use crate::aws::Aws;
-    use crate::observed::{ObservedSnapshot, SnapshotFacts, Tags};
+    use crate::markers;
+    use crate::observed::{ObservedSnapshot, SnapshotFacts, SourceImage, Tags};
     use crate::plan::ImageCopy;
     use crate::targets::LaunchPermission;
     use crate::trigger::ImageRef;
@@ -1266,19 +1320,17 @@ mod tests {
             region: &str,
             source_region: &str,
             source: &str,
-            kind: &str,
+            kind: CopyKind,
         ) -> Result<Vec<ObservedImage>, AwsError> {
             self.call("DescribeImages", region)?;
             let state = self.state.lock().unwrap();
-            let wanted = CopyMarks {
-                kind,
-                source_region,
-                source_image: source,
-            };
+            let marks = markers::copy_tags(kind, source, source_region);
             Ok(state
                 .images
                 .values()
-                .filter(|i| i.region == region && markers::copy_marks(&i.tags) == Some(wanted))
+                .filter(|i| {
+                    i.region == region && marks.iter().all(|(k, v)| i.tags.get(k) == Some(v))
+                })
                 .map(|i| ObservedImage {
                     launch_permissions: None,
                     ..i.clone()
@@ -1318,6 +1370,11 @@ mod tests {
             image.state = ImageState::Pending;
             image.tags = copy.tags.clone();
             image.created_by = CreatedBy::CopyImage;
+            // As EC2 records every copy's source.
+            image.source = Some(SourceImage {
+                image_id: copy.source_image_id.clone(),
+                region: Some(copy.source_region.clone()),
+            });
             image.launch_permissions = Some(BTreeSet::new());
             image.snapshots = vec![ObservedSnapshot {
                 snapshot_id: snapshot.clone(),
@@ -2000,11 +2057,11 @@ mod tests {
         let mut copy = state.images[IMAGE].clone();
         copy.image_id = "ami-0west".into();
         copy.region = WEST.into();
-        copy.tags = markers::copy_tags(markers::COPY_REGIONAL, IMAGE, REGION);
-        copy.tags.insert(
-            markers::SOURCE_CREATED.into(),
-            "2026-11-25T10:00:00.000Z".into(),
-        );
+        copy.tags = markers::copy_tags(CopyKind::Regional, IMAGE, REGION);
+        copy.source = Some(SourceImage {
+            image_id: IMAGE.into(),
+            region: Some(REGION.into()),
+        });
         copy.snapshots[0].snapshot_id = "snap-west".into();
         copy.snapshots[0].encrypted = Some(true);
         state.images.insert("ami-0west".into(), copy);
@@ -2102,5 +2159,122 @@ mod tests {
             Some(BTreeSet::new()),
             "the source is its own event's"
         );
+    }
+
+    fn west_event(image_id: &str) -> ImageEvent {
+        ImageEvent {
+            image: ImageRef {
+                region: Some(WEST.into()),
+                image_id: image_id.into(),
+            },
+            kind: EventKind::StateChange {
+                state: "available".into(),
+            },
+            account: None,
+            event_id: None,
+        }
+    }
+
+    /// `with_west_copy`, but the copy in WEST is a scratch AMI someone tagged with the copy's marks: EC2
+    /// records `source` (`None`: none) as what it was made from.
+    fn with_forged_west_copy(source: Option<&str>) -> FakeAws {
+        let aws = with_west_copy();
+        let mut state = aws.state.lock().unwrap();
+        let forged = state.images.get_mut("ami-0west").unwrap();
+        forged.name = Some("scratch-1".into());
+        forged.source = source.map(|id| SourceImage {
+            image_id: id.into(),
+            region: Some(REGION.into()),
+        });
+        drop(state);
+        aws
+    }
+
+    #[tokio::test]
+    async fn forged_copy_marks_borrow_no_rule_and_the_log_says_what_ec2_records() {
+        for (source, contradiction) in [
+            (None, "EC2 records no source image for ami-0west"),
+            (
+                Some("ami-87654321"),
+                "EC2 records ami-0west as made from ami-87654321",
+            ),
+        ] {
+            let aws = with_forged_west_copy(source);
+            let outcome = run(
+                &aws,
+                &distributing_config(),
+                &west_event("ami-0west"),
+                Mode::Apply,
+            )
+            .await;
+            assert_eq!(outcome.status(), "skipped", "{}", outcome.headline());
+            assert!(
+                outcome.skipped.as_deref().unwrap().contains("scratch-1"),
+                "judged by its own name: {}",
+                outcome.headline()
+            );
+            assert_eq!(outcome.copy_of, None);
+            assert!(
+                outcome.notes.iter().any(|n| n.contains(contradiction)),
+                "{:?}",
+                outcome.notes
+            );
+            assert!(aws.writes().is_empty(), "{:?}", aws.writes());
+            assert_eq!(
+                aws.image("ami-0west").launch_permissions,
+                Some(BTreeSet::new())
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_forged_copy_is_not_taken_for_the_sources_copy_and_a_real_one_is_made() {
+        let aws = with_forged_west_copy(None);
+        let outcome = apply(&aws, &distributing_config()).await;
+        assert!(
+            aws.calls().contains(&"CopyImage"),
+            "the forgery is no copy: {}",
+            outcome.headline()
+        );
+        assert_eq!(outcome.regions[WEST].status, "copying", "{}", outcome.headline());
+        assert_eq!(
+            aws.image("ami-0west").launch_permissions,
+            Some(BTreeSet::new()),
+            "the forgery is never shared"
+        );
+        assert!(
+            outcome
+                .notes
+                .iter()
+                .any(|n| n.contains("ignored as a regional copy of ami-12345678")
+                    && n.contains("EC2 records no source image")),
+            "{:?}",
+            outcome.notes
+        );
+    }
+
+    #[tokio::test]
+    async fn a_copy_whose_source_is_gone_or_another_accounts_is_an_image_of_its_own() {
+        let aws = with_west_copy();
+        aws.state.lock().unwrap().images.remove(IMAGE);
+        let outcome = run(
+            &aws,
+            &distributing_config(),
+            &west_event("ami-0west"),
+            Mode::Apply,
+        )
+        .await;
+        // Its own name is the source's ("golden-1"): the rule selects it as an image of its own, shares
+        // it, and never copies it.
+        assert_eq!(outcome.copy_of, None);
+        assert!(
+            outcome
+                .notes
+                .iter()
+                .any(|n| n.contains("which is gone") && n.contains("never copied")),
+            "{:?}",
+            outcome.notes
+        );
+        assert!(!aws.calls().contains(&"CopyImage"));
     }
 }

@@ -51,6 +51,10 @@ pub struct Desired {
     /// selecting rules grant together) are removed.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub exclusive: bool,
+    /// When the image's family began, as EC2 dates it: the image's own `CreationDate`, or, for
+    /// ami-share's copy, its source's. An SSM parameter never moves to an image of an older family.
+    #[serde(skip)]
+    pub family_created: Option<String>,
     /// SSM parameters to point at the image once it is shared, in its region.
     #[serde(skip_serializing_if = "BTreeSet::is_empty")]
     pub ssm_parameters: BTreeSet<String>,
@@ -97,7 +101,10 @@ pub fn selects(rule: &Rule, image: &ImageFacts) -> bool {
 
 /// Unites the effects of every rule that selects the image.
 pub fn desired_for(config: &Config, image: &ImageFacts) -> Desired {
-    let mut desired = Desired::default();
+    let mut desired = Desired {
+        family_created: image.creation_date.map(str::to_string),
+        ..Desired::default()
+    };
     // Which rule set each key first, to name both rules in a conflict.
     let mut owner_of_key: Tags = Tags::new();
     let selecting: Vec<&Rule> = config

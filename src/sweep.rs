@@ -12,16 +12,17 @@
 //! wrote a parameter are reconciled again, one at a time, newest first: the newest sets it if it lost,
 //! the others then find a newer value and leave it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde::Serialize;
 
 use crate::aws::{Aws, AwsError};
-use crate::markers;
+use crate::markers::CopyKind;
 use crate::observed::ObservedImage;
 use crate::plan::Action;
+use crate::provenance::{Provenance, provenance};
 use crate::reconcile::{Outcome, Reconciler};
 use crate::trigger::{EventKind, ImageEvent, ImageRef};
 
@@ -57,28 +58,34 @@ pub struct Selection {
     pub left_to_source: Vec<(String, String)>,
 }
 
-/// Chooses what to reconcile among the listed images of the swept regions. ami-share's re-encrypted
-/// copies and its regional copies whose source region is swept too are left out: their source's
+/// Chooses what to reconcile among the listed images. ami-share's copies whose source was listed too
+/// (as EC2 vouches: marks alone are not believed, see [`crate::provenance`]) are left out: their source's
 /// reconciliation finishes them, and reconciling both at once would only race. The newest images go
 /// first, so a sweep cut short by its deadline has done the ones most likely to be wanted.
-pub fn selection(listed: Vec<ObservedImage>, swept_regions: &[String]) -> Selection {
+pub fn selection(listed: Vec<ObservedImage>) -> Selection {
+    let listed_ids: BTreeSet<(String, String)> = listed
+        .iter()
+        .map(|i| (i.region.clone(), i.image_id.clone()))
+        .collect();
     let mut selection = Selection::default();
     for image in listed {
-        let reason = markers::copy_marks(&image.tags).and_then(|marks| {
-            if marks.kind != markers::COPY_REGIONAL {
-                Some(format!(
-                    "ami-share's re-encrypted copy of {}: reconciled with its source",
-                    marks.source_image
-                ))
-            } else if swept_regions.iter().any(|r| r == marks.source_region) {
-                Some(format!(
-                    "ami-share's copy of {} in {}: finished by its source's reconciliation",
-                    marks.source_image, marks.source_region
-                ))
-            } else {
-                None
+        let reason = match provenance(&image) {
+            Provenance::Copy(copy)
+                if listed_ids.contains(&(copy.source_region.clone(), copy.source_image.clone())) =>
+            {
+                Some(match copy.kind {
+                    CopyKind::Reencrypted => format!(
+                        "ami-share's re-encrypted copy of {}: reconciled with its source",
+                        copy.source_image
+                    ),
+                    CopyKind::Regional => format!(
+                        "ami-share's copy of {} in {}: finished by its source's reconciliation",
+                        copy.source_image, copy.source_region
+                    ),
+                })
             }
-        });
+            _ => None,
+        };
         match reason {
             Some(reason) => selection.left_to_source.push((image.image_id, reason)),
             None => selection.to_reconcile.push(image),
@@ -228,9 +235,7 @@ pub async fn sweep<A: Aws>(
             Err(e) => report.listing_failures.push(e),
         }
     }
-    // A copy is left to its source only if the source's region was listed, hence swept.
-    let swept: Vec<String> = report.listed.keys().cloned().collect();
-    let selection = selection(listed, &swept);
+    let selection = selection(listed);
     report.left_to_source = selection.left_to_source.len();
     progress(SweepProgress::Listed {
         to_reconcile: selection.to_reconcile.len(),
@@ -302,7 +307,8 @@ pub async fn sweep<A: Aws>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::observed::Tags;
+    use crate::markers;
+    use crate::observed::{SourceImage, Tags};
 
     fn image(id: &str, created: Option<&str>, tags: &[(&str, &str)]) -> ObservedImage {
         ObservedImage {
@@ -317,16 +323,34 @@ mod tests {
         }
     }
 
-    fn regional_copy(id: &str, source_region: &str) -> ObservedImage {
-        image(
-            id,
-            Some("2026-11-25T10:00:00.000Z"),
-            &[
-                (markers::COPY_KIND, markers::COPY_REGIONAL),
-                (markers::SOURCE_IMAGE, "ami-source"),
-                (markers::SOURCE_REGION, source_region),
-            ],
-        )
+    /// ami-share's copy of `ami-source` in `source_region`, as EC2 records it.
+    fn copy_of_source(id: &str, kind: CopyKind, source_region: &str) -> ObservedImage {
+        ObservedImage {
+            source: Some(SourceImage {
+                image_id: "ami-source".into(),
+                region: Some(source_region.into()),
+            }),
+            region: match kind {
+                CopyKind::Regional => "us-west-2".into(),
+                CopyKind::Reencrypted => source_region.into(),
+            },
+            ..image(
+                id,
+                Some("2026-11-25T10:00:00.000Z"),
+                &[
+                    (markers::COPY_KIND, kind.as_str()),
+                    (markers::SOURCE_IMAGE, "ami-source"),
+                    (markers::SOURCE_REGION, source_region),
+                ],
+            )
+        }
+    }
+
+    fn source_in(region: &str) -> ObservedImage {
+        ObservedImage {
+            region: region.into(),
+            ..image("ami-source", Some("2026-11-24T10:00:00.000Z"), &[])
+        }
     }
 
     fn ids(images: &[ObservedImage]) -> Vec<&str> {
@@ -342,7 +366,6 @@ mod tests {
                 image("ami-new", Some("2026-11-25T10:00:00.000Z"), &[]),
                 image("ami-mid", Some("2025-06-01T00:00:00.000Z"), &[]),
             ],
-            &["us-east-1".into()],
         );
         assert_eq!(
             ids(&selection.to_reconcile),
@@ -352,36 +375,34 @@ mod tests {
     }
 
     #[test]
-    fn a_regional_copy_is_left_to_its_source_only_when_the_source_region_is_swept() {
-        let listed = vec![regional_copy("ami-copy", "us-west-2")];
-        let both = selection(listed.clone(), &["us-east-1".into(), "us-west-2".into()]);
-        assert!(both.to_reconcile.is_empty());
+    fn a_copy_is_left_to_its_source_only_when_the_source_is_listed_too() {
+        let copy = copy_of_source("ami-copy", CopyKind::Regional, "us-east-1");
+        let both = selection(vec![copy.clone(), source_in("us-east-1")]);
+        assert_eq!(ids(&both.to_reconcile), ["ami-source"]);
         assert_eq!(both.left_to_source.len(), 1);
         assert!(
             both.left_to_source[0]
                 .1
-                .contains("copy of ami-source in us-west-2"),
+                .contains("copy of ami-source in us-east-1"),
             "{:?}",
             both.left_to_source
         );
-        let alone = selection(listed, &["us-east-1".into()]);
+        let alone = selection(vec![copy]);
         assert_eq!(ids(&alone.to_reconcile), ["ami-copy"]);
+        let reencrypted = copy_of_source("ami-reenc", CopyKind::Reencrypted, "us-east-1");
+        let with_source = selection(vec![reencrypted, source_in("us-east-1")]);
+        assert_eq!(ids(&with_source.to_reconcile), ["ami-source"]);
+        assert!(with_source.left_to_source[0].1.contains("re-encrypted copy"));
     }
 
     #[test]
-    fn a_re_encrypted_copy_is_always_left_to_its_source() {
-        let copy = image(
-            "ami-reenc",
-            None,
-            &[
-                (markers::COPY_KIND, markers::COPY_REENCRYPTED),
-                (markers::SOURCE_IMAGE, "ami-source"),
-                (markers::SOURCE_REGION, "us-east-1"),
-            ],
-        );
-        let selection = selection(vec![copy], &["us-east-1".into()]);
-        assert!(selection.to_reconcile.is_empty());
-        assert!(selection.left_to_source[0].1.contains("re-encrypted copy"));
+    fn marks_ec2_does_not_back_leave_nothing_to_a_source() {
+        // Tagged as the source's copy by someone who may tag, but EC2 records no copy.
+        let mut forged = copy_of_source("ami-forged", CopyKind::Regional, "us-east-1");
+        forged.source = None;
+        let selection = selection(vec![forged, source_in("us-east-1")]);
+        assert_eq!(ids(&selection.to_reconcile), ["ami-forged", "ami-source"]);
+        assert!(selection.left_to_source.is_empty());
     }
 
     #[test]

@@ -219,7 +219,7 @@ async fn an_ami_lands_in_every_region_shared_there_and_no_event_copies_twice() {
     assert_eq!((west.len(), frankfurt.len()), (1, 1));
     let (west_copy, west_tags) = &west[0];
     let (frankfurt_copy, _) = &frankfurt[0];
-    assert_eq!(west_tags[markers::COPY_KIND], markers::COPY_REGIONAL);
+    assert_eq!(west_tags[markers::COPY_KIND], markers::CopyKind::Regional.as_str());
     assert_eq!(west_tags[markers::SOURCE_REGION], REGION);
     assert_eq!(west_tags["os"], "al2023", "the source's own tags travel");
     assert_eq!(west_tags["team"], "platform");

@@ -13,6 +13,7 @@ use std::future::Future;
 
 use serde::Serialize;
 
+use crate::markers::CopyKind;
 use crate::observed::{ObservedImage, ObservedKey, SnapshotFacts, Tags};
 use crate::plan::ImageCopy;
 use crate::targets::LaunchPermission;
@@ -88,15 +89,15 @@ pub trait Aws: Send + Sync {
         permissions: &[LaunchPermission],
     ) -> impl Future<Output = Result<(), AwsError>> + Send;
 
-    /// EC2 DescribeImages of this account's images in `region` that ami-share made as copies of `kind`
-    /// ([`crate::markers::COPY_KIND`]) of `source_image_id` in `source_region`, found by their marks, in
-    /// any state.
+    /// EC2 DescribeImages of this account's images in `region` marked as ami-share's copies of `kind`
+    /// of `source_image_id` in `source_region`, in any state. Found by their marks, which anyone may
+    /// write: the caller checks them against EC2's record ([`crate::provenance`]).
     fn find_copies(
         &self,
         region: &str,
         source_region: &str,
         source_image_id: &str,
-        kind: &str,
+        kind: CopyKind,
     ) -> impl Future<Output = Result<Vec<ObservedImage>, AwsError>> + Send;
 
     /// EC2 CopyImage, called in the copy's region, encrypted and tagged as `copy` says. Returns the new

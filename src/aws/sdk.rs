@@ -18,9 +18,10 @@ use aws_sdk_kms::types::KeyManagerType;
 
 use super::{Aws, AwsError, ImageLookup};
 use crate::config::CreatedBy;
-use crate::markers;
+use crate::markers::{self, CopyKind};
 use crate::observed::{
-    ImageState, KeyManager, ObservedImage, ObservedKey, ObservedSnapshot, SnapshotFacts, Tags,
+    ImageState, KeyManager, ObservedImage, ObservedKey, ObservedSnapshot, SnapshotFacts, SourceImage,
+    Tags,
 };
 use crate::plan::ImageCopy;
 use crate::targets::LaunchPermission;
@@ -296,6 +297,10 @@ fn observed_image(region: &str, image: &ec2::Image) -> ObservedImage {
         state: ImageState::from_name(image.state().map(|s| s.as_str()).unwrap_or("unknown")),
         tags: tags_of(image.tags()),
         created_by,
+        source: image.source_image_id().map(|id| SourceImage {
+            image_id: id.to_string(),
+            region: image.source_image_region().map(str::to_string),
+        }),
         snapshots,
         ..ObservedImage::default()
     }
@@ -487,7 +492,7 @@ impl Aws for SdkAws {
         region: &str,
         source_region: &str,
         source_image_id: &str,
-        kind: &str,
+        kind: CopyKind,
     ) -> Result<Vec<ObservedImage>, AwsError> {
         let tag_filter = |key: &str, value: &str| {
             Filter::builder()
@@ -501,7 +506,7 @@ impl Aws for SdkAws {
             .owners("self")
             .filters(tag_filter(markers::SOURCE_IMAGE, source_image_id))
             .filters(tag_filter(markers::SOURCE_REGION, source_region))
-            .filters(tag_filter(markers::COPY_KIND, kind))
+            .filters(tag_filter(markers::COPY_KIND, kind.as_str()))
             .into_paginator()
             .items()
             .send()
