@@ -216,7 +216,8 @@ def main():
             kms = client("kms", endpoint, region)
             key = kms.create_key(Description="bench")["KeyMetadata"]["Arn"]
             kms.create_alias(AliasName="alias/ami-share", TargetKeyId=key)
-        cmk = client("kms", endpoint).create_key(Description="bench cmk")["KeyMetadata"]["Arn"]
+        cmk = client("kms", endpoint).create_key(Description="bench cmk", Tags=[
+            {"TagKey": "ami-share:manage-key-policy", "TagValue": "true"}])["KeyMetadata"]["Arn"]
         five = ", ".join(f'{{ region = "{r}", kms_key = "alias/ami-share" }}' for r in FIVE)
         config = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
         config.write(f"""

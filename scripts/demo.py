@@ -146,7 +146,10 @@ def main():
         print("\n=== 2. An AMI encrypted with a customer managed key ===")
         kms = boto3.client("kms", region_name=REGION, endpoint_url=endpoint,
                            aws_access_key_id="testing", aws_secret_access_key="testing")
-        key = kms.create_key(Description="golden images")["KeyMetadata"]["Arn"]
+        # Its owner approves ami-share by tagging it (README, "Encrypted AMIs"): keys nobody approved are
+        # never opened.
+        key = kms.create_key(Description="golden images", Tags=[
+            {"TagKey": "ami-share:manage-key-policy", "TagValue": "true"}])["KeyMetadata"]["Arn"]
         encrypted = make_image(ec2, "golden-al2023-encrypted-2026.11.25", {"Encrypted": True, "KmsKeyId": key})
         show(ec2, encrypted, "BEFORE")
         show_policy(kms, key, "BEFORE")

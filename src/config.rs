@@ -41,6 +41,39 @@ pub enum ConfigError {
 pub struct Config {
     #[serde(rename = "rule", default)]
     pub rules: Vec<Rule>,
+    /// Settings for the KMS keys of encrypted AMIs (`[keys]`).
+    #[serde(default)]
+    pub keys: KeySettings,
+}
+
+/// `[keys]`: which customer managed keys ami-share may open to share targets.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySettings {
+    /// Keys whose policy ami-share may change, besides those their owner tagged
+    /// `ami-share:manage-key-policy=true` and those a rule names (`reencrypt.kms_key`,
+    /// `copy.regions[].kms_key`): aliases (best: `alias/golden-images` names the key of that alias in
+    /// every region), alias ARNs, key ARNs or key ids.
+    #[serde(default)]
+    pub approved: Vec<KeyRef>,
+}
+
+impl Config {
+    /// Every key the config names as one ami-share may change the policy of: `keys.approved`, and each
+    /// rule's `reencrypt.kms_key` and `copy.regions[].kms_key` (a key named to encrypt the copies ami-share
+    /// shares is one it is meant to open).
+    pub fn approved_keys(&self) -> Vec<KeyRef> {
+        let mut keys: Vec<KeyRef> = self.keys.approved.clone();
+        for rule in &self.rules {
+            keys.extend(rule.reencrypt.iter().map(|r| r.kms_key.clone()));
+            if let Some(copy) = &rule.copy {
+                keys.extend(copy.regions.iter().filter_map(|r| r.kms_key.clone()));
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        keys
+    }
 }
 
 /// One rule: a selector and the effects on the AMIs it selects.

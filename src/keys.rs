@@ -190,6 +190,66 @@ impl fmt::Display for KeyRef {
     }
 }
 
+/// The tag by which a key's owner lets ami-share change the key's policy (and copy what it encrypts to
+/// other keys): `ami-share:manage-key-policy` = `true`. The template's IAM allows PutKeyPolicy on keys
+/// tagged so (`aws:ResourceTag`), as this code does.
+pub const APPROVAL_TAG: &str = "ami-share:manage-key-policy";
+pub const APPROVAL_TAG_VALUE: &str = "true";
+
+/// Why ami-share may change a key's policy: its owner's consent, given by a tag on the key or by naming
+/// it in the config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Approval {
+    /// The key carries [`APPROVAL_TAG`] = [`APPROVAL_TAG_VALUE`].
+    Tagged,
+    /// The config names it (`keys.approved`, a rule's `reencrypt.kms_key` or `copy.regions[].kms_key`).
+    Named(KeyRef),
+}
+
+/// Whether a key (by its ARN, tags and aliases, as KMS reported them) is approved, and how.
+pub fn approval(
+    arn: &KeyArn,
+    tags: Option<&crate::observed::Tags>,
+    aliases: &[String],
+    named: &[KeyRef],
+) -> Option<Approval> {
+    if let Some(key_ref) = named.iter().find(|r| r.names(arn, aliases)) {
+        return Some(Approval::Named(key_ref.clone()));
+    }
+    tags.and_then(|t| t.get(APPROVAL_TAG))
+        .filter(|v| *v == APPROVAL_TAG_VALUE)
+        .map(|_| Approval::Tagged)
+}
+
+impl KeyRef {
+    /// Whether this reference names the key `arn` whose aliases are `aliases` (`alias/…` names in its
+    /// region). An alias ARN or key ARN names a key of one region and account only.
+    pub fn names(&self, arn: &KeyArn, aliases: &[String]) -> bool {
+        let value = self.as_str();
+        if let Some(alias) = value.strip_prefix("alias/") {
+            return aliases.iter().any(|a| a.strip_prefix("alias/") == Some(alias));
+        }
+        if let Some((_, region, account, resource)) = split_kms_arn(value) {
+            return match resource.strip_prefix("alias/") {
+                Some(alias) => {
+                    region == arn.region()
+                        && account == arn.account()
+                        && aliases.iter().any(|a| a.strip_prefix("alias/") == Some(alias))
+                }
+                None => value == arn.as_str(),
+            };
+        }
+        // A key id.
+        arn.as_str().rsplit('/').next() == Some(value)
+    }
+
+    /// Whether it names a key by alias (then the key's aliases must be read to tell).
+    pub fn is_alias(&self) -> bool {
+        self.0.starts_with("alias/")
+            || split_kms_arn(&self.0).is_some_and(|(_, _, _, r)| r.starts_with("alias/"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,6 +314,47 @@ mod tests {
             let e = bad.parse::<KeyRef>().unwrap_err();
             assert!(e.contains(expected), "{bad}: {e}");
             assert!(e.contains("expected a customer managed KMS key"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_key_is_approved_by_its_owners_tag_or_by_name_in_the_config_only() {
+        let arn: KeyArn = KEY.parse().unwrap();
+        let aliases = vec!["alias/golden-images".to_string()];
+        let tagged: crate::observed::Tags =
+            [(APPROVAL_TAG.to_string(), "true".to_string())].into();
+        assert_eq!(approval(&arn, Some(&tagged), &[], &[]), Some(Approval::Tagged));
+        let untagged: crate::observed::Tags =
+            [(APPROVAL_TAG.to_string(), "TRUE".to_string())].into();
+        assert_eq!(
+            approval(&arn, Some(&untagged), &[], &[]),
+            None,
+            "as exact as the IAM condition"
+        );
+        assert_eq!(approval(&arn, None, &aliases, &[]), None);
+        for named in [
+            "alias/golden-images",
+            "arn:aws:kms:eu-west-1:123456789012:alias/golden-images",
+            KEY,
+            "1234abcd-12ab-34cd-56ef-1234567890ab",
+        ] {
+            let key_ref: KeyRef = named.parse().unwrap();
+            assert_eq!(
+                approval(&arn, None, &aliases, std::slice::from_ref(&key_ref)),
+                Some(Approval::Named(key_ref)),
+                "{named}"
+            );
+        }
+        for other in [
+            "alias/golden",
+            "alias/golden-images-2",
+            "arn:aws:kms:us-east-1:123456789012:alias/golden-images",
+            "arn:aws:kms:eu-west-1:210987654321:alias/golden-images",
+            "arn:aws:kms:eu-west-1:123456789012:key/99999999-12ab-34cd-56ef-1234567890ab",
+            "99999999-12ab-34cd-56ef-1234567890ab",
+        ] {
+            let key_ref: KeyRef = other.parse().unwrap();
+            assert_eq!(approval(&arn, None, &aliases, &[key_ref]), None, "{other}");
         }
     }
 }

@@ -93,8 +93,13 @@ pub struct ObservedKey {
     pub manager: KeyManager,
     /// `Enabled`, `Disabled`, `PendingDeletion`, …: only an enabled key can be used by anyone.
     pub state: String,
-    /// The key policy (`default`); `None` until read.
+    /// The key policy (`default`); `None` until read (it is read only for keys ami-share may change).
     pub policy: Option<String>,
+    /// The key's tags (ListResourceTags), where its owner approves ami-share; `None`: not read, or
+    /// not readable by the function.
+    pub tags: Option<Tags>,
+    /// The key's aliases (`alias/…`, ListAliases), read only when the config names keys by alias.
+    pub aliases: Vec<String>,
 }
 
 impl ObservedKey {

@@ -21,7 +21,7 @@ use serde::Serialize;
 use crate::config::MAX_TAGS_PER_RESOURCE;
 use crate::distribution::{TemplateValues, is_before, next_minute, same_minute};
 use crate::key_policy::{self, KeyGrantees};
-use crate::keys::{KeyArn, KeyRef};
+use crate::keys::{self, KeyArn, KeyRef};
 use crate::markers::{self, CopyKind, Status};
 use crate::observed::{
     ImageState, KeyManager, Observed, ObservedCopies, ObservedImage, ObservedKey, Tags,
@@ -310,9 +310,21 @@ fn shares_now(desired: &Desired, image: &ObservedImage) -> bool {
     image.state == ImageState::Available && !desired.launch_permissions.is_empty()
 }
 
+/// Whether the image is to be copied to other regions now: available, and a rule copies it elsewhere.
+fn copies_now(desired: &Desired, image: &ObservedImage) -> bool {
+    image.state == ImageState::Available
+        && desired
+            .copy
+            .as_ref()
+            .is_some_and(|wanted| !copy_targets(wanted, image).is_empty())
+}
+
 pub fn reads_needed(desired: &Desired, image: &ObservedImage) -> Reads {
     let taggable = matches!(image.state, ImageState::Available | ImageState::Pending);
-    let keys = shares_now(desired, image) && image.may_be_encrypted();
+    // Keys: to open them before a share, and to see their owner's consent before a copy re-encrypts
+    // what they protect.
+    let keys =
+        (shares_now(desired, image) || copies_now(desired, image)) && image.may_be_encrypted();
     Reads {
         launch_permissions: shares_now(desired, image)
             || (desired.exclusive && image.state == ImageState::Available),
@@ -382,6 +394,54 @@ impl Blocker {
 /// The key id part of a key ARN, for short messages.
 fn key_id(arn: &KeyArn) -> &str {
     arn.as_str().rsplit('/').next().unwrap_or(arn.as_str())
+}
+
+/// Why a customer managed key of this account may not be opened, if its owner has not approved it
+/// ([`keys::approval`]): the AMI is then not shared, and nothing it holds is copied to another key (a
+/// copy re-encrypted with an approved key would share what the unapproved key protects just the same).
+fn unapproved(
+    arn: &KeyArn,
+    key: &ObservedKey,
+    snapshots: &str,
+    desired: &Desired,
+) -> Option<Blocker> {
+    if keys::approval(arn, key.tags.as_ref(), &key.aliases, &desired.approved_keys).is_some() {
+        return None;
+    }
+    let id = key_id(arn);
+    let tag = format!("{}={}", keys::APPROVAL_TAG, keys::APPROVAL_TAG_VALUE);
+    Some(Blocker::new(
+        format!(
+            "{snapshots} uses KMS key {id}, not approved for ami-share: to share, tag the key {tag} or list it in keys.approved"
+        ),
+        format!(
+            "snapshot {snapshots} is encrypted with KMS key {arn}, whose owner has not approved ami-share: its policy is left as it is and the AMI is not shared. To approve it, its owner tags it (aws kms tag-resource --region {} --key-id {arn} --tags TagKey={},TagValue={}), or the config lists it in keys.approved",
+            arn.region(),
+            keys::APPROVAL_TAG,
+            keys::APPROVAL_TAG_VALUE
+        ),
+    ))
+}
+
+/// The customer managed keys of this account, among the image's snapshots' keys, that are not approved:
+/// what ami-share does not copy to another key either.
+fn unapproved_keys(desired: &Desired, image: &ObservedImage) -> Vec<Blocker> {
+    let mut by_key: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for snapshot in image.snapshots.iter().filter(|s| s.encrypted == Some(true)) {
+        if let Some(key) = snapshot.kms_key_id.as_deref() {
+            by_key.entry(key).or_default().push(&snapshot.snapshot_id);
+        }
+    }
+    by_key
+        .into_iter()
+        .filter_map(|(key_arn, snapshots)| {
+            let arn = key_arn.parse::<KeyArn>().ok()?;
+            let key = image.keys.get(key_arn)?;
+            (key.manager == KeyManager::Customer)
+                .then(|| unapproved(&arn, key, &snapshots.join(", "), desired))
+                .flatten()
+        })
+        .collect()
 }
 
 /// The key policy patches sharing needs, or why the image cannot be shared as it is.
@@ -459,6 +519,10 @@ pub fn key_patches(desired: &Desired, image: &ObservedImage) -> Result<Vec<Actio
                     key.state
                 ),
             ));
+            continue;
+        }
+        if let Some(blocker) = unapproved(&arn, key, &snapshots, desired) {
+            blocked.push(blocker);
             continue;
         }
         let grantees =
@@ -737,6 +801,22 @@ fn regional_copies(desired: &Desired, wanted: &CopyWanted, observed: &Observed, 
         ));
         for (region, _) in targets {
             plan.regions.insert(region.clone(), RegionCopy::Waiting);
+        }
+        return;
+    }
+    // What a key's owner has not approved is not copied to other keys either.
+    let unapproved = unapproved_keys(desired, source);
+    if !unapproved.is_empty() {
+        let why = unapproved
+            .iter()
+            .map(|b| b.detail.as_str())
+            .collect::<Vec<_>>()
+            .join("; ");
+        for (region, _) in targets {
+            let reason = format!("not copied: {why}");
+            plan.blocked.push(format!("no copy in {region}: {reason}"));
+            plan.regions
+                .insert(region.clone(), RegionCopy::Blocked { reason });
         }
         return;
     }
@@ -1328,12 +1408,15 @@ mod tests {
         }
     }
 
+    /// A key of the image's region, its owner's approval tag on it.
     fn key(arn: &str, manager: KeyManager) -> ObservedKey {
         ObservedKey {
             arn: arn.into(),
             manager,
             state: "Enabled".into(),
             policy: Some(KEY_POLICY.into()),
+            tags: Some(tags(&[(keys::APPROVAL_TAG, keys::APPROVAL_TAG_VALUE)])),
+            aliases: Vec::new(),
         }
     }
 
@@ -1806,6 +1889,64 @@ mod tests {
         );
     }
 
+    /// A key of this account whose owner has not tagged it for ami-share.
+    fn unapproved_key() -> ObservedKey {
+        ObservedKey {
+            tags: Some(Tags::new()),
+            ..key(CMK, KeyManager::Customer)
+        }
+    }
+
+    #[test]
+    fn a_key_its_owner_did_not_approve_is_never_opened_and_the_image_says_how_to_approve_it() {
+        let p = plan(&desired(), &observed(encrypted(CMK, Some(unapproved_key()))));
+        assert_not_shared(&p, "whose owner has not approved ami-share");
+        let status = status_of(&p);
+        let reason = &status[markers::STATUS_REASON];
+        assert!(
+            reason.contains("1234abcd-12ab-34cd-56ef-1234567890ab")
+                && reason.contains("ami-share:manage-key-policy=true")
+                && reason.contains("keys.approved"),
+            "names the key and how to approve it: {reason}"
+        );
+        assert!(reason.chars().count() <= 256);
+        assert!(
+            p.blocked[0].contains(&format!(
+                "aws kms tag-resource --region us-east-1 --key-id {CMK} --tags TagKey=ami-share:manage-key-policy,TagValue=true"
+            )),
+            "{:?}",
+            p.blocked
+        );
+        // Not even a copy re-encrypted with an approved key: it would share what the key protects.
+        let p = plan(&reencrypting(), &reencryption(vec![], None));
+        assert!(!p.actions.iter().any(|a| matches!(a, Action::CopyImage(_))));
+        let mut unapproved = reencryption(vec![], Some(Some(key(REENCRYPT_KEY, KeyManager::Customer))));
+        unapproved.image = encrypted(CMK, Some(unapproved_key()));
+        let p = plan(&reencrypting(), &unapproved);
+        assert!(
+            !p.actions.iter().any(|a| matches!(a, Action::CopyImage(_) | Action::PatchKeyPolicy { .. })),
+            "{p:#?}"
+        );
+        assert_eq!(status_of(&p)[markers::STATUS], "not-shared");
+    }
+
+    #[test]
+    fn a_key_the_config_names_is_approved_without_its_tag() {
+        let mut named = desired();
+        named.approved_keys = vec!["alias/golden-images".parse().unwrap()];
+        let mut k = unapproved_key();
+        k.aliases = vec!["alias/golden-images".into()];
+        let p = plan(&named, &observed(encrypted(CMK, Some(k))));
+        assert!(
+            p.actions.iter().any(|a| matches!(a, Action::PatchKeyPolicy { .. })),
+            "{p:#?}"
+        );
+        assert!(p.blocked.is_empty(), "{:?}", p.blocked);
+        named.approved_keys = vec![CMK.parse().unwrap()];
+        let p = plan(&named, &observed(encrypted(CMK, Some(unapproved_key()))));
+        assert!(p.blocked.is_empty(), "by ARN: {:?}", p.blocked);
+    }
+
     #[test]
     fn one_unshareable_snapshot_blocks_the_image_and_no_key_is_touched() {
         let mut img = encrypted(CMK, Some(key(CMK, KeyManager::Customer)));
@@ -2274,6 +2415,37 @@ mod tests {
                 blocked: None,
             }
         );
+    }
+
+    #[test]
+    fn what_an_unapproved_key_protects_is_not_copied_to_other_regions() {
+        let mut source = encrypted(CMK, Some(unapproved_key()));
+        source.launch_permissions = Some(BTreeSet::new());
+        let west = ObservedCopies {
+            copies: vec![],
+            key: Some(Some(key(WEST_KEY, KeyManager::Customer))),
+            ..ObservedCopies::default()
+        };
+        let p = plan(&distributing(), &with_regions(source, Some(west)));
+        assert!(copies(&p).is_empty(), "{p:#?}");
+        for region in ["us-west-2", "eu-central-1"] {
+            assert!(
+                matches!(&p.regions[region], RegionCopy::Blocked { reason }
+                    if reason.contains("not copied") && reason.contains("has not approved ami-share")),
+                "{region}: {:?}",
+                p.regions[region]
+            );
+        }
+        // Approved, it is copied.
+        let mut approved = encrypted(CMK, Some(key(CMK, KeyManager::Customer)));
+        approved.launch_permissions = Some(BTreeSet::new());
+        let west = ObservedCopies {
+            copies: vec![],
+            key: Some(Some(key(WEST_KEY, KeyManager::Customer))),
+            ..ObservedCopies::default()
+        };
+        let p = plan(&distributing(), &with_regions(approved, Some(west)));
+        assert_eq!(copies(&p).len(), 2, "{p:#?}");
     }
 
     #[test]

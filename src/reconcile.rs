@@ -21,7 +21,7 @@ use serde::Serialize;
 use crate::aws::{Aws, AwsError, ImageLookup};
 use crate::config::{Config, CreatedBy};
 use crate::key_policy::{self, KeyGrantees};
-use crate::keys::{KeyArn, KeyRef};
+use crate::keys::{self, KeyArn, KeyRef};
 use crate::markers::CopyKind;
 use crate::observed::{
     ImageState, KeyManager, Observed, ObservedCopies, ObservedImage, ObservedKey, ObservedParameter,
@@ -708,7 +708,11 @@ impl<A: Aws> Reconciler<'_, A> {
         }
         if reads.keys {
             let arns = keys_to_read(&image);
-            let keys = join_all(arns.iter().map(|arn| self.observe_key(&region, arn))).await;
+            let keys = join_all(
+                arns.iter()
+                    .map(|arn| self.observe_key(&region, arn, &desired.approved_keys)),
+            )
+            .await;
             for (arn, key) in arns.into_iter().zip(keys) {
                 image.keys.insert(arn, key?);
             }
@@ -767,12 +771,38 @@ impl<A: Aws> Reconciler<'_, A> {
         }
     }
 
-    /// DescribeKey and GetKeyPolicy together. The policy of an AWS managed key is not needed (it cannot
-    /// be changed): a failure to read it is then no failure.
-    async fn observe_key(&self, region: &str, arn: &str) -> Result<ObservedKey, AwsError> {
-        let (key, policy) = futures::join!(
+    /// DescribeKey, GetKeyPolicy and what tells whether the key's owner approved ami-share
+    /// (ListResourceTags; ListAliases when the config names keys by alias), together, so an encrypted
+    /// AMI costs no extra round trip. The policy is kept only of an enabled customer managed key that
+    /// is approved: no other key's policy is ever changed, and reading it may be denied by the template's
+    /// IAM (as may reading an AWS managed key's tags), which is then no failure.
+    async fn observe_key(
+        &self,
+        region: &str,
+        arn: &str,
+        approved: &[KeyRef],
+    ) -> Result<ObservedKey, AwsError> {
+        let parsed = arn.parse::<KeyArn>().ok();
+        // A key the config names by ARN or id is approved whatever its tags and aliases.
+        let by_arn = parsed
+            .as_ref()
+            .is_some_and(|a| approved.iter().any(|r| !r.is_alias() && r.names(a, &[])));
+        let by_alias = !by_arn && approved.iter().any(KeyRef::is_alias);
+        let (key, policy, tags, aliases) = futures::join!(
             self.aws.describe_key(region, arn),
-            self.aws.get_key_policy(region, arn)
+            self.aws.get_key_policy(region, arn),
+            async {
+                match by_arn {
+                    false => Some(self.aws.list_key_tags(region, arn).await),
+                    true => None,
+                }
+            },
+            async {
+                match by_alias {
+                    true => Some(self.aws.list_key_aliases(region, arn).await),
+                    false => None,
+                }
+            }
         );
         let Some(mut key) = key? else {
             return Ok(ObservedKey {
@@ -780,9 +810,23 @@ impl<A: Aws> Reconciler<'_, A> {
                 manager: KeyManager::Customer,
                 state: "not found (deleted?)".into(),
                 policy: None,
+                tags: None,
+                aliases: Vec::new(),
             });
         };
-        if key.manager == KeyManager::Customer && key.is_enabled() {
+        if key.manager != KeyManager::Customer {
+            return Ok(key);
+        }
+        key.tags = tags.map(tolerate_denied).transpose()?.flatten();
+        key.aliases = aliases
+            .map(tolerate_denied)
+            .transpose()?
+            .flatten()
+            .unwrap_or_default();
+        let is_approved = parsed.is_some_and(|parsed| {
+            keys::approval(&parsed, key.tags.as_ref(), &key.aliases, approved).is_some()
+        });
+        if key.is_enabled() && is_approved {
             key.policy = Some(policy?);
         }
         Ok(key)
@@ -1031,6 +1075,15 @@ impl<A: Aws> Reconciler<'_, A> {
     }
 }
 
+/// A read the function's role may be denied (the template scopes KMS reads to approved keys): `None`.
+fn tolerate_denied<T>(result: Result<T, AwsError>) -> Result<Option<T>, AwsError> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(e) if e.is_access_denied() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// At most this many calls of one apply phase run at once: many regions' copies and shares go out
 /// together without meeting EC2's request rate limits all at once.
 const MAX_CONCURRENT_CALLS: usize = 8;
@@ -1135,11 +1188,18 @@ mod tests {
                     kms_key_id: key.map(str::to_string),
                 },
             );
-            for (arn, manager) in [
-                (CMK, KeyManager::Customer),
-                (AWS_EBS, KeyManager::Aws),
-                (COPY_KEY, KeyManager::Customer),
-                (WEST_KEY, KeyManager::Customer),
+            // CMK's owner tagged it for ami-share; the keys behind alias/ami-share are approved by the
+            // configs that name that alias (reencrypt.kms_key, copy.regions).
+            let approved: Tags = [(
+                crate::keys::APPROVAL_TAG.to_string(),
+                crate::keys::APPROVAL_TAG_VALUE.to_string(),
+            )]
+            .into();
+            for (arn, manager, tags) in [
+                (CMK, KeyManager::Customer, approved),
+                (AWS_EBS, KeyManager::Aws, Tags::new()),
+                (COPY_KEY, KeyManager::Customer, Tags::new()),
+                (WEST_KEY, KeyManager::Customer, Tags::new()),
             ] {
                 fake.keys.insert(
                     arn.into(),
@@ -1148,6 +1208,8 @@ mod tests {
                         manager,
                         state: "Enabled".into(),
                         policy: Some(DEFAULT_POLICY.into()),
+                        tags: Some(tags),
+                        aliases: Vec::new(),
                     },
                 );
             }
@@ -1191,7 +1253,7 @@ mod tests {
         fn writes(&self) -> Vec<&'static str> {
             self.calls()
                 .into_iter()
-                .filter(|c| !["Describe", "Get"].iter().any(|p| c.starts_with(p)))
+                .filter(|c| !["Describe", "Get", "List"].iter().any(|p| c.starts_with(p)))
                 .collect()
         }
 
@@ -1472,8 +1534,28 @@ mod tests {
                 .unwrap_or(key);
             Ok(state.keys.get(arn).map(|k| ObservedKey {
                 policy: None,
+                tags: None,
                 ..k.clone()
             }))
+        }
+        async fn list_key_tags(&self, region: &str, arn: &str) -> Result<Tags, AwsError> {
+            self.call("ListResourceTags", region)?;
+            let state = self.state.lock().unwrap();
+            Ok(state.keys[arn].tags.clone().unwrap_or_default())
+        }
+        async fn list_key_aliases(
+            &self,
+            region: &str,
+            arn: &str,
+        ) -> Result<Vec<String>, AwsError> {
+            self.call("ListAliases", region)?;
+            let state = self.state.lock().unwrap();
+            Ok(state
+                .aliases
+                .iter()
+                .filter(|((r, _), key)| r == region && key.as_str() == arn)
+                .map(|((_, alias), _)| alias.clone())
+                .collect())
         }
         async fn get_key_policy(&self, region: &str, arn: &str) -> Result<String, AwsError> {
             self.call("GetKeyPolicy", region)?;

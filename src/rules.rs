@@ -60,6 +60,10 @@ pub struct Desired {
     pub ssm_parameters: BTreeSet<String>,
     /// Tag keys (or re-encryption keys) two rules disagree on, described for the operator.
     pub conflicts: Vec<String>,
+    /// The keys the config approves ([`Config::approved_keys`]): with those their owner tagged, the only
+    /// keys whose policy ami-share changes.
+    #[serde(skip)]
+    pub approved_keys: Vec<KeyRef>,
 }
 
 /// The copies the selecting rules want: every region any of them names; for a region named twice, the
@@ -105,6 +109,7 @@ pub fn desired_for(config: &Config, image: &ImageFacts) -> Desired {
         family_created: image.creation_date.map(str::to_string),
         ..Desired::default()
     };
+    // Carried only where a rule selects the image: the plan needs them only then.
     // Which rule set each key first, to name both rules in a conflict.
     let mut owner_of_key: Tags = Tags::new();
     let selecting: Vec<&Rule> = config
@@ -187,6 +192,9 @@ pub fn desired_for(config: &Config, image: &ImageFacts) -> Desired {
                 Some(_) => {}
             }
         }
+    }
+    if !selecting.is_empty() {
+        desired.approved_keys = config.approved_keys();
     }
     // Snapshot tags: the winning value of each key, for keys of rules that tag snapshots.
     for rule in selecting.iter().filter(|rule| rule.tag_snapshots) {

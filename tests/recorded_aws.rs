@@ -152,6 +152,21 @@ fn describe_key(arn: &str, manager: &str) -> String {
     .to_string()
 }
 
+/// ListResourceTags of a key its owner approved for ami-share (`approved`), or of one with a tag of its
+/// own only.
+fn key_tags(approved: bool) -> Rule {
+    let tag = match approved {
+        true => json!({"TagKey": "ami-share:manage-key-policy", "TagValue": "true"}),
+        false => json!({"TagKey": "team", "TagValue": "payroll"}),
+    };
+    mock!(aws_sdk_kms::Client::list_resource_tags).then_http_response(move || {
+        response(
+            200,
+            json!({"Tags": [tag.clone()], "Truncated": false}).to_string(),
+        )
+    })
+}
+
 fn kms_error(kind: &str, message: &str) -> HttpResponse {
     response(400, json!({"__type": kind, "message": message}).to_string())
 }
@@ -328,7 +343,13 @@ async fn aws_ebs_as_kms_describes_it_is_blocked_even_when_its_policy_cannot_be_r
         )
     });
     let put = mock!(aws_sdk_kms::Client::put_key_policy).then_http_response(|| response(200, "{}"));
-    let answer = handler(&ec2.all(), &[&describe, &get, &put])
+    let tags = mock!(aws_sdk_kms::Client::list_resource_tags).then_http_response(|| {
+        kms_error(
+            "AccessDeniedException",
+            "User: arn:aws:sts::123456789012:assumed-role/ami-share/fn is not authorized to perform: kms:ListResourceTags on this resource",
+        )
+    });
+    let answer = handler(&ec2.all(), &[&describe, &get, &put, &tags])
         .handle(event())
         .await
         .unwrap();
@@ -337,6 +358,37 @@ async fn aws_ebs_as_kms_describes_it_is_blocked_even_when_its_policy_cannot_be_r
     assert_eq!(put.num_calls(), 0);
     assert_eq!(ec2.shares.num_calls(), 0);
     assert!(ec2.status_tags()[1].1.contains("AWS managed key aws/ebs"));
+}
+
+#[tokio::test]
+async fn a_key_whose_policy_the_role_may_not_read_and_that_is_not_approved_blocks_the_share_only() {
+    // Recorded: the answers a function with the template's default IAM (KmsKeyScope=approved-keys) gets
+    // for a key nobody approved: its tags are readable, its policy is not (GetKeyPolicy is allowed on
+    // approved keys only). No emulator enforces IAM.
+    let ec2 = ec2_answers(OWN_KEY);
+    let describe = mock!(aws_sdk_kms::Client::describe_key)
+        .then_http_response(|| response(200, describe_key(OWN_KEY, "CUSTOMER")));
+    let get = mock!(aws_sdk_kms::Client::get_key_policy).then_http_response(|| {
+        kms_error(
+            "AccessDeniedException",
+            "User: arn:aws:sts::123456789012:assumed-role/ami-share/fn is not authorized to perform: kms:GetKeyPolicy on this resource because no identity-based policy allows the kms:GetKeyPolicy action",
+        )
+    });
+    let put = mock!(aws_sdk_kms::Client::put_key_policy).then_http_response(|| response(200, "{}"));
+    let tags = key_tags(false);
+    let answer = handler(&ec2.all(), &[&describe, &get, &put, &tags])
+        .handle(event())
+        .await
+        .unwrap();
+    assert_eq!(answer["status"], "blocked", "{answer:#}");
+    assert!(answer["outcome"].get("failures").is_none(), "not a failure: {answer:#}");
+    assert_eq!(put.num_calls(), 0);
+    assert_eq!(ec2.shares.num_calls(), 0);
+    let reason = &ec2.status_tags()[1].1;
+    assert!(
+        reason.contains("not approved for ami-share") && reason.contains("ami-share:manage-key-policy=true"),
+        "{reason}"
+    );
 }
 
 #[tokio::test]
@@ -358,7 +410,8 @@ async fn kms_refusing_the_policy_is_a_clear_final_error_and_the_ami_stays_unshar
     });
     // Not retryable: retrying cannot cure it, so the invocation is not failed (and not retried); the
     // answer and the summary log say what failed and what was not done.
-    let answer = handler(&ec2.all(), &[&describe, &get, &put])
+    let tags = key_tags(true);
+    let answer = handler(&ec2.all(), &[&describe, &get, &put, &tags])
         .handle(event())
         .await
         .unwrap();
@@ -424,7 +477,8 @@ async fn kms_throttling_is_retried_by_the_sdk_and_the_ami_is_shared() {
         .times(2)
         .http_response(|| response(200, ""))
         .build();
-    let answer = handler(&ec2.all(), &[&describe, &get, &put])
+    let tags = key_tags(true);
+    let answer = handler(&ec2.all(), &[&describe, &get, &put, &tags])
         .handle(event())
         .await
         .unwrap();

@@ -151,6 +151,20 @@ pub trait Aws: Send + Sync {
         key: &str,
     ) -> impl Future<Output = Result<Option<ObservedKey>, AwsError>> + Send;
 
+    /// KMS ListResourceTags: the key's tags (how its owner approves ami-share, [`crate::keys::APPROVAL_TAG`]).
+    fn list_key_tags(
+        &self,
+        region: &str,
+        key_arn: &str,
+    ) -> impl Future<Output = Result<Tags, AwsError>> + Send;
+
+    /// KMS ListAliases for one key: its aliases (`alias/…`).
+    fn list_key_aliases(
+        &self,
+        region: &str,
+        key_arn: &str,
+    ) -> impl Future<Output = Result<Vec<String>, AwsError>> + Send;
+
     /// KMS GetKeyPolicy (the `default` policy, the only one a key has).
     fn get_key_policy(
         &self,
@@ -201,6 +215,14 @@ impl fmt::Display for AwsError {
 }
 
 impl AwsError {
+    /// Whether AWS refused the call for want of permission.
+    pub fn is_access_denied(&self) -> bool {
+        matches!(
+            self.code.as_deref(),
+            Some("AccessDenied" | "AccessDeniedException" | "UnauthorizedOperation")
+        )
+    }
+
     /// What to do about the errors an operator is most likely to meet.
     fn hint(&self) -> Option<&'static str> {
         let kms = matches!(

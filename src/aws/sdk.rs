@@ -680,7 +680,43 @@ impl Aws for SdkAws {
                 .map(|s| s.as_str().to_string())
                 .unwrap_or_default(),
             policy: None,
+            tags: None,
+            aliases: Vec::new(),
         }))
+    }
+
+    async fn list_key_tags(&self, region: &str, key_arn: &str) -> Result<Tags, AwsError> {
+        let tags: Vec<aws_sdk_kms::types::Tag> = self
+            .kms(region)
+            .list_resource_tags()
+            .key_id(key_arn)
+            .into_paginator()
+            .items()
+            .send()
+            .collect::<Result<_, _>>()
+            .await
+            .map_err(|e| aws_error("ListResourceTags", region, key_arn, e))?;
+        Ok(tags
+            .into_iter()
+            .map(|t| (t.tag_key, t.tag_value))
+            .collect())
+    }
+
+    async fn list_key_aliases(&self, region: &str, key_arn: &str) -> Result<Vec<String>, AwsError> {
+        let aliases: Vec<aws_sdk_kms::types::AliasListEntry> = self
+            .kms(region)
+            .list_aliases()
+            .key_id(key_arn)
+            .into_paginator()
+            .items()
+            .send()
+            .collect::<Result<_, _>>()
+            .await
+            .map_err(|e| aws_error("ListAliases", region, key_arn, e))?;
+        Ok(aliases
+            .iter()
+            .filter_map(|a| a.alias_name().map(str::to_string))
+            .collect())
     }
 
     async fn get_key_policy(&self, region: &str, key_arn: &str) -> Result<String, AwsError> {

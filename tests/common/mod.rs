@@ -514,10 +514,28 @@ pub fn sample_event(file: &str, image_id: &str, region: &str) -> Value {
     event
 }
 
-/// A new customer managed key (with KMS's default policy). Returns its ARN.
+/// A new customer managed key (with KMS's default policy) whose owner approved ami-share, as README's
+/// set-up says: tagged `ami-share:manage-key-policy=true`. Returns its ARN.
 pub async fn create_key(kms: &aws_sdk_kms::Client) -> String {
+    create_key_tagged(kms, &[(ami_share::keys::APPROVAL_TAG, "true")]).await
+}
+
+/// A new customer managed key its owner did not approve for ami-share (no approval tag). Returns its ARN.
+pub async fn create_unapproved_key(kms: &aws_sdk_kms::Client) -> String {
+    create_key_tagged(kms, &[("team", "payroll")]).await
+}
+
+async fn create_key_tagged(kms: &aws_sdk_kms::Client, tags: &[(&str, &str)]) -> String {
+    let tags = tags.iter().map(|(k, v)| {
+        aws_sdk_kms::types::Tag::builder()
+            .tag_key(*k)
+            .tag_value(*v)
+            .build()
+            .unwrap()
+    });
     kms.create_key()
         .description("ami-share test key")
+        .set_tags(Some(tags.collect()))
         .send()
         .await
         .expect("CreateKey")
