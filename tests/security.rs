@@ -117,16 +117,20 @@ fn strings(value: &Value) -> Vec<String> {
 #[test]
 fn the_function_role_grants_no_wildcard_action_and_scopes_every_statement() {
     let template = template();
-    let policies = template["Resources"]["AmiShareFunction"]["Properties"]["Policies"]
-        .as_array()
-        .expect("the function's inline policies");
-    let statements: Vec<&Value> = policies
-        .iter()
-        .flat_map(|p| p["Statement"].as_array().expect("a policy document"))
-        .collect();
+    let statements = role_statements(&template);
     assert!(statements.len() >= 8, "{statements:#?}");
     for statement in statements {
         let sid = statement["Sid"].as_str().unwrap_or("(no Sid)");
+        if statement["Effect"] == "Deny" {
+            // The one Deny: PutKeyPolicy asking KMS to skip its lockout check.
+            assert_eq!(statement["Action"], "kms:PutKeyPolicy", "{sid}");
+            assert_eq!(
+                statement["Condition"]["Bool"]["kms:BypassPolicyLockoutSafetyCheck"], "true",
+                "{sid}"
+            );
+            assert_eq!(statement["Resource"], "*", "{sid}: denied everywhere");
+            continue;
+        }
         assert_eq!(statement["Effect"], "Allow", "{sid}");
         assert!(
             statement.get("NotAction").is_none() && statement.get("NotResource").is_none(),
@@ -166,13 +170,16 @@ fn the_function_role_grants_no_wildcard_action_and_scopes_every_statement() {
             for action in &actions {
                 let name = action.split_once(':').unwrap().1;
                 assert!(
-                    name.starts_with("Describe") || name.starts_with("Get"),
+                    name.starts_with("Describe") || name.starts_with("Get") || name.starts_with("List"),
                     "{sid}: {action} on Resource \"*\""
                 );
             }
         }
-        // The key-policy writer and KMS use: this account's keys only.
-        if actions.iter().any(|a| a.starts_with("kms:")) {
+        // The key-policy writer and KMS use: this account's keys only (listing aliases is not on a key).
+        if actions
+            .iter()
+            .any(|a| a.starts_with("kms:") && a != "kms:ListAliases")
+        {
             for resource in &resources {
                 assert!(
                     resource.contains(":kms:") && resource.contains("${AWS::AccountId}:key/"),
@@ -193,6 +200,67 @@ fn the_function_role_grants_no_wildcard_action_and_scopes_every_statement() {
             }
         }
     }
+}
+
+/// The function role's statements, each branch of a statement chosen by a stack parameter (`Fn::If`)
+/// taken as a statement of its own.
+fn role_statements(template: &Value) -> Vec<Value> {
+    let policies = template["Resources"]["AmiShareFunction"]["Properties"]["Policies"]
+        .as_array()
+        .expect("the function's inline policies");
+    policies
+        .iter()
+        .flat_map(|p| p["Statement"].as_array().expect("a policy document").clone())
+        .flat_map(|statement| match statement["Fn::If"].as_array() {
+            Some(branches) => branches[1..]
+                .iter()
+                .filter(|b| b.get("Sid").is_some())
+                .cloned()
+                .collect(),
+            None => vec![statement],
+        })
+        .collect()
+}
+
+#[test]
+fn key_policies_may_be_changed_only_on_keys_their_owner_approved_and_never_bypassing_the_lockout_check() {
+    let template = template();
+    assert_eq!(
+        template["Parameters"]["KmsKeyScope"]["Default"], "approved-keys",
+        "consent is the default"
+    );
+    let statements = role_statements(&template);
+    let mut writers = 0;
+    for statement in &statements {
+        let actions = strings(&statement["Action"]);
+        if statement["Effect"] != "Allow" || !actions.iter().any(|a| a == "kms:PutKeyPolicy") {
+            continue;
+        }
+        writers += 1;
+        let sid = statement["Sid"].as_str().unwrap();
+        // In the default scope (every branch but KmsKeyScope=all-keys's): a key the owner tagged, or
+        // whose alias the stack names.
+        let conditions: Vec<&Value> = match statement["Condition"]["Fn::If"].as_array() {
+            Some(branches) => {
+                assert_eq!(branches[0], "AllKeys", "{sid}");
+                vec![&branches[2]]
+            }
+            None => vec![&statement["Condition"]],
+        };
+        for condition in conditions {
+            let tagged = condition["StringEquals"]["aws:ResourceTag/ami-share:manage-key-policy"] == "true";
+            let aliased = condition["ForAnyValue:StringLike"]["kms:ResourceAliases"]
+                == serde_json::json!({"Ref": "ApprovedKeyAliases"});
+            assert!(tagged || aliased, "{sid}: PutKeyPolicy on unapproved keys: {condition}");
+        }
+    }
+    assert_eq!(writers, 2, "tagged keys, and aliased keys");
+    assert!(
+        statements.iter().any(|s| s["Effect"] == "Deny"
+            && s["Action"] == "kms:PutKeyPolicy"
+            && s["Condition"]["Bool"]["kms:BypassPolicyLockoutSafetyCheck"] == "true"),
+        "PutKeyPolicy with BypassPolicyLockoutSafetyCheck is denied"
+    );
 }
 
 #[test]
