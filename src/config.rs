@@ -441,6 +441,33 @@ impl Config {
     }
 }
 
+impl Config {
+    /// What is valid but likely not what was meant, one sentence each. `account`: the account that runs
+    /// ami-share (and so owns the AMIs it shares), when known.
+    pub fn warnings(&self, account: Option<&str>) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for (index, rule) in self.rules.iter().enumerate() {
+            let at = format!("rule #{} ({:?})", index + 1, rule.name);
+            for target in &rule.share.accounts {
+                let target = target.as_str();
+                let owner = if account == Some(target) {
+                    Some("the account that runs ami-share, which owns the AMIs it shares")
+                } else if rule.selector.accounts.iter().any(|a| a.as_str() == target) {
+                    Some("an owner of the AMIs the rule selects (match.accounts)")
+                } else {
+                    None
+                };
+                if let Some(owner) = owner {
+                    warnings.push(format!(
+                        "{at}: share.accounts lists {target}, {owner}: an owner needs no launch or volume permission, so ami-share gives it none; remove it"
+                    ));
+                }
+            }
+        }
+        warnings
+    }
+}
+
 fn duplicates(items: impl Iterator<Item = LaunchPermission>) -> Vec<String> {
     let mut seen = BTreeSet::new();
     let mut repeated = BTreeSet::new();
@@ -741,6 +768,47 @@ mod tests {
         assert!(
             private.unwrap().rules[0].share.exclusive,
             "an exclusive rule with no target keeps AMIs private"
+        );
+    }
+
+    #[test]
+    fn an_owner_listed_as_a_share_target_is_warned_about() {
+        let config = Config::parse(
+            "[[rule]]\nname = \"a\"\nmatch.accounts = [\"111122223333\"]\nshare.accounts = [\"111122223333\", \"444455556666\"]\n",
+        )
+        .unwrap();
+        let warnings = config.warnings(None);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("rule #1 (\"a\")")
+                && warnings[0].contains("111122223333")
+                && warnings[0].contains("match.accounts"),
+            "{warnings:?}"
+        );
+        let warnings = config.warnings(Some("444455556666"));
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[1].contains("the account that runs ami-share"));
+    }
+
+    #[test]
+    fn approved_keys_are_those_listed_and_those_rules_name() {
+        let config = Config::parse(
+            "[keys]\napproved = [\"alias/golden-images\"]\n[[rule]]\nname = \"a\"\nshare.accounts = [\"444455556666\"]\nreencrypt.kms_key = \"alias/ami-share\"\ncopy.regions = [{ region = \"us-west-2\", kms_key = \"alias/ami-share\" }, { region = \"eu-west-1\" }]\n",
+        )
+        .unwrap();
+        let approved: Vec<String> = config
+            .approved_keys()
+            .iter()
+            .map(|k| k.as_str().to_string())
+            .collect();
+        assert_eq!(approved, ["alias/ami-share", "alias/golden-images"]);
+        assert_error(
+            "[keys]\napproved = [\"alias/aws/ebs\"]\n[[rule]]\nname = \"a\"\ntags = { a = \"b\" }\n",
+            &["line 2", "AWS managed keys"],
+        );
+        assert_error(
+            "[keys]\napprove = []\n[[rule]]\nname = \"a\"\ntags = { a = \"b\" }\n",
+            &["unknown field `approve`", "approved"],
         );
     }
 

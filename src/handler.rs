@@ -25,7 +25,7 @@ use crate::config::Config;
 use crate::metrics::Counts;
 use crate::reconcile::{KeyPolicyWrites, Mode, Outcome, Reconciler};
 use crate::sweep::{self, SweepOptions, SweepProgress, SweepReport};
-use crate::trigger::{self, Trigger, TriggerError};
+use crate::trigger::{self, ImageEvent, Trigger, TriggerError};
 
 /// `tracing::event!` at a level known only at run time (the macro wants a constant).
 macro_rules! at_level {
@@ -75,11 +75,32 @@ impl From<HandlerError> for lambda_runtime::Diagnostic {
     }
 }
 
+/// What Lambda tells of one invocation, beside the event.
+#[derive(Debug, Clone, Default)]
+pub struct Invocation {
+    /// When Lambda ends the invocation: a sweep stops starting images before it.
+    pub deadline: Option<SystemTime>,
+    /// The invoked function's ARN (`arn:aws:lambda:<region>:<account>:function:<name>`): whose account
+    /// this function acts for, known without a call.
+    pub function_arn: Option<String>,
+}
+
+impl Invocation {
+    /// The account of the invoked function's ARN.
+    fn account(&self) -> Option<&str> {
+        let arn = self.function_arn.as_deref()?;
+        let account = arn.split(':').nth(4)?;
+        crate::targets::is_account_id(account).then_some(account)
+    }
+}
+
 /// The configured core, built once per process and reused by every invocation.
 pub struct Handler<A> {
     config: Config,
     aws: A,
     home_region: String,
+    /// Regions besides `home_region` whose (forwarded) events this function handles.
+    event_regions: Vec<String>,
     key_policy_writes: KeyPolicyWrites,
 }
 
@@ -89,8 +110,15 @@ impl<A: Aws> Handler<A> {
             config,
             aws,
             home_region: home_region.into(),
+            event_regions: Vec::new(),
             key_policy_writes: KeyPolicyWrites::default(),
         }
+    }
+
+    /// Also handles the events of these regions (forwarded to this function's region).
+    pub fn with_event_regions(mut self, regions: Vec<String>) -> Self {
+        self.event_regions = regions;
+        self
     }
 
     /// Sets how key policy writes are confirmed (tests shorten the pause).
@@ -99,18 +127,21 @@ impl<A: Aws> Handler<A> {
         self
     }
 
-    /// Handles one event with no deadline (tests, local runs): see [`Handler::handle_before`].
+    /// Handles one event with no deadline and no function ARN (tests, local runs): see
+    /// [`Handler::handle_invocation`].
     pub async fn handle(&self, event: Value) -> Result<Value, HandlerError> {
-        self.handle_before(event, None).await
+        self.handle_invocation(event, &Invocation::default()).await
     }
 
-    /// Handles one event and logs its summary record. `deadline` is when Lambda ends the invocation:
-    /// a sweep stops starting images before it.
-    pub async fn handle_before(
+    /// Handles one event and logs its summary record. An image event of another account than the
+    /// function's, or of a region it does not serve, is skipped with the reason (the invocation
+    /// succeeds: a retry would not change whose event it is).
+    pub async fn handle_invocation(
         &self,
         event: Value,
-        deadline: Option<SystemTime>,
+        invocation: &Invocation,
     ) -> Result<Value, HandlerError> {
+        let deadline = invocation.deadline;
         let trigger = match trigger::parse(event) {
             Ok(trigger) => trigger,
             Err(e) => {
@@ -129,6 +160,14 @@ impl<A: Aws> Handler<A> {
             }
             Trigger::Image(event) => event,
         };
+        if let Some(reason) = self.not_served(&event, invocation) {
+            let region = event.image.region.as_deref().unwrap_or(&self.home_region);
+            let outcome = Outcome::not_reconciled(&event.image.image_id, region, reason);
+            log_summary(&outcome, event.event_id.as_deref());
+            return Ok(
+                json!({ "status": outcome.status(), "summary": outcome.headline(), "outcome": outcome }),
+            );
+        }
         let outcome = self.reconciler().reconcile(&event).await;
         log_summary(&outcome, event.event_id.as_deref());
         emit_metrics(Counts::of(&outcome));
@@ -142,6 +181,30 @@ impl<A: Aws> Handler<A> {
 }
 
 impl<A: Aws> Handler<A> {
+    /// Why this function does not act on the event, if it does not: the event is another account's
+    /// (only the owner can share an AMI, and this function's config is its own account's), or of a
+    /// region this stack does not serve.
+    fn not_served(&self, event: &ImageEvent, invocation: &Invocation) -> Option<String> {
+        if let (Some(own), Some(theirs)) = (invocation.account(), event.account.as_deref())
+            && own != theirs
+        {
+            return Some(format!(
+                "an event of account {theirs}: this function acts for account {own} only (only an AMI's owner can share it; deploy ami-share in {theirs} for its AMIs)"
+            ));
+        }
+        let region = event.image.region.as_deref()?;
+        if region == self.home_region || self.event_regions.iter().any(|r| r == region) {
+            return None;
+        }
+        let served: Vec<&str> = std::iter::once(self.home_region.as_str())
+            .chain(self.event_regions.iter().map(String::as_str))
+            .collect();
+        Some(format!(
+            "an event of {region}: this stack serves {} (its own region and ForwardedEventRegions); deploy ami-share in {region}, or add it to ForwardedEventRegions",
+            served.join(", ")
+        ))
+    }
+
     fn reconciler(&self) -> Reconciler<'_, A> {
         Reconciler {
             config: &self.config,

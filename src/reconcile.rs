@@ -141,6 +141,11 @@ impl Outcome {
         }
     }
 
+    /// The record of an image ami-share did not reconcile at all, and why.
+    pub fn not_reconciled(image_id: &str, region: &str, reason: String) -> Self {
+        Self::new(image_id, region).skipped(reason)
+    }
+
     fn skipped(mut self, reason: String) -> Self {
         self.skipped = Some(reason);
         self
@@ -480,6 +485,7 @@ impl<A: Aws> Reconciler<'_, A> {
     ) -> Outcome {
         outcome.rules = desired.rules.clone();
         outcome.conflicts = desired.conflicts.clone();
+        outcome.notes.extend(desired.notes.iter().cloned());
         let observed = match self.observe(image, &desired, &mut outcome).await {
             Ok(observed) => observed,
             Err(e) => return outcome.failed(e),

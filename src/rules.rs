@@ -60,6 +60,10 @@ pub struct Desired {
     pub ssm_parameters: BTreeSet<String>,
     /// Tag keys (or re-encryption keys) two rules disagree on, described for the operator.
     pub conflicts: Vec<String>,
+    /// What a person should know about the rules' wish that changes nothing (e.g. the owner's own
+    /// account among the targets, which needs no grant).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
     /// The keys the config approves ([`Config::approved_keys`]): with those their owner tagged, the only
     /// keys whose policy ami-share changes.
     #[serde(skip)]
@@ -196,6 +200,22 @@ pub fn desired_for(config: &Config, image: &ImageFacts) -> Desired {
     if !selecting.is_empty() {
         desired.approved_keys = config.approved_keys();
     }
+    // The owner launches its own AMIs and copies its own snapshots: EC2 needs (and shows) no grant for it.
+    let owner = desired
+        .launch_permissions
+        .iter()
+        .find(|p| matches!(p, LaunchPermission::Account(id) if id.as_str() == image.owner_id))
+        .cloned();
+    if let Some(owner) = owner {
+        desired.launch_permissions.remove(&owner);
+        desired
+            .create_volume_accounts
+            .retain(|a| a.as_str() != image.owner_id);
+        desired.notes.push(format!(
+            "account {} is listed in share.accounts but owns the AMI: the owner needs no launch or volume permission, so none is given",
+            image.owner_id
+        ));
+    }
     // Snapshot tags: the winning value of each key, for keys of rules that tag snapshots.
     for rule in selecting.iter().filter(|rule| rule.tag_snapshots) {
         for key in rule.tags.keys() {
@@ -234,6 +254,33 @@ mod tests {
             created_by: CreatedBy::CreateImage,
             creation_date: Some("2026-11-25T10:00:00.000Z"),
         }
+    }
+
+    #[test]
+    fn the_owners_own_account_gets_no_launch_or_volume_permission_and_a_note_says_why() {
+        let c = config(
+            r#"
+            [[rule]]
+            name = "r"
+            share.accounts = ["123456789012", "111122223333"]
+            share.create_volume_permission = true
+            "#,
+        );
+        let none = Tags::new();
+        let d = desired_for(&c, &facts("x", &none));
+        assert_eq!(
+            d.launch_permissions,
+            [LaunchPermission::Account("111122223333".parse().unwrap())].into()
+        );
+        assert_eq!(
+            d.create_volume_accounts,
+            ["111122223333".parse().unwrap()].into()
+        );
+        assert!(
+            d.notes[0].contains("account 123456789012") && d.notes[0].contains("owns the AMI"),
+            "{:?}",
+            d.notes
+        );
     }
 
     #[test]

@@ -281,3 +281,60 @@ fn the_bootstrap_refuses_to_start_without_a_config_file() {
         "{log:#?}"
     );
 }
+
+#[tokio::test]
+async fn events_of_other_accounts_and_of_regions_the_stack_does_not_serve_are_skipped_not_retried() {
+    let emulator = Emulator::start();
+    let west = emulator.ec2_in("us-west-2").await;
+    let (west_image, _) = create_image(&west, "golden-west", &[]).await;
+    let config = write_config(
+        "[[rule]]\nname = \"golden\"\nmatch.name = [\"golden-*\"]\ntags = { shared = \"yes\" }\n",
+    );
+    let mut api = RuntimeApi::start();
+    let mut env = emulator.aws_env();
+    env.push(("AMI_SHARE_CONFIG", config.env()));
+    env.push(("AMI_SHARE_EVENT_REGIONS", "us-west-2".into()));
+    let _function = Function::start(&binary(), &api, &env);
+
+    // An organization bus forwards another account's CreateImage: the function's ARN (the Runtime API's
+    // Lambda-Runtime-Invoked-Function-Arn) names account 123456789012.
+    let before = emulator.requests().len();
+    let mut foreign = sample_event("create-image.json", "ami-0a1b2c3d4e5f67890", REGION);
+    foreign["account"] = json!("999988887777");
+    let answer = api.invoke(foreign);
+    assert_eq!(answer.kind, "response", "not an error, so never retried: {answer:?}");
+    assert_eq!(answer.body["status"], "skipped", "{:#}", answer.body);
+    let summary = answer.body["summary"].as_str().unwrap();
+    assert!(
+        summary.contains("an event of account 999988887777")
+            && summary.contains("acts for account 123456789012 only"),
+        "{summary}"
+    );
+    // A region this stack does not serve.
+    let elsewhere = api.invoke(sample_event(
+        "ami-state-available.json",
+        "ami-0a1b2c3d4e5f67890",
+        "eu-west-1",
+    ));
+    assert_eq!(elsewhere.body["status"], "skipped", "{:#}", elsewhere.body);
+    assert!(
+        elsewhere.body["summary"]
+            .as_str()
+            .unwrap()
+            .contains("an event of eu-west-1: this stack serves us-east-1, us-west-2"),
+        "{:#}",
+        elsewhere.body
+    );
+    assert_eq!(
+        emulator.requests().len(),
+        before,
+        "no AWS call for either"
+    );
+    // A forwarded region it serves is handled.
+    let forwarded = api.invoke(sample_event("ami-state-available.json", &west_image, "us-west-2"));
+    assert_eq!(forwarded.body["status"], "done", "{:#}", forwarded.body);
+    assert_eq!(
+        image_tags(&west, &west_image).await,
+        tags(&[("shared", "yes")])
+    );
+}

@@ -5,7 +5,8 @@
 
 use ami_share::aws::sdk::SdkAws;
 use ami_share::config::Config;
-use ami_share::handler::Handler;
+use ami_share::distribution::RegionName;
+use ami_share::handler::{Handler, Invocation};
 use lambda_runtime::{LambdaEvent, service_fn};
 use serde_json::Value;
 
@@ -19,12 +20,34 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let sdk_config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     let aws = SdkAws::new(sdk_config);
     let home_region = aws.home_region().unwrap_or("us-east-1").to_string();
-    let handler = Handler::new(config, aws, home_region);
+    let event_regions = event_regions_from_env().inspect_err(|e| {
+        tracing::error!(error = %e, "refusing to start: {e}");
+    })?;
+    let handler = Handler::new(config, aws, home_region).with_event_regions(event_regions);
     let handler = &handler;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
-        let deadline =
-            std::time::UNIX_EPOCH + std::time::Duration::from_millis(event.context.deadline);
-        handler.handle_before(event.payload, Some(deadline)).await
+        let invocation = Invocation {
+            deadline: Some(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(event.context.deadline),
+            ),
+            function_arn: Some(event.context.invoked_function_arn.clone()),
+        };
+        handler.handle_invocation(event.payload, &invocation).await
     }))
     .await
+}
+
+/// `AMI_SHARE_EVENT_REGIONS` (the stack's ForwardedEventRegions): region codes separated by commas.
+fn event_regions_from_env() -> Result<Vec<String>, String> {
+    let value = std::env::var("AMI_SHARE_EVENT_REGIONS").unwrap_or_default();
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .map(|r| {
+            RegionName::try_from(r.to_string())
+                .map(|_| r.to_string())
+                .map_err(|e| format!("AMI_SHARE_EVENT_REGIONS: {e}"))
+        })
+        .collect()
 }

@@ -33,6 +33,10 @@ enum Command {
     Validate {
         /// The config file (TOML).
         config: PathBuf,
+        /// The account that will run ami-share with it (12 digits): warns about rules that list it as a
+        /// share target.
+        #[arg(long, value_parser = parse_account)]
+        account: Option<String>,
     },
     /// Show what ami-share would do for an event or an image, changing nothing.
     Plan(Target),
@@ -105,7 +109,7 @@ struct Target {
 async fn main() -> ExitCode {
     ami_share::logging::init_text();
     match Cli::parse().command {
-        Command::Validate { config } => validate(&config),
+        Command::Validate { config, account } => validate(&config, account.as_deref()),
         Command::Plan(target) => run(target, Mode::DryRun).await,
         Command::Apply(target) => run(target, Mode::Apply).await,
         Command::Sweep(args) => sweep(args).await,
@@ -257,9 +261,19 @@ async fn sweep(args: SweepArgs) -> ExitCode {
     }
 }
 
-fn validate(path: &std::path::Path) -> ExitCode {
+fn parse_account(value: &str) -> Result<String, String> {
+    value
+        .parse::<ami_share::targets::AccountId>()
+        .map(|id| id.as_str().to_string())
+        .map_err(|e| e.to_string())
+}
+
+fn validate(path: &std::path::Path, account: Option<&str>) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
+            for warning in config.warnings(account) {
+                eprintln!("warning: {warning}");
+            }
             println!("{}: valid, {} rule(s)", path.display(), config.rules.len());
             for rule in &config.rules {
                 let targets = rule.share.launch_permissions().count();
