@@ -19,7 +19,7 @@ pub struct Counts {
     pub images: u64,
     /// Launch permission additions made (one per image and region, whatever the number of targets).
     pub shared: u64,
-    /// Launch permission removals made (exclusive mode).
+    /// Launch and create-volume permission removals made (exclusive mode).
     pub unshared: u64,
     /// CopyImage calls made.
     pub copied: u64,
@@ -42,7 +42,13 @@ impl Counts {
         Self {
             images: 1,
             shared: done(|a| matches!(a, Action::AddLaunchPermissions { .. })),
-            unshared: done(|a| matches!(a, Action::RemoveLaunchPermissions { .. })),
+            unshared: done(|a| {
+                matches!(
+                    a,
+                    Action::RemoveLaunchPermissions { .. }
+                        | Action::RemoveCreateVolumePermission { .. }
+                )
+            }),
             copied: done(|a| matches!(a, Action::CopyImage(_))),
             key_policies_patched: done(|a| matches!(a, Action::PatchKeyPolicy { .. })),
             // A blocked region is one of `outcome.blocked` too ("no copy in <region>: …").

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use crate::config::CreatedBy;
-use crate::targets::LaunchPermission;
+use crate::targets::{LaunchPermission, VolumePermission};
 
 /// An image's lifecycle state (EC2 `ImageState`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -62,8 +62,9 @@ pub struct ObservedSnapshot {
     /// `None` until read: DescribeSnapshots is called only when snapshot tags are wanted, or when the image
     /// is to be shared and its snapshots may be encrypted.
     pub tags: Option<Tags>,
-    /// The accounts with createVolumePermission on it; `None` until read (only when a rule grants it).
-    pub create_volume_accounts: Option<BTreeSet<String>>,
+    /// Who may create volumes from it (createVolumePermission); `None` until read (only when a rule
+    /// grants it, or an exclusive rule may revoke it).
+    pub create_volume_permissions: Option<BTreeSet<VolumePermission>>,
 }
 
 /// What DescribeSnapshots tells of one snapshot.

@@ -28,7 +28,7 @@ use crate::observed::{
 };
 use crate::provenance::{Provenance, provenance};
 use crate::rules::{CopyWanted, Desired};
-use crate::targets::LaunchPermission;
+use crate::targets::{LaunchPermission, VolumePermission};
 
 /// One AWS call the plan needs. Plain data: it is what `plan` shows a person and what `apply` executes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -79,6 +79,13 @@ pub enum Action {
         region: String,
         snapshot_id: String,
         accounts: Vec<String>,
+    },
+    /// EC2 ModifySnapshotAttribute createVolumePermission remove: exclusive mode, for the permissions no
+    /// selecting rule grants.
+    RemoveCreateVolumePermission {
+        region: String,
+        snapshot_id: String,
+        permissions: Vec<VolumePermission>,
     },
     /// EC2 EnableImageDeprecation.
     DeprecateImage {
@@ -208,6 +215,18 @@ impl fmt::Display for Action {
                 "let {} create volumes from snapshot {snapshot_id} in {region} (needed to copy the AMI)",
                 accounts.join(", ")
             ),
+            Self::RemoveCreateVolumePermission {
+                region,
+                snapshot_id,
+                permissions,
+            } => {
+                let from: Vec<String> = permissions.iter().map(ToString::to_string).collect();
+                write!(
+                    f,
+                    "revoke create-volume permission on snapshot {snapshot_id} in {region} from {} (exclusive: no rule grants it)",
+                    from.join(", ")
+                )
+            }
             Self::DeprecateImage {
                 region,
                 image_id,
@@ -231,6 +250,7 @@ impl Action {
             | Self::AddLaunchPermissions { region, .. }
             | Self::RemoveLaunchPermissions { region, .. }
             | Self::AddCreateVolumePermission { region, .. }
+            | Self::RemoveCreateVolumePermission { region, .. }
             | Self::DeprecateImage { region, .. }
             | Self::PutParameter { region, .. }
             | Self::SetStatus { region, .. } => region,
@@ -331,9 +351,9 @@ pub fn reads_needed(desired: &Desired, image: &ObservedImage) -> Reads {
         snapshots: !image.snapshots.is_empty()
             && (keys || (taggable && !desired.snapshot_tags.is_empty())),
         keys,
-        create_volume_permissions: shares_now(desired, image)
-            && !desired.create_volume_accounts.is_empty()
-            && !image.snapshots.is_empty(),
+        create_volume_permissions: !image.snapshots.is_empty()
+            && ((shares_now(desired, image) && !desired.create_volume_accounts.is_empty())
+                || (desired.exclusive && image.state == ImageState::Available)),
         parameters: image.state == ImageState::Available && !desired.ssm_parameters.is_empty(),
         block_public_access: shares_now(desired, image)
             && desired
@@ -639,6 +659,8 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
     ));
     plan.actions.extend(exclusive_action(desired, image));
     plan.actions
+        .extend(exclusive_volume_actions(desired, image));
+    plan.actions
         .extend(deprecation_action(desired, image, observed.now.as_deref()));
     plan.actions.extend(after_tags);
     let missing_status: Tags = status
@@ -717,6 +739,39 @@ fn exclusive_action(desired: &Desired, image: &ObservedImage) -> Option<Action> 
     })
 }
 
+/// Exclusive mode, on the snapshots: the createVolumePermissions no selecting rule grants (accounts the
+/// rules' `share.create_volume_permission` does not list, and `Group=all`), one removal per snapshot.
+/// Without it, an account dropped from the rules could still read the whole disk. The owner's own
+/// account is never removed.
+fn exclusive_volume_actions(desired: &Desired, image: &ObservedImage) -> Vec<Action> {
+    if !desired.exclusive || image.state != ImageState::Available {
+        return Vec::new();
+    }
+    image
+        .snapshots
+        .iter()
+        .filter_map(|snapshot| {
+            let extra: Vec<VolumePermission> = snapshot
+                .create_volume_permissions
+                .as_ref()?
+                .iter()
+                .filter(|p| match p {
+                    VolumePermission::Account(id) => {
+                        id.as_str() != image.owner_id && !desired.create_volume_accounts.contains(id)
+                    }
+                    VolumePermission::Public => true,
+                })
+                .cloned()
+                .collect();
+            (!extra.is_empty()).then(|| Action::RemoveCreateVolumePermission {
+                region: image.region.clone(),
+                snapshot_id: snapshot.snapshot_id.clone(),
+                permissions: extra,
+            })
+        })
+        .collect()
+}
+
 /// createVolumePermission for the accounts each snapshot lacks.
 fn create_volume_actions(desired: &Desired, image: &ObservedImage) -> Vec<Action> {
     if desired.create_volume_accounts.is_empty() {
@@ -726,12 +781,12 @@ fn create_volume_actions(desired: &Desired, image: &ObservedImage) -> Vec<Action
         .snapshots
         .iter()
         .filter_map(|snapshot| {
-            let have = snapshot.create_volume_accounts.as_ref();
+            let have = snapshot.create_volume_permissions.as_ref();
             let missing: Vec<String> = desired
                 .create_volume_accounts
                 .iter()
+                .filter(|a| !have.is_some_and(|h| h.contains(&VolumePermission::Account((*a).clone()))))
                 .map(|a| a.as_str().to_string())
-                .filter(|a| !have.is_some_and(|h| h.contains(a)))
                 .collect();
             (!missing.is_empty()).then(|| Action::AddCreateVolumePermission {
                 region: image.region.clone(),
@@ -1400,7 +1455,7 @@ mod tests {
                 encrypted: Some(false),
                 kms_key_id: None,
                 tags: Some(Tags::new()),
-                create_volume_accounts: None,
+                create_volume_permissions: None,
             }],
             launch_permissions: Some(BTreeSet::new()),
             creation_date: Some("2026-11-25T10:00:00.000Z".into()),
@@ -1504,6 +1559,19 @@ mod tests {
             } => {
                 if let Some(k) = image.keys.get_mut(key_arn) {
                     k.policy = Some(policy.clone());
+                }
+            }
+            Action::RemoveCreateVolumePermission {
+                snapshot_id,
+                permissions,
+                ..
+            } => {
+                for s in image.snapshots.iter_mut().filter(|s| s.snapshot_id == *snapshot_id) {
+                    if let Some(have) = s.create_volume_permissions.as_mut() {
+                        for p in permissions {
+                            have.remove(p);
+                        }
+                    }
                 }
             }
             _ => {}
@@ -1660,7 +1728,7 @@ mod tests {
             encrypted: Some(false),
             kms_key_id: None,
             tags: Some(tags(&[("team", "platform")])),
-            create_volume_accounts: None,
+            create_volume_permissions: None,
         });
         img.launch_permissions = Some(d.launch_permissions.clone());
         let p = plan(&d, &observed(img));
@@ -1731,7 +1799,7 @@ mod tests {
                     .into(),
             ),
             tags: Some(Tags::new()),
-            create_volume_accounts: None,
+            create_volume_permissions: None,
         });
         assert_eq!(keys_to_read(&img), [CMK.to_string()].into());
     }
@@ -1955,7 +2023,7 @@ mod tests {
             encrypted: Some(true),
             kms_key_id: Some(AWS_EBS.into()),
             tags: Some(Tags::new()),
-            create_volume_accounts: None,
+            create_volume_permissions: None,
         });
         img.keys
             .insert(AWS_EBS.into(), key(AWS_EBS, KeyManager::Aws));
@@ -2565,10 +2633,12 @@ mod tests {
         let mut d = desired();
         d.create_volume_accounts = ["210987654321".parse().unwrap()].into();
         let mut img = image(ImageState::Available);
-        img.snapshots[0].create_volume_accounts = Some(BTreeSet::new());
+        img.snapshots[0].create_volume_permissions = Some(BTreeSet::new());
         let p = plan(&d, &observed(img.clone()));
         assert!(p.actions.iter().any(|a| matches!(a, Action::AddCreateVolumePermission { snapshot_id, accounts, .. } if snapshot_id == "snap-1" && accounts == &["210987654321".to_string()])));
-        img.snapshots[0].create_volume_accounts = Some(["210987654321".to_string()].into());
+        img.snapshots[0].create_volume_permissions = Some(
+            [VolumePermission::Account("210987654321".parse().unwrap())].into(),
+        );
         let p = plan(&d, &observed(img));
         assert!(
             !p.actions
@@ -2676,6 +2746,64 @@ mod tests {
             "stable: a retry makes no second copy"
         );
         assert_eq!(renamed.tags, copy.tags);
+    }
+
+    #[test]
+    fn exclusive_mode_revokes_create_volume_permission_no_rule_grants_too() {
+        let volume = |id: &str| VolumePermission::Account(id.parse().unwrap());
+        let mut img = image(ImageState::Available);
+        img.snapshots[0].create_volume_permissions = Some(
+            [
+                volume("210987654321"),
+                volume("444455556666"),
+                volume("123456789012"),
+                VolumePermission::Public,
+            ]
+            .into(),
+        );
+        let removal = |p: &Plan| {
+            p.actions.iter().find_map(|a| match a {
+                Action::RemoveCreateVolumePermission {
+                    snapshot_id,
+                    permissions,
+                    ..
+                } => Some((snapshot_id.clone(), permissions.clone())),
+                _ => None,
+            })
+        };
+        assert_eq!(removal(&plan(&desired(), &observed(img.clone()))), None);
+        let exclusive = Desired {
+            exclusive: true,
+            create_volume_accounts: ["210987654321".parse().unwrap()].into(),
+            ..desired()
+        };
+        let p = plan(&exclusive, &observed(img.clone()));
+        assert_eq!(
+            removal(&p),
+            Some((
+                "snap-1".to_string(),
+                vec![volume("444455556666"), VolumePermission::Public]
+            )),
+            "the rules' accounts and the owner stay: {p:#?}"
+        );
+        assert!(
+            p.actions.iter().any(|a| a.to_string()
+                == "revoke create-volume permission on snapshot snap-1 in us-east-1 from account 444455556666, everyone (Group=all) (exclusive: no rule grants it)"),
+            "{p:#?}"
+        );
+        let after = applied(observed(img), &p);
+        assert_eq!(removal(&plan(&exclusive, &after)), None, "converges");
+        let exclusive_without_volumes = Desired {
+            exclusive: true,
+            ..desired()
+        };
+        let reads = reads_needed(&exclusive_without_volumes, &after.image);
+        assert!(reads.create_volume_permissions, "read to be revoked");
+        assert_eq!(
+            removal(&plan(&exclusive_without_volumes, &after)),
+            Some(("snap-1".to_string(), vec![volume("210987654321")])),
+            "no rule grants any: every account but the owner loses it"
+        );
     }
 
     #[test]

@@ -705,8 +705,8 @@ impl<A: Aws> Reconciler<'_, A> {
             }
         }
         if let Some(accounts) = volume_permissions? {
-            for (snapshot, accounts) in image.snapshots.iter_mut().zip(accounts) {
-                snapshot.create_volume_accounts = Some(accounts);
+            for (snapshot, permissions) in image.snapshots.iter_mut().zip(accounts) {
+                snapshot.create_volume_permissions = Some(permissions);
             }
         }
         if let Some(parameters) = parameters? {
@@ -964,6 +964,15 @@ impl<A: Aws> Reconciler<'_, A> {
                     .add_create_volume_permissions(region, snapshot_id, accounts)
                     .await?
             }
+            Action::RemoveCreateVolumePermission {
+                region,
+                snapshot_id,
+                permissions,
+            } => {
+                self.aws
+                    .remove_create_volume_permissions(region, snapshot_id, permissions)
+                    .await?
+            }
             Action::DeprecateImage {
                 region,
                 image_id,
@@ -1115,7 +1124,7 @@ mod tests {
     use crate::markers;
     use crate::observed::{ObservedSnapshot, SnapshotFacts, SourceImage, Tags};
     use crate::plan::ImageCopy;
-    use crate::targets::LaunchPermission;
+    use crate::targets::{LaunchPermission, VolumePermission};
     use crate::trigger::ImageRef;
 
     const REGION: &str = "eu-west-1";
@@ -1142,8 +1151,8 @@ mod tests {
         overwrites_left: usize,
         /// CopyImage client tokens and the copies they made.
         copy_tokens: BTreeMap<String, String>,
-        /// Snapshot id → accounts with createVolumePermission.
-        volume_permissions: BTreeMap<String, BTreeSet<String>>,
+        /// Snapshot id → who has createVolumePermission.
+        volume_permissions: BTreeMap<String, BTreeSet<VolumePermission>>,
         /// (region, name) → value.
         parameters: BTreeMap<(String, String), String>,
     }
@@ -1178,7 +1187,7 @@ mod tests {
                     encrypted: Some(key.is_some()),
                     kms_key_id: None,
                     tags: None,
-                    create_volume_accounts: None,
+                    create_volume_permissions: None,
                 }],
                 launch_permissions: Some(BTreeSet::new()),
                 creation_date: Some("2026-11-25T10:00:00.000Z".into()),
@@ -1449,7 +1458,7 @@ mod tests {
                 encrypted: Some(true),
                 kms_key_id: None,
                 tags: None,
-                create_volume_accounts: None,
+                create_volume_permissions: None,
             }];
             state.images.insert(id.clone(), image);
             state.snapshots.insert(
@@ -1466,7 +1475,7 @@ mod tests {
             &self,
             region: &str,
             snapshot_id: &str,
-        ) -> Result<BTreeSet<String>, AwsError> {
+        ) -> Result<BTreeSet<VolumePermission>, AwsError> {
             self.call("DescribeSnapshotAttribute", region)?;
             let state = self.state.lock().unwrap();
             Ok(state
@@ -1474,6 +1483,21 @@ mod tests {
                 .get(snapshot_id)
                 .cloned()
                 .unwrap_or_default())
+        }
+        async fn remove_create_volume_permissions(
+            &self,
+            region: &str,
+            snapshot_id: &str,
+            permissions: &[VolumePermission],
+        ) -> Result<(), AwsError> {
+            self.call("ModifySnapshotAttribute", region)?;
+            let mut state = self.state.lock().unwrap();
+            if let Some(have) = state.volume_permissions.get_mut(snapshot_id) {
+                for p in permissions {
+                    have.remove(p);
+                }
+            }
+            Ok(())
         }
         async fn add_create_volume_permissions(
             &self,
@@ -1487,7 +1511,11 @@ mod tests {
                 .volume_permissions
                 .entry(snapshot_id.to_string())
                 .or_default();
-            have.extend(accounts.iter().cloned());
+            have.extend(
+                accounts
+                    .iter()
+                    .map(|a| VolumePermission::Account(a.parse().unwrap())),
+            );
             Ok(())
         }
         async fn enable_image_deprecation(

@@ -284,6 +284,25 @@ impl fmt::Display for LaunchPermission {
     }
 }
 
+/// One entry of a snapshot's createVolumePermission: an account, or everyone (`Group=all`). AWS offers
+/// no organization or OU form for snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(tag = "kind", content = "id", rename_all = "snake_case")]
+pub enum VolumePermission {
+    Account(AccountId),
+    /// `Group=all`: a public snapshot. ami-share never adds it; exclusive mode removes it.
+    Public,
+}
+
+impl fmt::Display for VolumePermission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Account(id) => write!(f, "account {id}"),
+            Self::Public => f.write_str("everyone (Group=all)"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

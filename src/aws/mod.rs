@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::markers::CopyKind;
 use crate::observed::{ObservedImage, ObservedKey, SnapshotFacts, Tags};
 use crate::plan::ImageCopy;
-use crate::targets::LaunchPermission;
+use crate::targets::{LaunchPermission, VolumePermission};
 
 /// What DescribeImages found for an image id in a region.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,12 +105,20 @@ pub trait Aws: Send + Sync {
     fn copy_image(&self, copy: &ImageCopy)
     -> impl Future<Output = Result<String, AwsError>> + Send;
 
-    /// EC2 DescribeSnapshotAttribute createVolumePermission: the accounts that may create volumes from it.
+    /// EC2 DescribeSnapshotAttribute createVolumePermission: who may create volumes from it.
     fn describe_create_volume_permissions(
         &self,
         region: &str,
         snapshot_id: &str,
-    ) -> impl Future<Output = Result<BTreeSet<String>, AwsError>> + Send;
+    ) -> impl Future<Output = Result<BTreeSet<VolumePermission>, AwsError>> + Send;
+
+    /// EC2 ModifySnapshotAttribute createVolumePermission remove (accounts and `Group=all`), one call.
+    fn remove_create_volume_permissions(
+        &self,
+        region: &str,
+        snapshot_id: &str,
+        permissions: &[VolumePermission],
+    ) -> impl Future<Output = Result<(), AwsError>> + Send;
 
     /// EC2 ModifySnapshotAttribute createVolumePermission Add.
     fn add_create_volume_permissions(

@@ -24,7 +24,7 @@ use crate::observed::{
     Tags,
 };
 use crate::plan::ImageCopy;
-use crate::targets::LaunchPermission;
+use crate::targets::{LaunchPermission, VolumePermission};
 
 /// Clients of one service, one per region, built on demand from the shared SDK config.
 struct RegionalClients<C> {
@@ -277,7 +277,7 @@ fn observed_image(region: &str, image: &ec2::Image) -> ObservedImage {
                 encrypted: ebs.encrypted(),
                 kms_key_id: None,
                 tags: None,
-                create_volume_accounts: None,
+                create_volume_permissions: None,
             })
         })
         .collect();
@@ -564,7 +564,7 @@ impl Aws for SdkAws {
         &self,
         region: &str,
         snapshot_id: &str,
-    ) -> Result<BTreeSet<String>, AwsError> {
+    ) -> Result<BTreeSet<VolumePermission>, AwsError> {
         let output = self
             .ec2(region)
             .describe_snapshot_attribute()
@@ -576,8 +576,45 @@ impl Aws for SdkAws {
         Ok(output
             .create_volume_permissions()
             .iter()
-            .filter_map(|p| p.user_id().map(str::to_string))
+            .filter_map(|p| match (p.user_id(), p.group()) {
+                (Some(id), _) => id.parse().ok().map(VolumePermission::Account),
+                (None, Some(ec2::PermissionGroup::All)) => Some(VolumePermission::Public),
+                _ => None,
+            })
             .collect())
+    }
+
+    async fn remove_create_volume_permissions(
+        &self,
+        region: &str,
+        snapshot_id: &str,
+        permissions: &[VolumePermission],
+    ) -> Result<(), AwsError> {
+        let accounts: Vec<String> = permissions
+            .iter()
+            .filter_map(|p| match p {
+                VolumePermission::Account(id) => Some(id.as_str().to_string()),
+                VolumePermission::Public => None,
+            })
+            .collect();
+        let public = permissions.contains(&VolumePermission::Public);
+        let mut request = self
+            .ec2(region)
+            .modify_snapshot_attribute()
+            .snapshot_id(snapshot_id)
+            .attribute(ec2::SnapshotAttributeName::CreateVolumePermission)
+            .operation_type(ec2::OperationType::Remove);
+        if !accounts.is_empty() {
+            request = request.set_user_ids(Some(accounts));
+        }
+        if public {
+            request = request.group_names("all");
+        }
+        request
+            .send()
+            .await
+            .map_err(|e| aws_error("ModifySnapshotAttribute", region, snapshot_id, e))?;
+        Ok(())
     }
 
     async fn add_create_volume_permissions(
