@@ -88,7 +88,9 @@ def main():
         port = free_port()
         watch = subprocess.Popen(
             ["cargo", "lambda", "watch", "--ignore-changes", "--invoke-address", "127.0.0.1",
-             "--invoke-port", str(port), "--env-var", f"AMI_SHARE_CONFIG={config.name}"],
+             "--invoke-port", str(port), "--env-var", f"AMI_SHARE_CONFIG={config.name}",
+             # One function for the demo's three regions: it handles their (forwarded) events.
+             "--env-var", "AMI_SHARE_EVENT_REGIONS=us-west-2,eu-central-1"],
             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         for _ in range(300):

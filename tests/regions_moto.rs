@@ -59,6 +59,8 @@ impl Setup {
             SdkAws::new(self.emulator.sdk_config().await),
             REGION,
         )
+        // One stack that handles the events of the regions it copies to (forwarded to it).
+        .with_event_regions(vec![WEST.into(), FRANKFURT.into()])
         .with_key_policy_writes(KeyPolicyWrites {
             settle: Duration::from_millis(100),
             max_writes: 5,
