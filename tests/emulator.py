@@ -20,6 +20,8 @@ Test-only control endpoints (never part of any AWS API), under /_ami_share/:
          before it (as a writer that read the policy earlier and wrote it later would)
     POST /_ami_share/key-policy-edit {"region", "key_id", "statement"}   simulate an operator's edit: right
          after the next GetKeyPolicy of the key is answered, `statement` is appended to its policy
+    GET  /_ami_share/key-policy-writes                                   every PutKeyPolicy so far: key and
+         whether it set BypassPolicyLockoutSafetyCheck
     POST /_ami_share/faults {"fraction", "seed", "access_key"}          answer that fraction of the AWS
          requests signed with `access_key` (chosen by a generator seeded with `seed`) with the service's own
          throttling error instead of serving them; fraction 0: serve all again
@@ -313,16 +315,49 @@ _put_key_policy = KmsResponse.put_key_policy
 _key_policy_races = {}
 
 
+_key_policy_writes = []
+
+
+def lets_the_account_manage_the_key(document, account):
+    """Whether a key policy still lets the key's account change it: an Allow statement, without conditions,
+    for the account (its root, as KMS's default policy names it), with kms:* or kms:PutKeyPolicy. KMS's
+    lockout safety check asks that of the caller; the account root is the form every policy ami-share
+    writes keeps (it never changes a statement it does not own)."""
+    statements = document.get("Statement", [])
+    if isinstance(statements, dict):
+        statements = [statements]
+    for statement in statements:
+        if not isinstance(statement, dict) or statement.get("Effect") != "Allow" or statement.get("Condition"):
+            continue
+        principal = statement.get("Principal")
+        principals = principal.get("AWS") if isinstance(principal, dict) else principal
+        principals = principals if isinstance(principals, list) else [principals]
+        actions = statement.get("Action")
+        actions = actions if isinstance(actions, list) else [actions]
+        if {f"arn:aws:iam::{account}:root", account} & set(principals) and {"kms:*", "kms:PutKeyPolicy"} & set(actions):
+            return True
+    return False
+
+
 def put_key_policy(self):
     """AWS PutKeyPolicy refuses a document that is not JSON (MalformedPolicyDocumentException) or over the
-    32 KB key policy quota (LimitExceededException); moto stores anything."""
+    32 KB key policy quota (LimitExceededException), and, unless BypassPolicyLockoutSafetyCheck is true, one
+    that would no longer let the caller change the key's policy (the lockout safety check,
+    MalformedPolicyDocumentException); moto stores anything."""
     policy = self._get_param("Policy")
+    bypass = bool(self._get_param("BypassPolicyLockoutSafetyCheck"))
     try:
-        json.loads(policy)
+        document = json.loads(policy)
     except (TypeError, ValueError):
         raise JsonRESTError("MalformedPolicyDocumentException", "The new key policy is not valid JSON.")
     if len(policy.encode()) > MAX_KEY_POLICY_BYTES:
         raise JsonRESTError("LimitExceededException", "The key policy exceeds the maximum size of 32 KB.")
+    _key_policy_writes.append({"key_id": self._get_param("KeyId"), "bypass": bypass})
+    if not bypass and not lets_the_account_manage_the_key(document, self.current_account):
+        raise JsonRESTError(
+            "MalformedPolicyDocumentException",
+            "The new key policy will not allow you to update the key policy in the future.",
+        )
     backend = kms_backends[self.current_account][self.region]
     key = backend.keys[backend.get_key_id(self._get_param("KeyId"))]
     before = key.policy
@@ -524,6 +559,10 @@ class Emulator:
         backend = kms_backends[ACCOUNT][region]
         _key_policy_races[(ACCOUNT, region, backend.get_key_id(key_id))] = writes
         return {"key_id": key_id, "writes": writes}
+
+    def control_key_policy_writes(self):
+        """Every PutKeyPolicy so far: the key and whether it asked to bypass the lockout safety check."""
+        return list(_key_policy_writes)
 
     def control_key_policy_edit(self, region, key_id, statement):
         backend = kms_backends[ACCOUNT][region]

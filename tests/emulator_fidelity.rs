@@ -343,7 +343,7 @@ async fn a_simulated_concurrent_writer_undoes_exactly_the_next_writes() {
     let key = create_key(&kms).await;
     let original = key_policy(&kms, &key).await;
     emulator.race_key_policy(&key, 1);
-    let mine = r#"{"Version":"2012-10-17","Statement":[]}"#;
+    let mine = r#"{"Version":"2012-10-17","Statement":[{"Sid":"Mine","Effect":"Allow","Principal":{"AWS":"arn:aws:iam::123456789012:root"},"Action":"kms:*","Resource":"*"}]}"#;
     put_key_policy(&kms, &key, mine).await;
     assert_eq!(
         key_policy(&kms, &key).await,
@@ -514,4 +514,48 @@ async fn public_sharing_is_refused_for_encrypted_images_and_while_blocked() {
         share(&ec2, &open, everyone()).await,
         Err("OperationNotPermitted".into())
     );
+}
+
+#[tokio::test]
+async fn put_key_policy_refuses_a_policy_that_would_lock_the_account_out_unless_told_to_bypass_the_check()
+{
+    use aws_sdk_kms::error::ProvideErrorMetadata;
+    let emulator = Emulator::start();
+    let kms = emulator.kms().await;
+    let key = create_key(&kms).await;
+    let before = key_policy(&kms, &key).await;
+    // Only the organization may use the key: nobody could change its policy again.
+    let locked = r#"{"Version":"2012-10-17","Statement":[{"Sid":"Org","Effect":"Allow","Principal":{"AWS":"*"},"Action":"kms:Decrypt","Resource":"*","Condition":{"StringEquals":{"aws:PrincipalOrgID":"o-a1b2c3d4e5"}}}]}"#;
+    let refused = kms
+        .put_key_policy()
+        .key_id(&key)
+        .policy_name("default")
+        .policy(locked)
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some("MalformedPolicyDocumentException"));
+    assert!(
+        refused
+            .message()
+            .unwrap()
+            .contains("will not allow you to update the key policy in the future")
+    );
+    assert_eq!(key_policy(&kms, &key).await, before);
+    kms.put_key_policy()
+        .key_id(&key)
+        .policy_name("default")
+        .policy(locked)
+        .bypass_policy_lockout_safety_check(true)
+        .send()
+        .await
+        .expect("KMS skips the check when asked");
+    let writes = emulator.control("key-policy-writes", None);
+    let bypasses: Vec<bool> = writes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["bypass"].as_bool().unwrap())
+        .collect();
+    assert_eq!(bypasses, [false, true], "the log tells which write bypassed it");
 }
