@@ -588,7 +588,9 @@ fn read_owned(
         .as_object()
         .and_then(|s| s.keys().find(|k| !STATEMENT_ELEMENTS.contains(&k.as_str())))
     {
-        return Err(problem(format!("it has {other}, which ami-share never writes")));
+        return Err(problem(format!(
+            "it has {other}, which ami-share never writes"
+        )));
     }
     if element("Effect") != Some(&json!("Allow")) {
         return Err(problem("its Effect is not Allow".into()));
@@ -605,20 +607,22 @@ fn read_owned(
             ));
         }
     };
-    let condition_values = |operator: &str, key: &str| -> Result<BTreeSet<String>, KeyPolicyError> {
-        let value = found_conditions
-            .get(operator)
-            .and_then(|o| o.get(key))
-            .ok_or_else(|| problem(format!("it has no {operator} {key} condition")))?;
-        strings(value)
-            .ok_or_else(|| problem(format!("its {operator} {key} is not a list of strings")))
-    };
+    let condition_values =
+        |operator: &str, key: &str| -> Result<BTreeSet<String>, KeyPolicyError> {
+            let value = found_conditions
+                .get(operator)
+                .and_then(|o| o.get(key))
+                .ok_or_else(|| problem(format!("it has no {operator} {key} condition")))?;
+            strings(value)
+                .ok_or_else(|| problem(format!("its {operator} {key} is not a list of strings")))
+        };
     let anyone = || {
         if element("Principal").is_some_and(|p| same_policy_value(p, &json!({"AWS": "*"}))) {
             Ok(())
         } else {
             Err(problem(
-                "its Principal is not {\"AWS\": \"*\"} (limited by the organization condition)".into(),
+                "its Principal is not {\"AWS\": \"*\"} (limited by the organization condition)"
+                    .into(),
             ))
         }
     };
@@ -673,14 +677,15 @@ fn read_owned(
         .ok_or_else(|| problem("its Action is not a string or a list of strings".into()))?;
     let ours = purpose.actions();
     if actions != ours {
-        let others: Vec<&str> = actions
-            .difference(&ours)
-            .map(String::as_str)
-            .collect();
+        let others: Vec<&str> = actions.difference(&ours).map(String::as_str).collect();
         if !others.is_empty() || actions.is_empty() {
             return Err(problem(format!(
                 "its Action has {}, which ami-share does not grant",
-                if others.is_empty() { "nothing".to_string() } else { others.join(", ") }
+                if others.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    others.join(", ")
+                }
             )));
         }
         narrowing.actions = Some(actions);
@@ -688,8 +693,8 @@ fn read_owned(
 
     let mut named = KeyGrantees::default();
     named.set_mut(audience).extend(grantees.iter().cloned());
-    let expected =
-        conditions(audience, purpose, &named, partition).ok_or_else(|| problem("it names nobody".into()))?;
+    let expected = conditions(audience, purpose, &named, partition)
+        .ok_or_else(|| problem("it names nobody".into()))?;
     let mut legacy = false;
     for (operator, entries) in &expected {
         for (key, value) in entries.as_object().into_iter().flatten() {
@@ -1088,7 +1093,8 @@ mod tests {
             ),
             (
                 edit("AmiShareAccountsUseKey", &|s| {
-                    s["Condition"]["StringLike"]["kms:ViaService"] = json!(["ec2.*.amazonaws.com", "s3.*.amazonaws.com"])
+                    s["Condition"]["StringLike"]["kms:ViaService"] =
+                        json!(["ec2.*.amazonaws.com", "s3.*.amazonaws.com"])
                 }),
                 "its StringLike kms:ViaService condition differs",
             ),
@@ -1126,9 +1132,16 @@ mod tests {
         );
         assert_eq!(
             use_key["Principal"]["AWS"],
-            json!(["arn:aws:iam::111122223333:root", "arn:aws:iam::210987654321:root"])
+            json!([
+                "arn:aws:iam::111122223333:root",
+                "arn:aws:iam::210987654321:root"
+            ])
         );
-        assert_eq!(merge(&merged.policy, &want, "aws").unwrap(), None, "and stays");
+        assert_eq!(
+            merge(&merged.policy, &want, "aws").unwrap(),
+            None,
+            "and stays"
+        );
     }
 
     /// ami-share's statements as versions before kms:ViaService wrote them.
@@ -1160,7 +1173,12 @@ mod tests {
         assert!(merged.admitted.is_empty());
         assert_eq!(
             statements(&merged.policy),
-            statements(&merge(&default_policy(), &all, "aws").unwrap().unwrap().policy),
+            statements(
+                &merge(&default_policy(), &all, "aws")
+                    .unwrap()
+                    .unwrap()
+                    .policy
+            ),
             "the same as a fresh merge"
         );
         assert_eq!(merge(&merged.policy, &all, "aws").unwrap(), None);
@@ -1282,7 +1300,13 @@ mod tests {
     /// operator ami-share uses, or another), kms:ViaService limited to a region, fewer actions.
     fn narrowing_strategy() -> impl Strategy<Value = Narrowing> {
         let condition = (
-            prop::sample::select(vec!["StringEquals", "StringLike", "ArnLike", "Null", "IpAddress"]),
+            prop::sample::select(vec![
+                "StringEquals",
+                "StringLike",
+                "ArnLike",
+                "Null",
+                "IpAddress",
+            ]),
             prop::sample::select(vec![
                 "aws:PrincipalTag/team",
                 "aws:SourceVpce",
@@ -1327,14 +1351,20 @@ mod tests {
                     .filter_map(|((a, p), (form, narrowing))| match form {
                         0 => render(*a, *p, &earlier, "aws", None),
                         1 => render(*a, *p, &earlier, "aws", None).map(|mut s| {
-                            s["Condition"].as_object_mut().unwrap().remove(VIA_SERVICE_OPERATOR);
+                            s["Condition"]
+                                .as_object_mut()
+                                .unwrap()
+                                .remove(VIA_SERVICE_OPERATOR);
                             s
                         }),
                         _ => {
                             // CreateGrant has one action: only conditions narrow it.
                             let narrowing = match p {
                                 Purpose::UseKey => narrowing,
-                                Purpose::CreateGrant => Narrowing { actions: None, ..narrowing },
+                                Purpose::CreateGrant => Narrowing {
+                                    actions: None,
+                                    ..narrowing
+                                },
                             };
                             render(*a, *p, &earlier, "aws", Some(&narrowing))
                         }

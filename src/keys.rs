@@ -227,14 +227,18 @@ impl KeyRef {
     pub fn names(&self, arn: &KeyArn, aliases: &[String]) -> bool {
         let value = self.as_str();
         if let Some(alias) = value.strip_prefix("alias/") {
-            return aliases.iter().any(|a| a.strip_prefix("alias/") == Some(alias));
+            return aliases
+                .iter()
+                .any(|a| a.strip_prefix("alias/") == Some(alias));
         }
         if let Some((_, region, account, resource)) = split_kms_arn(value) {
             return match resource.strip_prefix("alias/") {
                 Some(alias) => {
                     region == arn.region()
                         && account == arn.account()
-                        && aliases.iter().any(|a| a.strip_prefix("alias/") == Some(alias))
+                        && aliases
+                            .iter()
+                            .any(|a| a.strip_prefix("alias/") == Some(alias))
                 }
                 None => value == arn.as_str(),
             };
@@ -321,9 +325,11 @@ mod tests {
     fn a_key_is_approved_by_its_owners_tag_or_by_name_in_the_config_only() {
         let arn: KeyArn = KEY.parse().unwrap();
         let aliases = vec!["alias/golden-images".to_string()];
-        let tagged: crate::observed::Tags =
-            [(APPROVAL_TAG.to_string(), "true".to_string())].into();
-        assert_eq!(approval(&arn, Some(&tagged), &[], &[]), Some(Approval::Tagged));
+        let tagged: crate::observed::Tags = [(APPROVAL_TAG.to_string(), "true".to_string())].into();
+        assert_eq!(
+            approval(&arn, Some(&tagged), &[], &[]),
+            Some(Approval::Tagged)
+        );
         let untagged: crate::observed::Tags =
             [(APPROVAL_TAG.to_string(), "TRUE".to_string())].into();
         assert_eq!(

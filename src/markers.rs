@@ -142,7 +142,10 @@ mod tests {
     fn a_copy_kind_reads_back_from_its_mark() {
         for kind in [CopyKind::Reencrypted, CopyKind::Regional] {
             assert_eq!(CopyKind::from_mark(kind.as_str()), Some(kind));
-            assert_eq!(copy_tags(kind, "ami-12345678", "eu-west-1")[COPY_KIND], kind.as_str());
+            assert_eq!(
+                copy_tags(kind, "ami-12345678", "eu-west-1")[COPY_KIND],
+                kind.as_str()
+            );
         }
         assert_eq!(CopyKind::from_mark("Regional"), None, "marks are exact");
         assert_eq!(

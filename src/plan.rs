@@ -150,9 +150,15 @@ impl fmt::Display for Action {
                 ..
             } => {
                 if !admit.is_empty() {
-                    write!(f, "let {admit} use KMS key {key_arn} in {region} through EC2")?;
+                    write!(
+                        f,
+                        "let {admit} use KMS key {key_arn} in {region} through EC2"
+                    )?;
                 } else {
-                    write!(f, "limit the grantees of KMS key {key_arn} in {region} to use through EC2")?;
+                    write!(
+                        f,
+                        "limit the grantees of KMS key {key_arn} in {region} to use through EC2"
+                    )?;
                 }
                 match limit_to_ec2 {
                     true => write!(
@@ -757,7 +763,8 @@ fn exclusive_volume_actions(desired: &Desired, image: &ObservedImage) -> Vec<Act
                 .iter()
                 .filter(|p| match p {
                     VolumePermission::Account(id) => {
-                        id.as_str() != image.owner_id && !desired.create_volume_accounts.contains(id)
+                        id.as_str() != image.owner_id
+                            && !desired.create_volume_accounts.contains(id)
                     }
                     VolumePermission::Public => true,
                 })
@@ -785,7 +792,9 @@ fn create_volume_actions(desired: &Desired, image: &ObservedImage) -> Vec<Action
             let missing: Vec<String> = desired
                 .create_volume_accounts
                 .iter()
-                .filter(|a| !have.is_some_and(|h| h.contains(&VolumePermission::Account((*a).clone()))))
+                .filter(|a| {
+                    !have.is_some_and(|h| h.contains(&VolumePermission::Account((*a).clone())))
+                })
                 .map(|a| a.as_str().to_string())
                 .collect();
             (!missing.is_empty()).then(|| Action::AddCreateVolumePermission {
@@ -1566,7 +1575,11 @@ mod tests {
                 permissions,
                 ..
             } => {
-                for s in image.snapshots.iter_mut().filter(|s| s.snapshot_id == *snapshot_id) {
+                for s in image
+                    .snapshots
+                    .iter_mut()
+                    .filter(|s| s.snapshot_id == *snapshot_id)
+                {
                     if let Some(have) = s.create_volume_permissions.as_mut() {
                         for p in permissions {
                             have.remove(p);
@@ -1967,7 +1980,10 @@ mod tests {
 
     #[test]
     fn a_key_its_owner_did_not_approve_is_never_opened_and_the_image_says_how_to_approve_it() {
-        let p = plan(&desired(), &observed(encrypted(CMK, Some(unapproved_key()))));
+        let p = plan(
+            &desired(),
+            &observed(encrypted(CMK, Some(unapproved_key()))),
+        );
         assert_not_shared(&p, "whose owner has not approved ami-share");
         let status = status_of(&p);
         let reason = &status[markers::STATUS_REASON];
@@ -1988,11 +2004,14 @@ mod tests {
         // Not even a copy re-encrypted with an approved key: it would share what the key protects.
         let p = plan(&reencrypting(), &reencryption(vec![], None));
         assert!(!p.actions.iter().any(|a| matches!(a, Action::CopyImage(_))));
-        let mut unapproved = reencryption(vec![], Some(Some(key(REENCRYPT_KEY, KeyManager::Customer))));
+        let mut unapproved =
+            reencryption(vec![], Some(Some(key(REENCRYPT_KEY, KeyManager::Customer))));
         unapproved.image = encrypted(CMK, Some(unapproved_key()));
         let p = plan(&reencrypting(), &unapproved);
         assert!(
-            !p.actions.iter().any(|a| matches!(a, Action::CopyImage(_) | Action::PatchKeyPolicy { .. })),
+            !p.actions
+                .iter()
+                .any(|a| matches!(a, Action::CopyImage(_) | Action::PatchKeyPolicy { .. })),
             "{p:#?}"
         );
         assert_eq!(status_of(&p)[markers::STATUS], "not-shared");
@@ -2006,7 +2025,9 @@ mod tests {
         k.aliases = vec!["alias/golden-images".into()];
         let p = plan(&named, &observed(encrypted(CMK, Some(k))));
         assert!(
-            p.actions.iter().any(|a| matches!(a, Action::PatchKeyPolicy { .. })),
+            p.actions
+                .iter()
+                .any(|a| matches!(a, Action::PatchKeyPolicy { .. })),
             "{p:#?}"
         );
         assert!(p.blocked.is_empty(), "{:?}", p.blocked);
@@ -2636,9 +2657,8 @@ mod tests {
         img.snapshots[0].create_volume_permissions = Some(BTreeSet::new());
         let p = plan(&d, &observed(img.clone()));
         assert!(p.actions.iter().any(|a| matches!(a, Action::AddCreateVolumePermission { snapshot_id, accounts, .. } if snapshot_id == "snap-1" && accounts == &["210987654321".to_string()])));
-        img.snapshots[0].create_volume_permissions = Some(
-            [VolumePermission::Account("210987654321".parse().unwrap())].into(),
-        );
+        img.snapshots[0].create_volume_permissions =
+            Some([VolumePermission::Account("210987654321".parse().unwrap())].into());
         let p = plan(&d, &observed(img));
         assert!(
             !p.actions

@@ -174,17 +174,39 @@ mod tests {
                 source_image: GOLDEN.into(),
             })
         );
-        assert!(is_copy_of(&regional, CopyKind::Regional, "us-east-1", GOLDEN));
-        assert!(!is_copy_of(&regional, CopyKind::Reencrypted, "us-east-1", GOLDEN));
+        assert!(is_copy_of(
+            &regional,
+            CopyKind::Regional,
+            "us-east-1",
+            GOLDEN
+        ));
+        assert!(!is_copy_of(
+            &regional,
+            CopyKind::Reencrypted,
+            "us-east-1",
+            GOLDEN
+        ));
         let reencrypted = image(
             "us-east-1",
             marked("re-encrypted", "us-east-1"),
             Some((GOLDEN, Some("us-east-1"))),
         );
-        assert!(is_copy_of(&reencrypted, CopyKind::Reencrypted, "us-east-1", GOLDEN));
-        assert_eq!(provenance(&image("us-east-1", Tags::new(), None)), Provenance::Own);
+        assert!(is_copy_of(
+            &reencrypted,
+            CopyKind::Reencrypted,
+            "us-east-1",
+            GOLDEN
+        ));
+        assert_eq!(
+            provenance(&image("us-east-1", Tags::new(), None)),
+            Provenance::Own
+        );
         let plain_copy = image("us-east-1", Tags::new(), Some((GOLDEN, Some("us-east-1"))));
-        assert_eq!(provenance(&plain_copy), Provenance::Own, "unmarked: its own");
+        assert_eq!(
+            provenance(&plain_copy),
+            Provenance::Own,
+            "unmarked: its own"
+        );
     }
 
     fn disputed(image: &ObservedImage) -> String {
@@ -206,7 +228,8 @@ mod tests {
             Some(("ami-0123456789abcdef0", Some("us-east-1"))),
         );
         assert!(
-            disputed(&relabelled).contains("EC2 records ami-0fedcba9876543210 as made from ami-0123456789abcdef0"),
+            disputed(&relabelled)
+                .contains("EC2 records ami-0fedcba9876543210 as made from ami-0123456789abcdef0"),
             "{}",
             disputed(&relabelled)
         );
@@ -216,7 +239,11 @@ mod tests {
             Some((GOLDEN, Some("eu-west-1"))),
         );
         assert!(disputed(&other_region).contains("its source in eu-west-1"));
-        let no_region = image("us-west-2", marked("regional", "us-east-1"), Some((GOLDEN, None)));
+        let no_region = image(
+            "us-west-2",
+            marked("regional", "us-east-1"),
+            Some((GOLDEN, None)),
+        );
         assert!(disputed(&no_region).contains("no source region"));
         let made_by_create_image = image(
             "us-east-1",

@@ -609,9 +609,17 @@ impl<A: Aws> Reconciler<'_, A> {
             .iter()
             .map(|image| match provenance(image) {
                 Provenance::Disputed(reason) => reason,
-                _ => format!("{} is no {kind} copy of {}", image.image_id, source.image_id),
+                _ => format!(
+                    "{} is no {kind} copy of {}",
+                    image.image_id, source.image_id
+                ),
             })
-            .map(|reason| format!("ignored as a {kind} copy of {} in {region}: {reason}", source.image_id))
+            .map(|reason| {
+                format!(
+                    "ignored as a {kind} copy of {} in {region}: {reason}",
+                    source.image_id
+                )
+            })
             .collect();
         let key = match plan::chosen_copy(&copies).map(|c| c.image_id.clone()) {
             Some(chosen) => {
@@ -1577,11 +1585,7 @@ mod tests {
             let state = self.state.lock().unwrap();
             Ok(state.keys[arn].tags.clone().unwrap_or_default())
         }
-        async fn list_key_aliases(
-            &self,
-            region: &str,
-            arn: &str,
-        ) -> Result<Vec<String>, AwsError> {
+        async fn list_key_aliases(&self, region: &str, arn: &str) -> Result<Vec<String>, AwsError> {
             self.call("ListAliases", region)?;
             let state = self.state.lock().unwrap();
             Ok(state
@@ -2352,7 +2356,12 @@ mod tests {
             "the forgery is no copy: {}",
             outcome.headline()
         );
-        assert_eq!(outcome.regions[WEST].status, "copying", "{}", outcome.headline());
+        assert_eq!(
+            outcome.regions[WEST].status,
+            "copying",
+            "{}",
+            outcome.headline()
+        );
         assert_eq!(
             aws.image("ami-0west").launch_permissions,
             Some(BTreeSet::new()),

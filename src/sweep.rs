@@ -71,7 +71,8 @@ pub fn selection(listed: Vec<ObservedImage>) -> Selection {
     for image in listed {
         let reason = match provenance(&image) {
             Provenance::Copy(copy)
-                if listed_ids.contains(&(copy.source_region.clone(), copy.source_image.clone())) =>
+                if listed_ids
+                    .contains(&(copy.source_region.clone(), copy.source_image.clone())) =>
             {
                 Some(match copy.kind {
                     CopyKind::Reencrypted => format!(
@@ -359,14 +360,12 @@ mod tests {
 
     #[test]
     fn newest_images_go_first_and_undated_ones_last() {
-        let selection = selection(
-            vec![
-                image("ami-old", Some("2024-01-01T00:00:00.000Z"), &[]),
-                image("ami-undated", None, &[]),
-                image("ami-new", Some("2026-11-25T10:00:00.000Z"), &[]),
-                image("ami-mid", Some("2025-06-01T00:00:00.000Z"), &[]),
-            ],
-        );
+        let selection = selection(vec![
+            image("ami-old", Some("2024-01-01T00:00:00.000Z"), &[]),
+            image("ami-undated", None, &[]),
+            image("ami-new", Some("2026-11-25T10:00:00.000Z"), &[]),
+            image("ami-mid", Some("2025-06-01T00:00:00.000Z"), &[]),
+        ]);
         assert_eq!(
             ids(&selection.to_reconcile),
             ["ami-new", "ami-mid", "ami-old", "ami-undated"]
@@ -392,7 +391,11 @@ mod tests {
         let reencrypted = copy_of_source("ami-reenc", CopyKind::Reencrypted, "us-east-1");
         let with_source = selection(vec![reencrypted, source_in("us-east-1")]);
         assert_eq!(ids(&with_source.to_reconcile), ["ami-source"]);
-        assert!(with_source.left_to_source[0].1.contains("re-encrypted copy"));
+        assert!(
+            with_source.left_to_source[0]
+                .1
+                .contains("re-encrypted copy")
+        );
     }
 
     #[test]

@@ -518,7 +518,7 @@ async fn public_sharing_is_refused_for_encrypted_images_and_while_blocked() {
 
 #[tokio::test]
 async fn put_key_policy_refuses_a_policy_that_would_lock_the_account_out_unless_told_to_bypass_the_check()
-{
+ {
     use aws_sdk_kms::error::ProvideErrorMetadata;
     let emulator = Emulator::start();
     let kms = emulator.kms().await;
@@ -557,5 +557,9 @@ async fn put_key_policy_refuses_a_policy_that_would_lock_the_account_out_unless_
         .iter()
         .map(|w| w["bypass"].as_bool().unwrap())
         .collect();
-    assert_eq!(bypasses, [false, true], "the log tells which write bypassed it");
+    assert_eq!(
+        bypasses,
+        [false, true],
+        "the log tells which write bypassed it"
+    );
 }

@@ -283,7 +283,8 @@ fn the_bootstrap_refuses_to_start_without_a_config_file() {
 }
 
 #[tokio::test]
-async fn events_of_other_accounts_and_of_regions_the_stack_does_not_serve_are_skipped_not_retried() {
+async fn events_of_other_accounts_and_of_regions_the_stack_does_not_serve_are_skipped_not_retried()
+{
     let emulator = Emulator::start();
     let west = emulator.ec2_in("us-west-2").await;
     let (west_image, _) = create_image(&west, "golden-west", &[]).await;
@@ -302,7 +303,10 @@ async fn events_of_other_accounts_and_of_regions_the_stack_does_not_serve_are_sk
     let mut foreign = sample_event("create-image.json", "ami-0a1b2c3d4e5f67890", REGION);
     foreign["account"] = json!("999988887777");
     let answer = api.invoke(foreign);
-    assert_eq!(answer.kind, "response", "not an error, so never retried: {answer:?}");
+    assert_eq!(
+        answer.kind, "response",
+        "not an error, so never retried: {answer:?}"
+    );
     assert_eq!(answer.body["status"], "skipped", "{:#}", answer.body);
     let summary = answer.body["summary"].as_str().unwrap();
     assert!(
@@ -325,13 +329,13 @@ async fn events_of_other_accounts_and_of_regions_the_stack_does_not_serve_are_sk
         "{:#}",
         elsewhere.body
     );
-    assert_eq!(
-        emulator.requests().len(),
-        before,
-        "no AWS call for either"
-    );
+    assert_eq!(emulator.requests().len(), before, "no AWS call for either");
     // A forwarded region it serves is handled.
-    let forwarded = api.invoke(sample_event("ami-state-available.json", &west_image, "us-west-2"));
+    let forwarded = api.invoke(sample_event(
+        "ami-state-available.json",
+        &west_image,
+        "us-west-2",
+    ));
     assert_eq!(forwarded.body["status"], "done", "{:#}", forwarded.body);
     assert_eq!(
         image_tags(&west, &west_image).await,

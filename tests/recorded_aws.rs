@@ -381,12 +381,16 @@ async fn a_key_whose_policy_the_role_may_not_read_and_that_is_not_approved_block
         .await
         .unwrap();
     assert_eq!(answer["status"], "blocked", "{answer:#}");
-    assert!(answer["outcome"].get("failures").is_none(), "not a failure: {answer:#}");
+    assert!(
+        answer["outcome"].get("failures").is_none(),
+        "not a failure: {answer:#}"
+    );
     assert_eq!(put.num_calls(), 0);
     assert_eq!(ec2.shares.num_calls(), 0);
     let reason = &ec2.status_tags()[1].1;
     assert!(
-        reason.contains("not approved for ami-share") && reason.contains("ami-share:manage-key-policy=true"),
+        reason.contains("not approved for ami-share")
+            && reason.contains("ami-share:manage-key-policy=true"),
         "{reason}"
     );
 }

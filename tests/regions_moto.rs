@@ -90,11 +90,7 @@ impl Setup {
     }
 
     async fn parameter(&self, region: &str, name: &str) -> Option<String> {
-        let ssm = self.emulator.ssm_in(region).await;
-        match ssm.get_parameter().name(name).send().await {
-            Ok(out) => out.parameter().and_then(|p| p.value()).map(str::to_string),
-            Err(_) => None,
-        }
+        ssm_parameter(&self.emulator, region, name).await
     }
 }
 
@@ -221,7 +217,10 @@ async fn an_ami_lands_in_every_region_shared_there_and_no_event_copies_twice() {
     assert_eq!((west.len(), frankfurt.len()), (1, 1));
     let (west_copy, west_tags) = &west[0];
     let (frankfurt_copy, _) = &frankfurt[0];
-    assert_eq!(west_tags[markers::COPY_KIND], markers::CopyKind::Regional.as_str());
+    assert_eq!(
+        west_tags[markers::COPY_KIND],
+        markers::CopyKind::Regional.as_str()
+    );
     assert_eq!(west_tags[markers::SOURCE_REGION], REGION);
     assert_eq!(west_tags["os"], "al2023", "the source's own tags travel");
     assert_eq!(west_tags["team"], "platform");

@@ -170,7 +170,9 @@ fn the_function_role_grants_no_wildcard_action_and_scopes_every_statement() {
             for action in &actions {
                 let name = action.split_once(':').unwrap().1;
                 assert!(
-                    name.starts_with("Describe") || name.starts_with("Get") || name.starts_with("List"),
+                    name.starts_with("Describe")
+                        || name.starts_with("Get")
+                        || name.starts_with("List"),
                     "{sid}: {action} on Resource \"*\""
                 );
             }
@@ -210,7 +212,12 @@ fn role_statements(template: &Value) -> Vec<Value> {
         .expect("the function's inline policies");
     policies
         .iter()
-        .flat_map(|p| p["Statement"].as_array().expect("a policy document").clone())
+        .flat_map(|p| {
+            p["Statement"]
+                .as_array()
+                .expect("a policy document")
+                .clone()
+        })
         .flat_map(|statement| match statement["Fn::If"].as_array() {
             Some(branches) => branches[1..]
                 .iter()
@@ -223,7 +230,8 @@ fn role_statements(template: &Value) -> Vec<Value> {
 }
 
 #[test]
-fn key_policies_may_be_changed_only_on_keys_their_owner_approved_and_never_bypassing_the_lockout_check() {
+fn key_policies_may_be_changed_only_on_keys_their_owner_approved_and_never_bypassing_the_lockout_check()
+ {
     let template = template();
     assert_eq!(
         template["Parameters"]["KmsKeyScope"]["Default"], "approved-keys",
@@ -248,10 +256,14 @@ fn key_policies_may_be_changed_only_on_keys_their_owner_approved_and_never_bypas
             None => vec![&statement["Condition"]],
         };
         for condition in conditions {
-            let tagged = condition["StringEquals"]["aws:ResourceTag/ami-share:manage-key-policy"] == "true";
+            let tagged =
+                condition["StringEquals"]["aws:ResourceTag/ami-share:manage-key-policy"] == "true";
             let aliased = condition["ForAnyValue:StringLike"]["kms:ResourceAliases"]
                 == serde_json::json!({"Ref": "ApprovedKeyAliases"});
-            assert!(tagged || aliased, "{sid}: PutKeyPolicy on unapproved keys: {condition}");
+            assert!(
+                tagged || aliased,
+                "{sid}: PutKeyPolicy on unapproved keys: {condition}"
+            );
         }
     }
     assert_eq!(writers, 2, "tagged keys, and aliased keys");

@@ -20,8 +20,8 @@ use super::{Aws, AwsError, ImageLookup};
 use crate::config::CreatedBy;
 use crate::markers::{self, CopyKind};
 use crate::observed::{
-    ImageState, KeyManager, ObservedImage, ObservedKey, ObservedSnapshot, SnapshotFacts, SourceImage,
-    Tags,
+    ImageState, KeyManager, ObservedImage, ObservedKey, ObservedSnapshot, SnapshotFacts,
+    SourceImage, Tags,
 };
 use crate::plan::ImageCopy;
 use crate::targets::{LaunchPermission, VolumePermission};
@@ -733,10 +733,7 @@ impl Aws for SdkAws {
             .collect::<Result<_, _>>()
             .await
             .map_err(|e| aws_error("ListResourceTags", region, key_arn, e))?;
-        Ok(tags
-            .into_iter()
-            .map(|t| (t.tag_key, t.tag_value))
-            .collect())
+        Ok(tags.into_iter().map(|t| (t.tag_key, t.tag_value)).collect())
     }
 
     async fn list_key_aliases(&self, region: &str, key_arn: &str) -> Result<Vec<String>, AwsError> {

@@ -616,3 +616,31 @@ pub async fn copies_of(emulator: &Emulator, region: &str, source: &str) -> Vec<(
         })
         .collect()
 }
+
+/// The value of an SSM parameter in `region`, `None` when there is none.
+pub async fn ssm_parameter(emulator: &Emulator, region: &str, name: &str) -> Option<String> {
+    let ssm = emulator.ssm_in(region).await;
+    match ssm.get_parameter().name(name).send().await {
+        Ok(out) => out.parameter().and_then(|p| p.value()).map(str::to_string),
+        Err(_) => None,
+    }
+}
+
+/// Who may create volumes from a snapshot: "account=…" or "group=all".
+pub async fn volume_permissions(ec2: &aws_sdk_ec2::Client, snapshot_id: &str) -> BTreeSet<String> {
+    let output = ec2
+        .describe_snapshot_attribute()
+        .snapshot_id(snapshot_id)
+        .attribute(aws_sdk_ec2::types::SnapshotAttributeName::CreateVolumePermission)
+        .send()
+        .await
+        .expect("DescribeSnapshotAttribute");
+    output
+        .create_volume_permissions()
+        .iter()
+        .map(|p| match (p.user_id(), p.group()) {
+            (Some(id), _) => format!("account={id}"),
+            (None, group) => format!("group={}", group.map_or("?", |g| g.as_str())),
+        })
+        .collect()
+}

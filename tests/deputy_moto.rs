@@ -1,0 +1,456 @@
+//! A deputy that cannot be turned: each attack an insider with only `ec2:CreateImage` and `ec2:CreateTags`
+//! (and the volumes they can make) would try on ami-share, against the emulator, through the handler, and
+//! what stops it. README "Threat model" lists the same attacks.
+
+mod common;
+
+use std::time::Duration;
+
+use ami_share::aws::sdk::SdkAws;
+use ami_share::config::Config;
+use ami_share::handler::Handler;
+use ami_share::key_policy;
+use ami_share::reconcile::KeyPolicyWrites;
+use common::*;
+use serde_json::{Value, json};
+
+const WEST: &str = "us-west-2";
+const PARTNER: &str = "210987654321";
+const OTHER_PARTNER: &str = "444455556666";
+const PARAMETER: &str = "/ami-share/golden/latest";
+
+struct Setup {
+    emulator: Emulator,
+    ec2: aws_sdk_ec2::Client,
+    west: aws_sdk_ec2::Client,
+    kms: aws_sdk_kms::Client,
+    org_arn: String,
+}
+
+async fn setup() -> Setup {
+    let emulator = Emulator::start();
+    let org = emulator.organization(&[]);
+    Setup {
+        ec2: emulator.ec2().await,
+        west: emulator.ec2_in(WEST).await,
+        kms: emulator.kms().await,
+        org_arn: org["arn"].as_str().unwrap().to_string(),
+        emulator,
+    }
+}
+
+impl Setup {
+    /// The golden rule: golden-* AMIs are tagged, shared with the organization, copied to us-west-2, and
+    /// named in an SSM parameter; `extra` adds to the rule.
+    async fn handler(&self, extra: &str) -> Handler<SdkAws> {
+        let config = Config::parse(&format!(
+            r#"
+            [[rule]]
+            name = "golden"
+            match.name = ["golden-*"]
+            tags = {{ team = "platform" }}
+            share.organizations = ["{}"]
+            ssm_parameter = "/ami-share/{{rule}}/latest"
+            {extra}
+            "#,
+            self.org_arn
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        Handler::new(
+            config,
+            SdkAws::new(self.emulator.sdk_config().await),
+            REGION,
+        )
+        .with_event_regions(vec![WEST.into()])
+        .with_key_policy_writes(KeyPolicyWrites {
+            settle: Duration::from_millis(100),
+            max_writes: 5,
+        })
+    }
+}
+
+async fn deliver(handler: &Handler<SdkAws>, file: &str, image: &str, region: &str) -> Value {
+    handler
+        .handle(sample_event(file, image, region))
+        .await
+        .unwrap_or_else(|e| panic!("{file} for {image}: {e}"))
+}
+
+/// What an insider can do: tag an AMI they made with any tags, ami-share's marks included.
+async fn tag(ec2: &aws_sdk_ec2::Client, image: &str, pairs: &[(&str, &str)]) {
+    ec2.create_tags()
+        .resources(image)
+        .set_tags(Some(
+            pairs
+                .iter()
+                .map(|(k, v)| aws_sdk_ec2::types::Tag::builder().key(*k).value(*v).build())
+                .collect(),
+        ))
+        .send()
+        .await
+        .expect("CreateTags");
+}
+
+fn notes(answer: &Value) -> String {
+    answer["outcome"]["notes"].to_string()
+}
+
+#[tokio::test]
+async fn a_scratch_ami_with_forged_regional_copy_marks_is_not_shared_and_never_moves_the_parameter()
+{
+    let s = setup().await;
+    let handler = s
+        .handler(&format!("copy.regions = [{{ region = \"{WEST}\" }}]"))
+        .await;
+    let (golden, _) = create_image(&s.ec2, "golden-1", &[]).await;
+    let first = deliver(&handler, "ami-state-available.json", &golden, REGION).await;
+    assert_eq!(first["status"], "done", "{first:#}");
+    let real_copy = first["outcome"]["regions"][WEST]["image_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // The attack: a scratch AMI in us-west-2, tagged as the golden AMI's copy, dated far in the future.
+    let (scratch, _) = create_image(&s.west, "scratch-build-7", &[]).await;
+    tag(
+        &s.west,
+        &scratch,
+        &[
+            ("ami-share:copy-kind", "regional"),
+            ("ami-share:source-image", &golden),
+            ("ami-share:source-region", REGION),
+            ("ami-share:source-created", "2099-01-01T00:00:00.000Z"),
+        ],
+    )
+    .await;
+    let before = s.emulator.requests().len();
+    let answer = deliver(&handler, "ami-state-available.json", &scratch, WEST).await;
+    assert_eq!(answer["status"], "skipped", "{answer:#}");
+    // CreateImage made it from an instance: EC2 records the instance's AMI as its source.
+    assert!(
+        notes(&answer).contains(&format!(
+            "but EC2 records {scratch} as made from ami-12c6146b"
+        )),
+        "the log says what EC2 contradicts: {answer:#}"
+    );
+    assert!(launch_permissions(&s.west, &scratch).await.is_empty());
+    assert_eq!(
+        s.emulator.mutating_requests_since(before),
+        Vec::<String>::new()
+    );
+    assert_eq!(ssm_parameter(&s.emulator, WEST, PARAMETER).await, None);
+
+    // The real copy, available, is shared and named by the parameter; the forgery still moves nothing.
+    s.emulator.set_image_state(WEST, &real_copy, "available");
+    let copy_answer = deliver(&handler, "ami-state-available.json", &real_copy, WEST).await;
+    assert_eq!(copy_answer["status"], "done", "{copy_answer:#}");
+    assert_eq!(
+        ssm_parameter(&s.emulator, WEST, PARAMETER).await.as_deref(),
+        Some(real_copy.as_str())
+    );
+    deliver(&handler, "ami-state-available.json", &scratch, WEST).await;
+    assert_eq!(
+        ssm_parameter(&s.emulator, WEST, PARAMETER).await.as_deref(),
+        Some(real_copy.as_str()),
+        "a forged source-created date wins nothing"
+    );
+    assert!(launch_permissions(&s.west, &scratch).await.is_empty());
+    // The golden AMI's own reconciliation finds the forgery by its marks and ignores it.
+    let again = deliver(&handler, "ami-state-available.json", &golden, REGION).await;
+    assert!(
+        notes(&again).contains(&format!("ignored as a regional copy of {golden} in {WEST}")),
+        "{again:#}"
+    );
+    assert_eq!(
+        again["outcome"]["regions"][WEST]["image_id"],
+        json!(real_copy)
+    );
+    assert!(launch_permissions(&s.west, &scratch).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_scratch_ami_with_forged_re_encrypted_copy_marks_borrows_nothing_from_the_golden_ami() {
+    let s = setup().await;
+    let handler = s.handler("").await;
+    let (golden, _) = create_image(&s.ec2, "golden-1", &[]).await;
+    deliver(&handler, "ami-state-available.json", &golden, REGION).await;
+    assert_eq!(
+        ssm_parameter(&s.emulator, REGION, PARAMETER)
+            .await
+            .as_deref(),
+        Some(golden.as_str())
+    );
+    let (scratch, _) = create_image(&s.ec2, "scratch-build-8", &[]).await;
+    tag(
+        &s.ec2,
+        &scratch,
+        &[
+            ("ami-share:copy-kind", "re-encrypted"),
+            ("ami-share:source-image", &golden),
+            ("ami-share:source-region", REGION),
+            ("ami-share:source-created", "2099-01-01T00:00:00.000Z"),
+        ],
+    )
+    .await;
+    let before = s.emulator.requests().len();
+    let answer = deliver(&handler, "ami-state-available.json", &scratch, REGION).await;
+    assert_eq!(answer["outcome"]["image_id"], json!(scratch), "{answer:#}");
+    assert_eq!(answer["status"], "skipped", "{answer:#}");
+    assert!(
+        notes(&answer).contains(&format!(
+            "but EC2 records {scratch} as made from ami-12c6146b"
+        )),
+        "{answer:#}"
+    );
+    assert_eq!(
+        s.emulator.mutating_requests_since(before),
+        Vec::<String>::new()
+    );
+    assert!(launch_permissions(&s.ec2, &scratch).await.is_empty());
+    assert_eq!(
+        ssm_parameter(&s.emulator, REGION, PARAMETER)
+            .await
+            .as_deref(),
+        Some(golden.as_str())
+    );
+}
+
+#[tokio::test]
+async fn an_ami_on_a_key_nobody_approved_is_not_shared_copied_or_re_encrypted_and_the_key_is_untouched()
+ {
+    let s = setup().await;
+    // The copy key is approved by being named (alias/ami-share, reencrypt and copy.regions).
+    let copy_key = create_unapproved_key(&s.kms).await;
+    s.kms
+        .create_alias()
+        .alias_name("alias/ami-share")
+        .target_key_id(&copy_key)
+        .send()
+        .await
+        .unwrap();
+    let handler = s
+        .handler(&format!(
+            "reencrypt.kms_key = \"alias/ami-share\"\ncopy.regions = [{{ region = \"{WEST}\" }}]"
+        ))
+        .await;
+    // The attack: an image of a volume on the payroll database's key, named so the golden rule selects it.
+    let payroll = create_unapproved_key(&s.kms).await;
+    let policy_before = key_policy(&s.kms, &payroll).await;
+    let (image, _) =
+        create_image_with(&s.ec2, "golden-payroll", &[], RootVolume::Key(&payroll)).await;
+    let before = s.emulator.requests().len();
+    let answer = deliver(&handler, "create-image.json", &image, REGION).await;
+    assert_eq!(answer["status"], "blocked", "{answer:#}");
+    assert_eq!(
+        key_policy(&s.kms, &payroll).await,
+        policy_before,
+        "byte for byte"
+    );
+    let writes = s.emulator.mutating_requests_since(before);
+    assert!(
+        !writes.iter().any(|w| w.contains("PutKeyPolicy")
+            || w.contains("ModifyImageAttribute")
+            || w.contains("CopyImage")),
+        "no key write, no share, no copy: {writes:?}"
+    );
+    let status = image_tags(&s.ec2, &image).await;
+    let payroll_id = payroll.rsplit('/').next().unwrap();
+    assert_eq!(status["ami-share:status"], "not-shared");
+    assert!(
+        status["ami-share:status-reason"].contains(payroll_id)
+            && status["ami-share:status-reason"].contains("ami-share:manage-key-policy=true"),
+        "names the key and how to approve it: {status:?}"
+    );
+    assert!(launch_permissions(&s.ec2, &image).await.is_empty());
+    assert!(copies_of(&s.emulator, WEST, &image).await.is_empty());
+
+    // Its owner approves it: the next event opens it, through EC2 only, and shares the AMI.
+    s.kms
+        .tag_resource()
+        .key_id(&payroll)
+        .tags(
+            aws_sdk_kms::types::Tag::builder()
+                .tag_key("ami-share:manage-key-policy")
+                .tag_value("true")
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let approved = deliver(&handler, "create-image.json", &image, REGION).await;
+    assert_eq!(approved["status"], "done", "{approved:#}");
+    assert_eq!(
+        launch_permissions(&s.ec2, &image).await,
+        [format!("org={}", s.org_arn)].into()
+    );
+    assert_eq!(
+        image_tags(&s.ec2, &image).await["ami-share:status"],
+        "shared"
+    );
+}
+
+/// ami-share's statements in a key policy.
+fn owned_statements(policy: &str) -> Vec<Value> {
+    serde_json::from_str::<Value>(policy).unwrap()["Statement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            s["Sid"]
+                .as_str()
+                .is_some_and(|sid| key_policy::OWNED_SIDS.contains(&sid))
+        })
+        .cloned()
+        .collect()
+}
+
+#[tokio::test]
+async fn every_grant_is_through_ec2_only_an_operators_narrowing_survives_and_old_grants_are_limited()
+ {
+    let s = setup().await;
+    let key = create_key(&s.kms).await;
+    let handler = s.handler("").await;
+    let (first, _) = create_image_with(&s.ec2, "golden-1", &[], RootVolume::Key(&key)).await;
+    deliver(&handler, "create-image.json", &first, REGION).await;
+    let policy = key_policy(&s.kms, &key).await;
+    let statements = owned_statements(&policy);
+    assert_eq!(statements.len(), 2, "{policy}");
+    for statement in &statements {
+        assert_eq!(
+            statement["Condition"]["StringLike"]["kms:ViaService"], "ec2.*.amazonaws.com",
+            "{statement}"
+        );
+    }
+
+    // An operator narrows the organization statement to principals tagged team=platform.
+    let mut document: Value = serde_json::from_str(&policy).unwrap();
+    for statement in document["Statement"].as_array_mut().unwrap() {
+        if statement["Sid"] == "AmiShareOrganizationsUseKey" {
+            statement["Condition"]["StringEquals"]["aws:PrincipalTag/team"] = json!("platform");
+        }
+    }
+    put_key_policy(&s.kms, &key, &document.to_string()).await;
+    // A second AMI on the key, also for a partner: the merge keeps the narrowing.
+    let partner_handler = s
+        .handler(&format!("share.accounts = [\"{PARTNER}\"]"))
+        .await;
+    let (second, _) = create_image_with(&s.ec2, "golden-2", &[], RootVolume::Key(&key)).await;
+    let answer = deliver(&partner_handler, "create-image.json", &second, REGION).await;
+    assert_eq!(answer["status"], "done", "{answer:#}");
+    let policy = key_policy(&s.kms, &key).await;
+    let statements = owned_statements(&policy);
+    assert_eq!(statements.len(), 4, "{policy}");
+    let org = statements
+        .iter()
+        .find(|s| s["Sid"] == "AmiShareOrganizationsUseKey")
+        .unwrap();
+    assert_eq!(
+        org["Condition"]["StringEquals"]["aws:PrincipalTag/team"], "platform",
+        "the operator's condition is kept: {org}"
+    );
+    for statement in &statements {
+        assert_eq!(
+            statement["Condition"]["StringLike"]["kms:ViaService"], "ec2.*.amazonaws.com",
+            "{statement}"
+        );
+    }
+
+    // Statements an earlier version wrote, without kms:ViaService, are limited on the next event.
+    let mut legacy: Value = serde_json::from_str(&policy).unwrap();
+    for statement in legacy["Statement"].as_array_mut().unwrap() {
+        if let Some(condition) = statement
+            .get_mut("Condition")
+            .and_then(Value::as_object_mut)
+        {
+            condition.remove("StringLike");
+        }
+    }
+    put_key_policy(&s.kms, &key, &legacy.to_string()).await;
+    let answer = deliver(&partner_handler, "create-image.json", &second, REGION).await;
+    let patch = answer["outcome"]["done"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["action"] == "patch_key_policy")
+        .unwrap_or_else(|| panic!("{answer:#}"));
+    assert_eq!(patch["limit_to_ec2"], true, "{patch}");
+    for statement in owned_statements(&key_policy(&s.kms, &key).await) {
+        assert_eq!(
+            statement["Condition"]["StringLike"]["kms:ViaService"], "ec2.*.amazonaws.com",
+            "{statement}"
+        );
+    }
+    let before = s.emulator.requests().len();
+    deliver(&partner_handler, "create-image.json", &second, REGION).await;
+    assert_eq!(
+        s.emulator.mutating_requests_since(before),
+        Vec::<String>::new(),
+        "idempotent"
+    );
+    // No write ever asked KMS to skip its lockout check.
+    let writes = s.emulator.control("key-policy-writes", None);
+    assert!(
+        writes
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["bypass"] == false),
+        "{writes}"
+    );
+}
+
+#[tokio::test]
+async fn an_account_dropped_from_an_exclusive_rule_loses_launch_and_create_volume_permission() {
+    let s = setup().await;
+    let (image, snapshots) = create_image(&s.ec2, "golden-1", &[]).await;
+    let both = s.handler(&format!(
+        "share.accounts = [\"{PARTNER}\", \"{OTHER_PARTNER}\"]\nshare.create_volume_permission = true"
+    )).await;
+    deliver(&both, "ami-state-available.json", &image, REGION).await;
+    assert_eq!(
+        volume_permissions(&s.ec2, &snapshots[0]).await,
+        [
+            format!("account={PARTNER}"),
+            format!("account={OTHER_PARTNER}")
+        ]
+        .into()
+    );
+    // Someone also made the snapshot public.
+    s.ec2
+        .modify_snapshot_attribute()
+        .snapshot_id(&snapshots[0])
+        .attribute(aws_sdk_ec2::types::SnapshotAttributeName::CreateVolumePermission)
+        .operation_type(aws_sdk_ec2::types::OperationType::Add)
+        .group_names("all")
+        .send()
+        .await
+        .unwrap();
+    let exclusive = s.handler(&format!(
+        "share.accounts = [\"{PARTNER}\"]\nshare.create_volume_permission = true\nshare.exclusive = true"
+    )).await;
+    let answer = deliver(&exclusive, "ami-state-available.json", &image, REGION).await;
+    assert_eq!(answer["status"], "done", "{answer:#}");
+    assert_eq!(
+        launch_permissions(&s.ec2, &image).await,
+        [format!("org={}", s.org_arn), format!("account={PARTNER}")].into()
+    );
+    assert_eq!(
+        volume_permissions(&s.ec2, &snapshots[0]).await,
+        [format!("account={PARTNER}")].into(),
+        "the dropped account cannot read the disk any more, nor can everyone"
+    );
+    assert!(
+        answer["summary"].as_str().unwrap().contains(&format!(
+            "revoke create-volume permission on snapshot {} in {REGION} from account {OTHER_PARTNER}, everyone (Group=all)",
+            snapshots[0]
+        )),
+        "{answer:#}"
+    );
+    let before = s.emulator.requests().len();
+    deliver(&exclusive, "ami-state-available.json", &image, REGION).await;
+    assert_eq!(
+        s.emulator.mutating_requests_since(before),
+        Vec::<String>::new()
+    );
+}
