@@ -287,6 +287,7 @@ fn log_sweep(report: &SweepReport, event_id: Option<&str>) {
         by_status = %to_json(&report.by_status),
         incomplete = %to_json(&report.incomplete),
         listing_failures = %to_json(&report.listing_failures),
+        stale_keys = %to_json(&report.stale_keys),
         "{}",
         report.headline()
     );

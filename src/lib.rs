@@ -16,6 +16,7 @@ pub mod aws;
 pub mod config;
 pub mod distribution;
 pub mod handler;
+pub mod key_audit;
 pub mod key_policy;
 pub mod keys;
 pub mod logging;

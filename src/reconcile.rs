@@ -11,7 +11,7 @@
 //! - a key policy write is checked by reading it back after a pause, and merged again if a concurrent
 //!   writer replaced it (KMS has no conditional write), a bounded number of times.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -29,6 +29,7 @@ use crate::observed::{
 use crate::plan::{self, Action, Plan, RegionCopy, desired_for_copy, keys_to_read, reads_needed};
 use crate::provenance::{self, Provenance, provenance};
 use crate::rules::{Desired, ImageFacts, desired_for};
+use crate::targets::LaunchPermission;
 use crate::trigger::{EventKind, ImageEvent};
 
 /// Whether to make the planned calls, or only report them.
@@ -108,6 +109,10 @@ pub struct Outcome {
     /// Copies made by this run in other regions: region → new image id.
     #[serde(skip)]
     made: BTreeMap<String, String>,
+    /// The launch permissions of `image_id` after this reconciliation (in a dry run: as they would be),
+    /// when they were read: what a sweep's key audit needs not read again.
+    #[serde(skip)]
+    pub launch_permissions: Option<BTreeSet<LaunchPermission>>,
 }
 
 /// What became of an image's copy in one target region.
@@ -501,6 +506,36 @@ impl<A: Aws> Reconciler<'_, A> {
             self.apply(plan.actions, &mut outcome).await;
         }
         outcome.settle_regions(plan.regions);
+        outcome.launch_permissions = observed.image.launch_permissions.map(|mut permissions| {
+            // As they are now (a dry run: as they would be).
+            let changed = if outcome.dry_run {
+                &outcome.not_done
+            } else {
+                &outcome.done
+            };
+            for action in changed {
+                match action {
+                    Action::AddLaunchPermissions {
+                        image_id,
+                        permissions: added,
+                        ..
+                    } if *image_id == observed.image.image_id => {
+                        permissions.extend(added.iter().cloned());
+                    }
+                    Action::RemoveLaunchPermissions {
+                        image_id,
+                        permissions: removed,
+                        ..
+                    } if *image_id == observed.image.image_id => {
+                        for p in removed {
+                            permissions.remove(p);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            permissions
+        });
         outcome
     }
 
@@ -1338,6 +1373,13 @@ mod tests {
                 .iter()
                 .filter_map(|id| Some((id.clone(), state.snapshots.get(id)?.clone())))
                 .collect())
+        }
+        async fn list_owned_snapshots(
+            &self,
+            region: &str,
+        ) -> Result<BTreeMap<String, SnapshotFacts>, AwsError> {
+            self.call("DescribeSnapshots", region)?;
+            Ok(self.state.lock().unwrap().snapshots.clone())
         }
         async fn create_tags(
             &self,

@@ -19,6 +19,7 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use crate::aws::{Aws, AwsError};
+use crate::key_audit::{self, StaleKey};
 use crate::markers::CopyKind;
 use crate::observed::ObservedImage;
 use crate::plan::Action;
@@ -126,6 +127,16 @@ pub struct SweepReport {
     /// `image id: headline` of every image whose reconciliation failed or must be retried.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub incomplete: Vec<String>,
+    /// Keys whose ami-share statements admit grantees no AMI on the key is shared with any more
+    /// ([`crate::key_audit`]): reported, never removed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stale_keys: Vec<StaleKey>,
+    /// Reads the key audit could not make (the sweep itself is not the worse for it).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub key_audit_failures: Vec<AwsError>,
+    /// The deadline came before the key audit could run.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub key_audit_skipped: bool,
     #[serde(serialize_with = "seconds")]
     pub elapsed: Duration,
 }
@@ -206,6 +217,15 @@ impl SweepReport {
         for failure in &self.listing_failures {
             line.push_str(&format!("; not swept: {failure}"));
         }
+        if !self.stale_keys.is_empty() {
+            line.push_str(&format!(
+                "; {} KMS key(s) admit grantees no AMI on them is shared with any more (stale_keys)",
+                self.stale_keys.len()
+            ));
+        }
+        for failure in &self.key_audit_failures {
+            line.push_str(&format!("; key audit incomplete: {failure}"));
+        }
         line
     }
 }
@@ -236,6 +256,8 @@ pub async fn sweep<A: Aws>(
             Err(e) => report.listing_failures.push(e),
         }
     }
+    // Kept for the key audit, which looks at every image (the selection moves them into the reconciler).
+    let every_image = listed.clone();
     let selection = selection(listed);
     report.left_to_source = selection.left_to_source.len();
     progress(SweepProgress::Listed {
@@ -244,6 +266,7 @@ pub async fn sweep<A: Aws>(
 
     let stop_at = options.stop_starting_at;
     let mut wrote_parameters = Vec::new();
+    let mut known_permissions = BTreeMap::new();
     {
         let mut outcomes = futures::stream::iter(selection.to_reconcile)
             .map(|image| async move {
@@ -260,6 +283,9 @@ pub async fn sweep<A: Aws>(
                 Some((key, outcome)) => {
                     report.count(&outcome);
                     progress(SweepProgress::Reconciled(&outcome));
+                    if let Some(permissions) = &outcome.launch_permissions {
+                        known_permissions.insert(outcome.image_id.clone(), permissions.clone());
+                    }
                     if outcome
                         .done
                         .iter()
@@ -299,6 +325,24 @@ pub async fn sweep<A: Aws>(
             report
                 .incomplete
                 .push(format!("{}: {}", outcome.image_id, outcome.headline()));
+        }
+    }
+    if stop_at.is_some_and(|at| Instant::now() >= at) {
+        report.key_audit_skipped = true;
+    } else {
+        for region in report.listed.keys().cloned().collect::<Vec<_>>() {
+            let audited = key_audit::audit(
+                reconciler.aws,
+                &region,
+                &every_image,
+                &known_permissions,
+                None,
+            )
+            .await;
+            match audited {
+                Ok(stale) => report.stale_keys.extend(stale),
+                Err(e) => report.key_audit_failures.push(e),
+            }
         }
     }
     report.elapsed = started.elapsed();

@@ -454,3 +454,98 @@ async fn an_account_dropped_from_an_exclusive_rule_loses_launch_and_create_volum
         Vec::<String>::new()
     );
 }
+
+#[tokio::test]
+async fn sweep_and_plan_report_key_grantees_no_ami_on_the_key_is_shared_with_any_more() {
+    let s = setup().await;
+    let key = create_key(&s.kms).await;
+    let (image, _) = create_image_with(&s.ec2, "golden-1", &[], RootVolume::Key(&key)).await;
+    let both = s
+        .handler(&format!(
+            "share.accounts = [\"{PARTNER}\", \"{OTHER_PARTNER}\"]"
+        ))
+        .await;
+    deliver(&both, "ami-state-available.json", &image, REGION).await;
+    let exclusive_rule = format!("share.accounts = [\"{PARTNER}\"]\nshare.exclusive = true");
+    let exclusive = s.handler(&exclusive_rule).await;
+    deliver(&exclusive, "ami-state-available.json", &image, REGION).await;
+    assert!(
+        !launch_permissions(&s.ec2, &image)
+            .await
+            .contains(&format!("account={OTHER_PARTNER}"))
+    );
+    let admitted = key_policy::admitted(&key_policy(&s.kms, &key).await, "aws").unwrap();
+    assert!(
+        admitted.accounts.contains(OTHER_PARTNER),
+        "ami-share never removes a grantee"
+    );
+
+    // The sweep reports it (and removes nothing).
+    let config = Config::parse(&format!(
+        "[[rule]]\nname = \"golden\"\nmatch.name = [\"golden-*\"]\nshare.organizations = [\"{}\"]\n{exclusive_rule}\n",
+        s.org_arn
+    ))
+    .unwrap();
+    let aws = SdkAws::new(s.emulator.sdk_config().await);
+    let reconciler = ami_share::reconcile::Reconciler {
+        config: &config,
+        aws: &aws,
+        home_region: REGION,
+        mode: ami_share::reconcile::Mode::Apply,
+        key_policy_writes: KeyPolicyWrites::default(),
+    };
+    let before = s.emulator.requests().len();
+    let report = ami_share::sweep::sweep(
+        &reconciler,
+        &ami_share::sweep::SweepOptions {
+            regions: vec![REGION.into()],
+            concurrency: 2,
+            stop_starting_at: None,
+        },
+        |_| {},
+    )
+    .await;
+    assert_eq!(report.stale_keys.len(), 1, "{report:#?}");
+    let stale = &report.stale_keys[0];
+    assert_eq!(stale.key_arn, key);
+    assert_eq!(stale.stale.accounts, [OTHER_PARTNER.to_string()].into());
+    assert_eq!(stale.images, std::slice::from_ref(&image));
+    assert!(
+        report.headline().contains("1 KMS key(s) admit grantees"),
+        "{}",
+        report.headline()
+    );
+    assert_eq!(
+        s.emulator.mutating_requests_since(before),
+        Vec::<String>::new(),
+        "report only"
+    );
+
+    // So does plan.
+    let config_path =
+        std::env::temp_dir().join(format!("ami-share-audit-{}.toml", std::process::id()));
+    std::fs::write(
+        &config_path,
+        format!(
+            "[[rule]]\nname = \"golden\"\nmatch.name = [\"golden-*\"]\nshare.organizations = [\"{}\"]\n{exclusive_rule}\n",
+            s.org_arn
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ami-share"))
+        .envs(s.emulator.aws_env())
+        .args(["plan", "--config"])
+        .arg(&config_path)
+        .args(["--image-id", &image])
+        .output()
+        .unwrap();
+    std::fs::remove_file(&config_path).unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "note: KMS key {key} in {REGION}: ami-share's statements still admit account {OTHER_PARTNER}, which none of the 1 AMI(s) on the key is shared with any more"
+        )),
+        "{stdout}"
+    );
+}

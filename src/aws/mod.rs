@@ -59,6 +59,13 @@ pub trait Aws: Send + Sync {
         snapshot_ids: &[String],
     ) -> impl Future<Output = Result<BTreeMap<String, SnapshotFacts>, AwsError>> + Send;
 
+    /// EC2 DescribeSnapshots of every snapshot this account owns in `region` (OwnerIds=self), all pages:
+    /// tags and encryption by snapshot id.
+    fn list_owned_snapshots(
+        &self,
+        region: &str,
+    ) -> impl Future<Output = Result<BTreeMap<String, SnapshotFacts>, AwsError>> + Send;
+
     /// EC2 CreateTags: the same tags on every listed resource, in one call.
     fn create_tags(
         &self,

@@ -257,6 +257,17 @@ fn sdk_tags(tags: &Tags) -> Vec<ec2::Tag> {
         .collect()
 }
 
+fn snapshot_facts(s: &ec2::Snapshot) -> Option<(String, SnapshotFacts)> {
+    Some((
+        s.snapshot_id()?.to_string(),
+        SnapshotFacts {
+            tags: tags_of(s.tags()),
+            encrypted: s.encrypted().unwrap_or(false),
+            kms_key_id: s.kms_key_id().map(str::to_string),
+        },
+    ))
+}
+
 fn observed_image(region: &str, image: &ec2::Image) -> ObservedImage {
     // SourceInstanceId appears only for CreateImage; SourceImageId for CreateImage (the instance's AMI),
     // CopyImage and CreateRestoreImageTask; neither for RegisterImage. Hence this order.
@@ -423,17 +434,27 @@ impl Aws for SdkAws {
         Ok(output
             .snapshots()
             .iter()
-            .filter_map(|s| {
-                Some((
-                    s.snapshot_id()?.to_string(),
-                    SnapshotFacts {
-                        tags: tags_of(s.tags()),
-                        encrypted: s.encrypted().unwrap_or(false),
-                        kms_key_id: s.kms_key_id().map(str::to_string),
-                    },
-                ))
-            })
+            .filter_map(snapshot_facts)
             .collect())
+    }
+
+    async fn list_owned_snapshots(
+        &self,
+        region: &str,
+    ) -> Result<BTreeMap<String, SnapshotFacts>, AwsError> {
+        let snapshots: Vec<ec2::Snapshot> = self
+            .ec2(region)
+            .describe_snapshots()
+            .owner_ids("self")
+            // Pages of 1,000: the snapshots of a large account stay a handful of calls.
+            .max_results(1000)
+            .into_paginator()
+            .items()
+            .send()
+            .collect::<Result<_, _>>()
+            .await
+            .map_err(|e| aws_error("DescribeSnapshots", region, "snapshots owned by self", e))?;
+        Ok(snapshots.iter().filter_map(snapshot_facts).collect())
     }
 
     async fn create_tags(

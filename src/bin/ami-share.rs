@@ -10,7 +10,8 @@ use std::process::ExitCode;
 
 use ami_share::aws::sdk::SdkAws;
 use ami_share::config::Config;
-use ami_share::reconcile::{KeyPolicyWrites, Mode, Reconciler};
+use ami_share::key_audit::{self, StaleKey};
+use ami_share::reconcile::{KeyPolicyWrites, Mode, Outcome, Reconciler};
 use ami_share::sweep::{SweepOptions, SweepProgress};
 use ami_share::trigger::{self, EventKind, ImageEvent, ImageRef, Trigger};
 use clap::{Args, Parser, Subcommand};
@@ -206,7 +207,7 @@ async fn sweep(args: SweepArgs) -> ExitCode {
     });
     let json = args.json;
     // Per-image lines: stdout, or stderr when stdout carries the JSON report; above the bar.
-    let print = |outcome: &ami_share::reconcile::Outcome| {
+    let print = |outcome: &Outcome| {
         let worth_a_line = !outcome.done.is_empty()
             || !outcome.not_done.is_empty()
             || !outcome.blocked.is_empty()
@@ -252,6 +253,9 @@ async fn sweep(args: SweepArgs) -> ExitCode {
             serde_json::to_string_pretty(&report).expect("report serializes")
         );
     } else {
+        for key in &report.stale_keys {
+            println!("note: {key}");
+        }
         println!("{}", report.headline());
     }
     if report.is_complete() {
@@ -332,18 +336,52 @@ async fn run(target: Target, mode: Mode) -> ExitCode {
         key_policy_writes: KeyPolicyWrites::default(),
     };
     let outcome = reconciler.reconcile(&event).await;
+    let stale = match mode {
+        Mode::DryRun => stale_keys(&aws, &outcome).await,
+        Mode::Apply => Vec::new(),
+    };
     if target.json {
+        let mut value = serde_json::to_value(&outcome).expect("outcome serializes");
+        if !stale.is_empty() {
+            value["stale_keys"] = serde_json::to_value(&stale).expect("serializes");
+        }
         println!(
             "{}",
-            serde_json::to_string_pretty(&outcome).expect("outcome serializes")
+            serde_json::to_string_pretty(&value).expect("outcome serializes")
         );
     } else {
         println!("{}", outcome.report());
+        for key in &stale {
+            println!("  note: {key}");
+        }
     }
     if outcome.is_incomplete() {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// What `plan` adds: the keys of the planned image whose ami-share statements admit grantees no AMI on
+/// the key is shared with any more. A read that fails is said on stderr; the plan stands.
+async fn stale_keys(aws: &SdkAws, outcome: &Outcome) -> Vec<StaleKey> {
+    use ami_share::aws::Aws;
+    let region = &outcome.region;
+    let audited = async {
+        let images = aws.list_owned_images(region).await?;
+        let known = outcome
+            .launch_permissions
+            .iter()
+            .map(|p| (outcome.image_id.clone(), p.clone()))
+            .collect();
+        key_audit::audit(aws, region, &images, &known, Some(&outcome.image_id)).await
+    };
+    match audited.await {
+        Ok(stale) => stale,
+        Err(e) => {
+            eprintln!("note: the key audit could not finish: {e}");
+            Vec::new()
+        }
     }
 }
 
