@@ -308,3 +308,257 @@ fn only_eventbridge_may_invoke_the_function_or_write_to_the_dead_letter_queue() 
         }
     }
 }
+
+// --- the service control policy and tag policy of policies/ -------------------------------------------
+
+/// A request as an SCP sees it, for the few condition keys the policies use.
+struct Request<'a> {
+    principal_arn: &'a str,
+    action: &'a str,
+    resource: &'a str,
+    /// `aws:TagKeys`: the tag keys in the request (absent for a call that names none).
+    tag_keys: &'a [&'a str],
+}
+
+/// IAM's wildcard match: `*` any run of characters (`/` and `:` too), `?` one.
+fn iam_like(pattern: &str, value: &str) -> bool {
+    fn go(p: &[u8], v: &[u8]) -> bool {
+        match (p.first(), v.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => go(&p[1..], v) || (!v.is_empty() && go(p, &v[1..])),
+            (Some(b'?'), Some(_)) => go(&p[1..], &v[1..]),
+            (Some(a), Some(b)) if a == b => go(&p[1..], &v[1..]),
+            _ => false,
+        }
+    }
+    go(pattern.as_bytes(), value.as_bytes())
+}
+
+/// Whether one condition operator holds for the request, as IAM evaluates it (a `ForAnyValue` test of an
+/// absent key is false; a negated test of an absent key is true).
+fn condition_holds(operator: &str, entries: &Value, request: &Request) -> bool {
+    entries.as_object().unwrap().iter().all(|(key, patterns)| {
+        let patterns = strings(patterns);
+        let values: Vec<&str> = match key.as_str() {
+            "aws:TagKeys" => request.tag_keys.to_vec(),
+            "aws:PrincipalArn" => vec![request.principal_arn],
+            other => panic!("the evaluator does not know {other}"),
+        };
+        let any_like = |like: &dyn Fn(&str, &str) -> bool| {
+            values.iter().any(|v| patterns.iter().any(|p| like(p, v)))
+        };
+        match operator {
+            "ForAnyValue:StringLike" => any_like(&iam_like),
+            "ForAnyValue:StringEquals" => any_like(&|p, v| p == v),
+            "ArnNotLike" => !any_like(&iam_like),
+            other => panic!("the evaluator does not know {other}"),
+        }
+    })
+}
+
+fn scp_denies(scp: &Value, request: &Request) -> bool {
+    scp["Statement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|statement| {
+            assert_eq!(statement["Effect"], "Deny", "an SCP of denials");
+            strings(&statement["Action"])
+                .iter()
+                .any(|a| iam_like(a, request.action))
+                && strings(&statement["Resource"])
+                    .iter()
+                    .any(|r| iam_like(r, request.resource))
+                && statement["Condition"]
+                    .as_object()
+                    .is_none_or(|c| c.iter().all(|(op, e)| condition_holds(op, e, request)))
+        })
+}
+
+fn policy_file(name: &str) -> (String, Value) {
+    let text = std::fs::read_to_string(repo_path(&format!("policies/{name}"))).unwrap();
+    let value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+    (text, value)
+}
+
+#[test]
+fn the_service_control_policy_reserves_ami_shares_tags_for_its_role_and_key_approval_for_key_administrators()
+ {
+    let (text, scp) = policy_file("scp-reserve-ami-share-tags.json");
+    assert!(
+        text.len() <= 5_120,
+        "SCPs are limited to 5,120 characters: {}",
+        text.len()
+    );
+    // The template puts the function's role where the policy exempts it.
+    assert_eq!(
+        template()["Resources"]["AmiShareFunction"]["Properties"]["RolePath"],
+        "/ami-share/"
+    );
+    let function = "arn:aws:iam::123456789012:role/ami-share/ami-share-AmiShareFunctionRole-1A2B3C";
+    let insider = "arn:aws:iam::123456789012:role/builders/packer";
+    let key_admin = "arn:aws:iam::123456789012:role/key-administrators/alice";
+    let image = "arn:aws:ec2:us-east-1::image/ami-0a1b2c3d4e5f67890";
+    let snapshot = "arn:aws:ec2:us-east-1::snapshot/snap-0a1b2c3d4e5f67890";
+    let key = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+    let request = |principal_arn, action, resource, tag_keys| Request {
+        principal_arn,
+        action,
+        resource,
+        tag_keys,
+    };
+    for (what, request, denied) in [
+        // Every mark and status ami-share writes, on images and snapshots, at creation (CreateImage's
+        // tags are authorized as ec2:CreateTags) or later.
+        (
+            "forging a copy mark",
+            request(
+                insider,
+                "ec2:CreateTags",
+                image,
+                &["ami-share:copy-kind", "Name"][..],
+            ),
+            true,
+        ),
+        (
+            "forging the source",
+            request(
+                insider,
+                "ec2:CreateTags",
+                image,
+                &["ami-share:source-image"][..],
+            ),
+            true,
+        ),
+        (
+            "setting a status",
+            request(
+                insider,
+                "ec2:CreateTags",
+                snapshot,
+                &["ami-share:status"][..],
+            ),
+            true,
+        ),
+        (
+            "deleting a status",
+            request(
+                insider,
+                "ec2:DeleteTags",
+                image,
+                &["ami-share:status-reason"][..],
+            ),
+            true,
+        ),
+        (
+            "tagging as usual",
+            request(insider, "ec2:CreateTags", image, &["team", "stage"][..]),
+            false,
+        ),
+        (
+            "ami-share writing its marks",
+            request(
+                function,
+                "ec2:CreateTags",
+                image,
+                &["ami-share:copy-kind"][..],
+            ),
+            false,
+        ),
+        // Approving a key is for key administrators.
+        (
+            "approving a key by tag",
+            request(
+                insider,
+                "kms:TagResource",
+                key,
+                &["ami-share:manage-key-policy"][..],
+            ),
+            true,
+        ),
+        (
+            "creating a pre-approved key",
+            request(
+                insider,
+                "kms:CreateKey",
+                "*",
+                &["ami-share:manage-key-policy"][..],
+            ),
+            true,
+        ),
+        (
+            "tagging a key as usual",
+            request(insider, "kms:TagResource", key, &["team"][..]),
+            false,
+        ),
+        (
+            "a key administrator approving",
+            request(
+                key_admin,
+                "kms:TagResource",
+                key,
+                &["ami-share:manage-key-policy"][..],
+            ),
+            false,
+        ),
+        (
+            "approving a key by alias",
+            request(
+                insider,
+                "kms:CreateAlias",
+                "arn:aws:kms:us-east-1:123456789012:alias/ami-share-golden",
+                &[][..],
+            ),
+            true,
+        ),
+        (
+            "an alias of one's own",
+            request(
+                insider,
+                "kms:CreateAlias",
+                "arn:aws:kms:us-east-1:123456789012:alias/team-x",
+                &[][..],
+            ),
+            false,
+        ),
+        (
+            "even ami-share",
+            request(
+                function,
+                "kms:TagResource",
+                key,
+                &["ami-share:manage-key-policy"][..],
+            ),
+            true,
+        ),
+    ] {
+        assert_eq!(scp_denies(&scp, &request), denied, "{what}");
+    }
+    // Every tag key ami-share writes on images and snapshots is one the policy reserves.
+    for key in ami_share::markers::RESERVED {
+        assert!(iam_like("ami-share:*", key), "{key}");
+    }
+}
+
+#[test]
+fn the_tag_policy_names_every_tag_key_ami_share_reads_or_writes() {
+    let (_, policy) = policy_file("tag-policy-ami-share.json");
+    let tags = policy["tags"].as_object().unwrap();
+    let mut expected: Vec<&str> = ami_share::markers::RESERVED.to_vec();
+    expected.push(ami_share::keys::APPROVAL_TAG);
+    let mut listed: Vec<&str> = tags.keys().map(String::as_str).collect();
+    expected.sort();
+    listed.sort();
+    assert_eq!(listed, expected);
+    for (key, rule) in tags {
+        assert_eq!(
+            rule["tag_key"]["@@assign"],
+            key.as_str(),
+            "{key}: its capitalization"
+        );
+    }
+    assert_eq!(
+        tags[ami_share::keys::APPROVAL_TAG]["tag_value"]["@@assign"],
+        serde_json::json!([ami_share::keys::APPROVAL_TAG_VALUE])
+    );
+}
