@@ -20,6 +20,7 @@
 //! its own name and tags (a copy's name is its source's by default, so usually the same rules) rather
 //! than by its source's.
 
+use crate::config::CreatedBy;
 use crate::markers::{self, CopyKind};
 use crate::observed::ObservedImage;
 
@@ -39,8 +40,24 @@ pub enum Provenance {
     /// ami-share's copy: its marks name the source EC2 records. (Whether that source is this account's
     /// image is for the reconciler to see.)
     Copy(CopyOf),
-    /// Marks EC2 does not back, and why: an image of its own, never copied.
-    Disputed(String),
+    /// Marks EC2 does not back: an image of its own.
+    Disputed {
+        /// What EC2 records instead.
+        reason: String,
+        /// Whether it may still be a copy (of another image, or one made before EC2 recorded sources):
+        /// then it is never copied, so marked images cannot be copied in loops. An image EC2 records as
+        /// made by CreateImage is no copy at all: its rules may copy it (forged marks on it stop nothing).
+        maybe_copy: bool,
+    },
+}
+
+impl Provenance {
+    fn disputed(image: &ObservedImage, reason: String) -> Self {
+        Self::Disputed {
+            reason,
+            maybe_copy: image.created_by != CreatedBy::CreateImage,
+        }
+    }
 }
 
 /// What the image's marks claim, and whether EC2's record of it agrees.
@@ -55,54 +72,82 @@ pub fn provenance(image: &ObservedImage) -> Provenance {
         mark(markers::SOURCE_IMAGE),
         mark(markers::SOURCE_REGION),
     ) else {
-        return Provenance::Disputed(format!(
-            "{id} carries some of ami-share's copy marks ({}) but not all, so it is no copy ami-share made",
-            markers::COPY_MARKS.join(", ")
-        ));
+        return Provenance::disputed(
+            image,
+            format!(
+                "{id} carries some of ami-share's copy marks ({}) but not all, so it is no copy ami-share made",
+                markers::COPY_MARKS.join(", ")
+            ),
+        );
     };
     let Some(kind) = CopyKind::from_mark(kind) else {
-        return Provenance::Disputed(format!(
-            "{id}'s {} is {kind:?}, not a kind of copy ami-share makes",
-            markers::COPY_KIND
-        ));
+        return Provenance::disputed(
+            image,
+            format!(
+                "{id}'s {} is {kind:?}, not a kind of copy ami-share makes",
+                markers::COPY_KIND
+            ),
+        );
     };
     let claim = format!("its marks say it is a {kind} copy of {source_image} in {source_region}");
+    // ami-share makes its copies with CopyImage; EC2 records SourceInstanceId only for CreateImage, whose
+    // SourceImageId names the instance's AMI (which may well be the marked source).
+    if image.created_by == CreatedBy::CreateImage {
+        return Provenance::disputed(
+            image,
+            format!("{claim}, but EC2 records {id} as made by CreateImage from an instance"),
+        );
+    }
     let Some(source) = &image.source else {
-        return Provenance::Disputed(format!(
-            "{claim}, but EC2 records no source image for {id} (it was not made by CopyImage, or was made before EC2 recorded sources)"
-        ));
+        return Provenance::disputed(
+            image,
+            format!(
+                "{claim}, but EC2 records no source image for {id} (it was not made by CopyImage, or was made before EC2 recorded sources)"
+            ),
+        );
     };
     if source.image_id != source_image {
-        return Provenance::Disputed(format!(
-            "{claim}, but EC2 records {id} as made from {}",
-            source.image_id
-        ));
+        return Provenance::disputed(
+            image,
+            format!(
+                "{claim}, but EC2 records {id} as made from {}",
+                source.image_id
+            ),
+        );
     }
     match source.region.as_deref() {
         None => {
-            return Provenance::Disputed(format!(
-                "{claim}, but EC2 records no source region for {id}"
-            ));
+            return Provenance::disputed(
+                image,
+                format!("{claim}, but EC2 records no source region for {id}"),
+            );
         }
         Some(region) if region != source_region => {
-            return Provenance::Disputed(format!(
-                "{claim}, but EC2 records its source in {region}"
-            ));
+            return Provenance::disputed(
+                image,
+                format!("{claim}, but EC2 records its source in {region}"),
+            );
         }
         Some(_) => {}
     }
     let same_region = source_region == image.region;
     match kind {
         CopyKind::Reencrypted if !same_region => {
-            return Provenance::Disputed(format!(
-                "{claim}, but ami-share makes re-encrypted copies in their source's region, and {id} is in {}",
-                image.region
-            ));
+            return Provenance::disputed(
+                image,
+                format!(
+                    "{claim}, but ami-share makes re-encrypted copies in their source's region, and {id} is in {}",
+                    image.region
+                ),
+            );
         }
         CopyKind::Regional if same_region => {
-            return Provenance::Disputed(format!(
-                "{claim}, but ami-share makes regional copies in other regions than their source's"
-            ));
+            return Provenance::disputed(
+                image,
+                format!(
+                    "{claim}, but ami-share makes regional copies in other regions than their source's"
+                ),
+            );
         }
         _ => {}
     }
@@ -151,6 +196,7 @@ mod tests {
             image_id: "ami-0fedcba9876543210".into(),
             region: region.into(),
             tags,
+            created_by: CreatedBy::CopyImage,
             source: source.map(|(id, region)| SourceImage {
                 image_id: id.into(),
                 region: region.map(str::to_string),
@@ -211,7 +257,7 @@ mod tests {
 
     fn disputed(image: &ObservedImage) -> String {
         match provenance(image) {
-            Provenance::Disputed(reason) => reason,
+            Provenance::Disputed { reason, .. } => reason,
             other => panic!("{other:?}"),
         }
     }
@@ -266,6 +312,32 @@ mod tests {
         let mut partial = marked("regional", "us-east-1");
         partial.remove(markers::SOURCE_REGION);
         assert!(disputed(&image("us-west-2", partial, None)).contains("not all"));
+        // An instance of the golden AMI, imaged: EC2 names the golden AMI as its source, but made it by
+        // CreateImage, which ami-share never uses for copies.
+        let mut from_an_instance = image(
+            "us-east-1",
+            marked("re-encrypted", "us-east-1"),
+            Some((GOLDEN, Some("us-east-1"))),
+        );
+        from_an_instance.created_by = CreatedBy::CreateImage;
+        assert!(disputed(&from_an_instance).contains("made by CreateImage from an instance"));
+        assert!(
+            matches!(
+                provenance(&from_an_instance),
+                Provenance::Disputed {
+                    maybe_copy: false,
+                    ..
+                }
+            ),
+            "no copy at all: its rules may copy it"
+        );
+        assert!(matches!(
+            provenance(&forged),
+            Provenance::Disputed {
+                maybe_copy: true,
+                ..
+            }
+        ));
         let unknown_kind = image(
             "us-west-2",
             marked("mirror", "us-east-1"),

@@ -388,9 +388,10 @@ impl<A: Aws> Reconciler<'_, A> {
             EventKind::ApiCall(created_by) => *created_by,
             EventKind::StateChange { .. } | EventKind::Direct => image.created_by,
         };
+        // (what EC2 contradicts in its marks, whether it may be a copy all the same)
         let disputed = match provenance(&image) {
             Provenance::Own => None,
-            Provenance::Disputed(reason) => Some(reason),
+            Provenance::Disputed { reason, maybe_copy } => Some((reason, maybe_copy)),
             Provenance::Copy(copy) => {
                 let source = &copy.source_image;
                 let region = &copy.source_region;
@@ -410,25 +411,33 @@ impl<A: Aws> Reconciler<'_, A> {
                             }
                         };
                     }
-                    Ok(ImageLookup::NotOwned { owner_id }) => Some(format!(
-                        "EC2 records it as a copy of {source} in {region}, which account {owner_id} owns, not this one"
+                    Ok(ImageLookup::NotOwned { owner_id }) => Some((
+                        format!(
+                            "EC2 records it as a copy of {source} in {region}, which account {owner_id} owns, not this one"
+                        ),
+                        true,
                     )),
-                    Ok(ImageLookup::NotFound) => Some(format!(
-                        "EC2 records it as a copy of {source} in {region}, which is gone"
+                    Ok(ImageLookup::NotFound) => Some((
+                        format!("EC2 records it as a copy of {source} in {region}, which is gone"),
+                        true,
                     )),
                     Err(e) => return outcome.failed(e),
                 }
             }
         };
-        let may_copy = disputed.is_none();
-        if let Some(reason) = disputed {
+        let may_copy = !disputed.as_ref().is_some_and(|(_, maybe_copy)| *maybe_copy);
+        if let Some((reason, maybe_copy)) = disputed {
             tracing::warn!(
                 image_id = %image.image_id,
                 "{} is not taken for ami-share's copy: {reason}",
                 image.image_id
             );
+            let copies = match maybe_copy {
+                true => "and it is never copied (it may be a copy)",
+                false => "and may be copied as they say",
+            };
             outcome.notes.push(format!(
-                "not taken for ami-share's copy: {reason}; its own rules govern it, and it is never copied"
+                "not taken for ami-share's copy: {reason}; its own rules govern it, {copies}"
             ));
         }
         self.reconcile_image(image, created_by, outcome, may_copy)
@@ -643,7 +652,7 @@ impl<A: Aws> Reconciler<'_, A> {
         let ignored = impostors
             .iter()
             .map(|image| match provenance(image) {
-                Provenance::Disputed(reason) => reason,
+                Provenance::Disputed { reason, .. } => reason,
                 _ => format!(
                     "{} is no {kind} copy of {}",
                     image.image_id, source.image_id
@@ -816,7 +825,7 @@ impl<A: Aws> Reconciler<'_, A> {
                     _ => None,
                 },
             ),
-            Provenance::Own | Provenance::Disputed(_) => Ok(image.creation_date.clone()),
+            Provenance::Own | Provenance::Disputed { .. } => Ok(image.creation_date.clone()),
         }
     }
 
@@ -2220,6 +2229,7 @@ mod tests {
         copy.image_id = "ami-0west".into();
         copy.region = WEST.into();
         copy.tags = markers::copy_tags(CopyKind::Regional, IMAGE, REGION);
+        copy.created_by = CreatedBy::CopyImage;
         copy.source = Some(SourceImage {
             image_id: IMAGE.into(),
             region: Some(REGION.into()),
@@ -2344,6 +2354,11 @@ mod tests {
         let mut state = aws.state.lock().unwrap();
         let forged = state.images.get_mut("ami-0west").unwrap();
         forged.name = Some("scratch-1".into());
+        // Registered from a snapshot (no source), or a copy of another image.
+        forged.created_by = match source {
+            None => CreatedBy::RegisterImage,
+            Some(_) => CreatedBy::CopyImage,
+        };
         forged.source = source.map(|id| SourceImage {
             image_id: id.into(),
             region: Some(REGION.into()),
@@ -2438,7 +2453,8 @@ mod tests {
             outcome
                 .notes
                 .iter()
-                .any(|n| n.contains("which is gone") && n.contains("never copied")),
+                .any(|n| n.contains("which is gone")
+                    && n.contains("never copied (it may be a copy)")),
             "{:?}",
             outcome.notes
         );

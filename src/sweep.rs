@@ -371,6 +371,7 @@ mod tests {
     /// ami-share's copy of `ami-source` in `source_region`, as EC2 records it.
     fn copy_of_source(id: &str, kind: CopyKind, source_region: &str) -> ObservedImage {
         ObservedImage {
+            created_by: crate::config::CreatedBy::CopyImage,
             source: Some(SourceImage {
                 image_id: "ami-source".into(),
                 region: Some(source_region.into()),

@@ -126,10 +126,10 @@ async fn a_scratch_ami_with_forged_regional_copy_marks_is_not_shared_and_never_m
     let before = s.emulator.requests().len();
     let answer = deliver(&handler, "ami-state-available.json", &scratch, WEST).await;
     assert_eq!(answer["status"], "skipped", "{answer:#}");
-    // CreateImage made it from an instance: EC2 records the instance's AMI as its source.
+    // CreateImage made it from an instance, which no copy ami-share makes is.
     assert!(
         notes(&answer).contains(&format!(
-            "but EC2 records {scratch} as made from ami-12c6146b"
+            "but EC2 records {scratch} as made by CreateImage from an instance"
         )),
         "the log says what EC2 contradicts: {answer:#}"
     );
@@ -198,7 +198,7 @@ async fn a_scratch_ami_with_forged_re_encrypted_copy_marks_borrows_nothing_from_
     assert_eq!(answer["status"], "skipped", "{answer:#}");
     assert!(
         notes(&answer).contains(&format!(
-            "but EC2 records {scratch} as made from ami-12c6146b"
+            "but EC2 records {scratch} as made by CreateImage from an instance"
         )),
         "{answer:#}"
     );
@@ -548,4 +548,64 @@ async fn sweep_and_plan_report_key_grantees_no_ami_on_the_key_is_shared_with_any
         )),
         "{stdout}"
     );
+}
+
+#[tokio::test]
+async fn an_image_of_an_instance_of_the_golden_ami_tagged_as_its_re_encrypted_copy_is_never_shared_as_it()
+ {
+    let s = setup().await;
+    let copy_key = create_unapproved_key(&s.kms).await;
+    s.kms
+        .create_alias()
+        .alias_name("alias/ami-share")
+        .target_key_id(&copy_key)
+        .send()
+        .await
+        .unwrap();
+    let handler = s.handler("reencrypt.kms_key = \"alias/ami-share\"").await;
+    // The golden AMI is on aws/ebs: it is shared as a re-encrypted copy.
+    let (golden, _) = create_image_with(&s.ec2, "golden-1", &[], RootVolume::DefaultKey).await;
+    // The attack: launch the golden AMI, change the instance, image it, and tag the image as the golden
+    // AMI's re-encrypted copy. EC2 records the golden AMI as its source (CreateImage's SourceImageId).
+    // (The emulator records no SourceImageRegion for CreateImage; if EC2 does, the image still counts as
+    // made by CreateImage, which no copy of ami-share's is: src/provenance.rs tests that case.)
+    let (tampered, _) = create_image_from(
+        &s.ec2,
+        &golden,
+        "tampered-build",
+        &[],
+        RootVolume::Unencrypted,
+    )
+    .await;
+    tag(
+        &s.ec2,
+        &tampered,
+        &[
+            ("ami-share:copy-kind", "re-encrypted"),
+            ("ami-share:source-image", &golden),
+            ("ami-share:source-region", REGION),
+        ],
+    )
+    .await;
+    let answer = deliver(&handler, "ami-state-available.json", &golden, REGION).await;
+    assert_eq!(answer["status"], "blocked", "aws/ebs: {answer:#}");
+    assert!(
+        notes(&answer).contains(&format!("ignored as a re-encrypted copy of {golden}"))
+            && notes(&answer).contains("made by CreateImage from an instance"),
+        "{answer:#}"
+    );
+    let copy = answer["outcome"]["done"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a["action"] == "copy_image");
+    assert!(copy, "a real re-encrypted copy is made instead: {answer:#}");
+    assert!(launch_permissions(&s.ec2, &tampered).await.is_empty());
+    let own = deliver(&handler, "ami-state-available.json", &tampered, REGION).await;
+    assert_eq!(own["outcome"]["image_id"], json!(tampered), "{own:#}");
+    assert_eq!(
+        own["status"], "skipped",
+        "its own name selects nothing: {own:#}"
+    );
+    assert!(launch_permissions(&s.ec2, &tampered).await.is_empty());
 }

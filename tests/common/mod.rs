@@ -367,16 +367,27 @@ pub async fn create_image_with(
     tags: &[(&str, &str)],
     root: RootVolume<'_>,
 ) -> (String, Vec<String>) {
+    // ami-12c6146b is one of the images moto ships in us-east-1.
+    create_image_from(ec2, "ami-12c6146b", name, tags, root).await
+}
+
+/// As [`create_image_with`], from an instance of `base` (an AMI id).
+pub async fn create_image_from(
+    ec2: &aws_sdk_ec2::Client,
+    base: &str,
+    name: &str,
+    tags: &[(&str, &str)],
+    root: RootVolume<'_>,
+) -> (String, Vec<String>) {
     let ebs = aws_sdk_ec2::types::EbsBlockDevice::builder().volume_size(8);
     let ebs = match root {
         RootVolume::Unencrypted => None,
         RootVolume::DefaultKey => Some(ebs.encrypted(true)),
         RootVolume::Key(key) => Some(ebs.encrypted(true).kms_key_id(key)),
     };
-    // ami-12c6146b is one of the images moto ships in us-east-1.
     let run = ec2
         .run_instances()
-        .image_id("ami-12c6146b")
+        .image_id(base)
         .min_count(1)
         .max_count(1)
         .set_block_device_mappings(ebs.map(|ebs| {
