@@ -60,7 +60,10 @@ def main():
     )
     endpoint = json.loads(emulator.stdout.readline())["endpoint"]
     print(f"emulated AWS (moto + tests/emulator.py fixes) at {endpoint}")
-    env = dict(os.environ, AWS_ENDPOINT_URL=endpoint, AWS_REGION=REGION, AWS_DEFAULT_REGION=REGION,
+    # One function for the demo's three regions: it handles their (forwarded) events. (In the
+    # environment, not --env-var, which splits values at commas.)
+    env = dict(os.environ, AMI_SHARE_EVENT_REGIONS="us-west-2,eu-central-1",
+               AWS_ENDPOINT_URL=endpoint, AWS_REGION=REGION, AWS_DEFAULT_REGION=REGION,
                AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_EC2_METADATA_DISABLED="true")
     watch = None
     try:
@@ -88,9 +91,7 @@ def main():
         port = free_port()
         watch = subprocess.Popen(
             ["cargo", "lambda", "watch", "--ignore-changes", "--invoke-address", "127.0.0.1",
-             "--invoke-port", str(port), "--env-var", f"AMI_SHARE_CONFIG={config.name}",
-             # One function for the demo's three regions: it handles their (forwarded) events.
-             "--env-var", "AMI_SHARE_EVENT_REGIONS=us-west-2,eu-central-1"],
+             "--invoke-port", str(port), "--env-var", f"AMI_SHARE_CONFIG={config.name}"],
             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         for _ in range(300):
