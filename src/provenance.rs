@@ -12,13 +12,18 @@
 //! source itself.
 //!
 //! An image whose marks EC2 does not back ([`Provenance::Disputed`]) is reconciled as an image of its
-//! own: its own name and tags select its rules, it borrows none. It is never copied, as it claims to be a
-//! copy (this keeps a marked image from being copied in loops whatever the truth). That is also what
-//! happens to copies made before AWS recorded `SourceImageId` (2024), which EC2 cannot vouch for: they
-//! carry ami-share's marks and no source. The assumption is safe: such an image gains nothing from its
-//! marks, so forging them gains nothing; at worst an old copy is governed by the rules that select it by
-//! its own name and tags (a copy's name is its source's by default, so usually the same rules) rather
-//! than by its source's.
+//! own: its own name and tags select its rules, it borrows none. If EC2 records it as a copy (of another
+//! image), it is never copied, so a copy whose marks were changed cannot start a copy loop; if EC2 records
+//! it as made by CreateImage or RegisterImage, it is no copy at all, and its rules may copy it (a golden
+//! AMI tagged with forged marks is still distributed).
+//!
+//! Where `SourceImageId` is absent, EC2 did not record a source: the image was registered, or made before
+//! EC2 recorded sources (2024, before ami-share's first release: every copy ami-share made has one). Such
+//! an image is taken for one of its own. That is safe: marks gain it nothing, so forging them gains
+//! nothing, and a copy of it is a copy EC2 vouches for, which is never copied again.
+//!
+//! A source must be an image of its own, too: ami-share never copies its copies, so a claimed copy of a
+//! copy is no copy of ami-share's.
 
 use crate::config::CreatedBy;
 use crate::markers::{self, CopyKind};
@@ -44,9 +49,10 @@ pub enum Provenance {
     Disputed {
         /// What EC2 records instead.
         reason: String,
-        /// Whether it may still be a copy (of another image, or one made before EC2 recorded sources):
-        /// then it is never copied, so marked images cannot be copied in loops. An image EC2 records as
-        /// made by CreateImage is no copy at all: its rules may copy it (forged marks on it stop nothing).
+        /// Whether EC2 records it as a copy (of another image than its marks say): then it is never
+        /// copied, so that a copy whose marks were changed cannot be copied in loops. An image EC2
+        /// records as made by CreateImage or RegisterImage is no copy at all: its rules may copy it, so
+        /// forged marks on a golden AMI stop nothing.
         maybe_copy: bool,
     },
 }
@@ -55,7 +61,7 @@ impl Provenance {
     fn disputed(image: &ObservedImage, reason: String) -> Self {
         Self::Disputed {
             reason,
-            maybe_copy: image.created_by != CreatedBy::CreateImage,
+            maybe_copy: image.created_by == CreatedBy::CopyImage,
         }
     }
 }

@@ -109,6 +109,10 @@ pub struct Outcome {
     /// Copies made by this run in other regions: region → new image id.
     #[serde(skip)]
     made: BTreeMap<String, String>,
+    /// ami-share's copies whose plan was part of this reconciliation (the chosen copy of each kind and
+    /// region): a sweep reconciles the others on their own.
+    #[serde(skip)]
+    pub reached: BTreeSet<String>,
     /// The launch permissions of `image_id` after this reconciliation (in a dry run: as they would be),
     /// when they were read: what a sweep's key audit needs not read again.
     #[serde(skip)]
@@ -396,10 +400,21 @@ impl<A: Aws> Reconciler<'_, A> {
                 let source = &copy.source_image;
                 let region = &copy.source_region;
                 match self.aws.describe_image(region, source).await {
+                    // ami-share never copies its copies: a copy of a copy is not its copy.
+                    Ok(ImageLookup::Owned(source)) if provenance(&source) != Provenance::Own => {
+                        Some((
+                            format!(
+                                "EC2 records it as a copy of {}, which carries copy marks itself, and ami-share never copies its copies",
+                                source.image_id
+                            ),
+                            true,
+                        ))
+                    }
                     Ok(ImageLookup::Owned(source)) => {
                         return match copy.kind {
                             CopyKind::Regional => {
-                                self.reconcile_regional_copy(image, *source, outcome).await
+                                self.reconcile_copy(image, *source, CopyKind::Regional, outcome)
+                                    .await
                             }
                             // Its source's rules govern it: the source is reconciled, and with it the copy.
                             CopyKind::Reencrypted => {
@@ -467,14 +482,14 @@ impl<A: Aws> Reconciler<'_, A> {
         self.reconcile_desired(image, desired, outcome).await
     }
 
-    /// A copy ami-share made in this region of `source`, an image of this account in another: its
-    /// source's rules say what it must have (tags, shares, key grants, deprecation, parameter). It is never
-    /// copied again: the copy's wanted state has no `copy`. Only this region is touched, so a stack per
-    /// region finishes its copies.
-    async fn reconcile_regional_copy(
+    /// A copy ami-share made of `source`, an image of this account: its source's rules say what it must
+    /// have (tags, shares, key grants, deprecation, parameter). It is never copied again: the copy's
+    /// wanted state has no `copy`. Only its region is touched, so a stack per region finishes its copies.
+    async fn reconcile_copy(
         &self,
         copy: ObservedImage,
         source: ObservedImage,
+        kind: CopyKind,
         mut outcome: Outcome,
     ) -> Outcome {
         outcome.copy_of = Some(format!("{} in {}", source.image_id, source.region));
@@ -486,8 +501,32 @@ impl<A: Aws> Reconciler<'_, A> {
                 source.image_id
             ));
         }
-        let desired = desired_for_copy(&desired, &source, CopyKind::Regional);
+        let desired = desired_for_copy(&desired, &source, kind);
         self.reconcile_desired(copy, desired, outcome).await
+    }
+
+    /// ami-share's copy (as EC2 vouches) whose source's reconciliation did not reach it (the source no
+    /// longer wants a re-encrypted copy, say): finished on its own under its source's rules, so exclusive
+    /// mode and changed rules reach it too. What is not ami-share's copy is reconciled as any image.
+    pub async fn reconcile_unreached_copy(&self, image: ObservedImage) -> Outcome {
+        let outcome = Outcome::new(&image.image_id, &image.region);
+        if let Provenance::Copy(copy) = provenance(&image) {
+            match self
+                .aws
+                .describe_image(&copy.source_region, &copy.source_image)
+                .await
+            {
+                Ok(ImageLookup::Owned(source)) if provenance(&source) == Provenance::Own => {
+                    return self
+                        .reconcile_copy(image, *source, copy.kind, outcome)
+                        .await;
+                }
+                Err(e) => return outcome.failed(e),
+                Ok(_) => {}
+            }
+        }
+        self.reconcile_described(image, &EventKind::Direct, outcome)
+            .await
     }
 
     /// Observes what the plan needs, plans and (in [`Mode::Apply`]) applies.
@@ -590,6 +629,17 @@ impl<A: Aws> Reconciler<'_, A> {
             )))
         );
         let (image, reencryption) = source?;
+        let chosen =
+            |copies: &ObservedCopies| plan::chosen_copy(&copies.copies).map(|c| c.image_id.clone());
+        outcome
+            .reached
+            .extend(reencryption.as_ref().and_then(chosen));
+        outcome.reached.extend(
+            regional
+                .iter()
+                .filter_map(|r| r.as_ref().ok())
+                .filter_map(chosen),
+        );
         let now = aws_smithy_types::DateTime::from(std::time::SystemTime::now())
             .fmt(aws_smithy_types::date_time::Format::DateTime)
             .ok();
@@ -2151,6 +2201,48 @@ mod tests {
         )
         .await;
         assert_eq!(aws.writes().len(), writes, "converged: {:?}", aws.writes());
+    }
+
+    #[tokio::test]
+    async fn a_sweep_finishes_a_copy_its_source_no_longer_reaches_and_an_exclusive_rule_revokes_there()
+     {
+        let aws = FakeAws::new(ImageState::Available, Some(AWS_EBS));
+        apply(&aws, &reencrypting_config()).await;
+        let copy_id = aws
+            .state
+            .lock()
+            .unwrap()
+            .images
+            .keys()
+            .find(|id| *id != IMAGE)
+            .cloned()
+            .unwrap();
+        aws.set_state(&copy_id, ImageState::Available);
+        apply(&aws, &reencrypting_config()).await;
+        assert_eq!(aws.image(&copy_id).launch_permissions, Some(partner()));
+        // The rule stops re-encrypting and turns exclusive with another target: the source's
+        // reconciliation looks for no copy any more, but the copy is still shared with the partner.
+        // (The copy's key stays approved by name.)
+        let exclusive = config(
+            "[keys]\napproved = [\"alias/ami-share\"]\n[[rule]]\nname = \"golden\"\nmatch.name = [\"golden-*\"]\ntags = { t = \"1\" }\nshare.accounts = [\"444455556666\"]\nshare.exclusive = true\n",
+        );
+        let report = crate::sweep::sweep(
+            &reconciler(&aws, &exclusive, Mode::Apply),
+            &crate::sweep::SweepOptions {
+                regions: vec![REGION.into()],
+                concurrency: 2,
+                stop_starting_at: None,
+            },
+            |_| {},
+        )
+        .await;
+        assert_eq!(report.left_to_source, 1);
+        assert_eq!(report.unreached_copies, 1, "{report:?}");
+        assert_eq!(
+            aws.image(&copy_id).launch_permissions,
+            Some([LaunchPermission::Account("444455556666".parse().unwrap())].into()),
+            "the partner dropped from the exclusive rule lost the copy too"
+        );
     }
 
     #[tokio::test]

@@ -55,8 +55,8 @@ pub enum SweepProgress<'a> {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Selection {
     pub to_reconcile: Vec<ObservedImage>,
-    /// ami-share's copies whose source's reconciliation covers them: `(image id, why)`.
-    pub left_to_source: Vec<(String, String)>,
+    /// ami-share's copies whose source's reconciliation covers them, and why.
+    pub left_to_source: Vec<(ObservedImage, String)>,
 }
 
 /// Chooses what to reconcile among the listed images. ami-share's copies whose source was listed too
@@ -64,8 +64,10 @@ pub struct Selection {
 /// reconciliation finishes them, and reconciling both at once would only race. The newest images go
 /// first, so a sweep cut short by its deadline has done the ones most likely to be wanted.
 pub fn selection(listed: Vec<ObservedImage>) -> Selection {
+    // Sources: the listed images of their own (ami-share never copies its copies).
     let listed_ids: BTreeSet<(String, String)> = listed
         .iter()
+        .filter(|i| provenance(i) == Provenance::Own)
         .map(|i| (i.region.clone(), i.image_id.clone()))
         .collect();
     let mut selection = Selection::default();
@@ -89,7 +91,7 @@ pub fn selection(listed: Vec<ObservedImage>) -> Selection {
             _ => None,
         };
         match reason {
-            Some(reason) => selection.left_to_source.push((image.image_id, reason)),
+            Some(reason) => selection.left_to_source.push((image, reason)),
             None => selection.to_reconcile.push(image),
         }
     }
@@ -117,6 +119,8 @@ pub struct SweepReport {
     pub actions: usize,
     /// ami-share's copies left to their source's reconciliation.
     pub left_to_source: usize,
+    /// Of those, the ones it did not reach, reconciled on their own (counted in `reconciled` too).
+    pub unreached_copies: usize,
     /// Images not started before the deadline.
     pub not_started: usize,
     /// Images reconciled again, one at a time, because they wrote an SSM parameter (see the module).
@@ -267,6 +271,7 @@ pub async fn sweep<A: Aws>(
     let stop_at = options.stop_starting_at;
     let mut wrote_parameters = Vec::new();
     let mut known_permissions = BTreeMap::new();
+    let mut reached = BTreeSet::new();
     {
         let mut outcomes = futures::stream::iter(selection.to_reconcile)
             .map(|image| async move {
@@ -286,6 +291,7 @@ pub async fn sweep<A: Aws>(
                     if let Some(permissions) = &outcome.launch_permissions {
                         known_permissions.insert(outcome.image_id.clone(), permissions.clone());
                     }
+                    reached.extend(outcome.reached.iter().cloned());
                     if outcome
                         .done
                         .iter()
@@ -297,6 +303,20 @@ pub async fn sweep<A: Aws>(
                 None => report.not_started += 1,
             }
         }
+    }
+    // The copies left to a source whose reconciliation did not reach them: on their own.
+    for (copy, _) in selection.left_to_source {
+        if reached.contains(&copy.image_id) {
+            continue;
+        }
+        if stop_at.is_some_and(|at| Instant::now() >= at) {
+            report.not_started += 1;
+            continue;
+        }
+        let outcome = reconciler.reconcile_unreached_copy(copy).await;
+        report.count(&outcome);
+        report.unreached_copies += 1;
+        progress(SweepProgress::Reconciled(&outcome));
     }
     // Newest first, one at a time: see the module's doc. Each is described again (the listing is stale
     // now: its tags, for one, were just written). Their outcomes are logged, not counted again.
