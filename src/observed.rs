@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use crate::config::CreatedBy;
-use crate::targets::{LaunchPermission, VolumePermission};
+use crate::targets::{AccountId, LaunchPermission, VolumePermission};
 
 /// An image's lifecycle state (EC2 `ImageState`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -65,6 +65,16 @@ pub struct ObservedSnapshot {
     /// Who may create volumes from it (createVolumePermission); `None` until read (only when a rule
     /// grants it, or an exclusive rule may revoke it).
     pub create_volume_permissions: Option<BTreeSet<VolumePermission>>,
+    /// The other AMIs of the account it backs, and the accounts their rules grant createVolumePermission;
+    /// read only where an exclusive rule may revoke it (what they grant is not revoked).
+    pub other_images: Option<OtherImages>,
+}
+
+/// The other AMIs registered on a snapshot, and what their selecting rules grant on it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OtherImages {
+    pub image_ids: Vec<String>,
+    pub create_volume_accounts: BTreeSet<AccountId>,
 }
 
 /// What DescribeSnapshots tells of one snapshot.

@@ -325,6 +325,9 @@ pub struct Reads {
     pub keys: bool,
     /// DescribeSnapshotAttribute createVolumePermission of each snapshot.
     pub create_volume_permissions: bool,
+    /// DescribeImages of the other AMIs on the snapshots: an exclusive rule may revoke create-volume
+    /// permission there, and must keep what their rules grant.
+    pub other_images: bool,
     /// GetParameter of the rules' SSM parameters (and the image each names).
     pub parameters: bool,
     /// GetImageBlockPublicAccessState: a rule would make it public and it is not yet.
@@ -360,6 +363,9 @@ pub fn reads_needed(desired: &Desired, image: &ObservedImage) -> Reads {
         create_volume_permissions: !image.snapshots.is_empty()
             && ((shares_now(desired, image) && !desired.create_volume_accounts.is_empty())
                 || (desired.exclusive && image.state == ImageState::Available)),
+        other_images: !image.snapshots.is_empty()
+            && desired.exclusive
+            && image.state == ImageState::Available,
         parameters: image.state == ImageState::Available && !desired.ssm_parameters.is_empty(),
         block_public_access: shares_now(desired, image)
             && desired
@@ -757,6 +763,8 @@ fn exclusive_volume_actions(desired: &Desired, image: &ObservedImage) -> Vec<Act
         .snapshots
         .iter()
         .filter_map(|snapshot| {
+            // A snapshot may back other AMIs too: what their rules grant on it stays.
+            let others = snapshot.other_images.as_ref();
             let extra: Vec<VolumePermission> = snapshot
                 .create_volume_permissions
                 .as_ref()?
@@ -765,6 +773,7 @@ fn exclusive_volume_actions(desired: &Desired, image: &ObservedImage) -> Vec<Act
                     VolumePermission::Account(id) => {
                         id.as_str() != image.owner_id
                             && !desired.create_volume_accounts.contains(id)
+                            && !others.is_some_and(|o| o.create_volume_accounts.contains(id))
                     }
                     VolumePermission::Public => true,
                 })
@@ -1465,6 +1474,7 @@ mod tests {
                 kms_key_id: None,
                 tags: Some(Tags::new()),
                 create_volume_permissions: None,
+                other_images: None,
             }],
             launch_permissions: Some(BTreeSet::new()),
             creation_date: Some("2026-11-25T10:00:00.000Z".into()),
@@ -1742,6 +1752,7 @@ mod tests {
             kms_key_id: None,
             tags: Some(tags(&[("team", "platform")])),
             create_volume_permissions: None,
+            other_images: None,
         });
         img.launch_permissions = Some(d.launch_permissions.clone());
         let p = plan(&d, &observed(img));
@@ -1769,6 +1780,7 @@ mod tests {
                 snapshots: true,
                 keys: false,
                 create_volume_permissions: false,
+                other_images: false,
                 parameters: false,
                 block_public_access: false,
             },
@@ -1813,6 +1825,7 @@ mod tests {
             ),
             tags: Some(Tags::new()),
             create_volume_permissions: None,
+            other_images: None,
         });
         assert_eq!(keys_to_read(&img), [CMK.to_string()].into());
     }
@@ -2045,6 +2058,7 @@ mod tests {
             kms_key_id: Some(AWS_EBS.into()),
             tags: Some(Tags::new()),
             create_volume_permissions: None,
+            other_images: None,
         });
         img.keys
             .insert(AWS_EBS.into(), key(AWS_EBS, KeyManager::Aws));
@@ -2811,8 +2825,19 @@ mod tests {
                 == "revoke create-volume permission on snapshot snap-1 in us-east-1 from account 444455556666, everyone (Group=all) (exclusive: no rule grants it)"),
             "{p:#?}"
         );
-        let after = applied(observed(img), &p);
+        let after = applied(observed(img.clone()), &p);
         assert_eq!(removal(&plan(&exclusive, &after)), None, "converges");
+        // Another AMI registered on the snapshot, whose rule grants 444455556666: that stays.
+        let mut shared_snapshot = observed(img);
+        shared_snapshot.image.snapshots[0].other_images = Some(crate::observed::OtherImages {
+            image_ids: vec!["ami-other".into()],
+            create_volume_accounts: ["444455556666".parse().unwrap()].into(),
+        });
+        assert_eq!(
+            removal(&plan(&exclusive, &shared_snapshot)),
+            Some(("snap-1".to_string(), vec![VolumePermission::Public])),
+            "what the other AMI's rules grant on the snapshot is not revoked"
+        );
         let exclusive_without_volumes = Desired {
             exclusive: true,
             ..desired()

@@ -24,7 +24,8 @@ use crate::key_policy::{self, KeyGrantees};
 use crate::keys::{self, KeyArn, KeyRef};
 use crate::markers::CopyKind;
 use crate::observed::{
-    ImageState, KeyManager, Observed, ObservedCopies, ObservedImage, ObservedKey, ObservedParameter,
+    ImageState, KeyManager, Observed, ObservedCopies, ObservedImage, ObservedKey,
+    ObservedParameter, OtherImages,
 };
 use crate::plan::{self, Action, Plan, RegionCopy, desired_for_copy, keys_to_read, reads_needed};
 use crate::provenance::{self, Provenance, provenance};
@@ -766,18 +767,31 @@ impl<A: Aws> Reconciler<'_, A> {
                 }
             },
             async {
-                match reads.create_volume_permissions {
-                    true => join_all(
-                        snapshot_ids
-                            .iter()
-                            .map(|id| self.aws.describe_create_volume_permissions(&region, id)),
-                    )
-                    .await
-                    .into_iter()
-                    .collect::<Result<Vec<_>, _>>()
-                    .map(Some),
-                    false => Ok(None),
-                }
+                let (permissions, others) = futures::join!(
+                    async {
+                        match reads.create_volume_permissions {
+                            true => join_all(snapshot_ids.iter().map(|id| {
+                                self.aws.describe_create_volume_permissions(&region, id)
+                            }))
+                            .await
+                            .into_iter()
+                            .collect::<Result<Vec<_>, _>>()
+                            .map(Some),
+                            false => Ok(None),
+                        }
+                    },
+                    async {
+                        match reads.other_images {
+                            true => self
+                                .aws
+                                .images_on_snapshots(&region, &snapshot_ids)
+                                .await
+                                .map(Some),
+                            false => Ok(None),
+                        }
+                    }
+                );
+                Ok::<_, AwsError>((permissions?, others?))
             },
             async {
                 match reads.parameters {
@@ -806,10 +820,14 @@ impl<A: Aws> Reconciler<'_, A> {
                 }
             }
         }
-        if let Some(accounts) = volume_permissions? {
+        let (volume_permissions, others) = volume_permissions?;
+        if let Some(accounts) = volume_permissions {
             for (snapshot, permissions) in image.snapshots.iter_mut().zip(accounts) {
                 snapshot.create_volume_permissions = Some(permissions);
             }
+        }
+        if let Some(others) = others {
+            self.what_other_images_grant(&mut image, &others);
         }
         if let Some(parameters) = parameters? {
             image.parameters = parameters;
@@ -826,6 +844,27 @@ impl<A: Aws> Reconciler<'_, A> {
             }
         }
         Ok(image)
+    }
+
+    /// For each snapshot of `image`, the other AMIs of `others` it backs and the createVolumePermission
+    /// their selecting rules grant on it.
+    fn what_other_images_grant(&self, image: &mut ObservedImage, others: &[ObservedImage]) {
+        for snapshot in &mut image.snapshots {
+            let mut found = OtherImages::default();
+            for other in others.iter().filter(|o| {
+                o.image_id != image.image_id
+                    && o.snapshots
+                        .iter()
+                        .any(|s| s.snapshot_id == snapshot.snapshot_id)
+            }) {
+                found.image_ids.push(other.image_id.clone());
+                let wanted = desired_for(self.config, &facts_of(other, other.created_by));
+                found
+                    .create_volume_accounts
+                    .extend(wanted.create_volume_accounts);
+            }
+            snapshot.other_images = Some(found);
+        }
     }
 
     /// Each rule parameter's value, and the creation date of the image it names (to never move it back to
@@ -1290,6 +1329,7 @@ mod tests {
                     kms_key_id: None,
                     tags: None,
                     create_volume_permissions: None,
+                    other_images: None,
                 }],
                 launch_permissions: Some(BTreeSet::new()),
                 creation_date: Some("2026-11-25T10:00:00.000Z".into()),
@@ -1411,6 +1451,25 @@ mod tests {
                     launch_permissions: None,
                     ..i.clone()
                 })
+                .collect())
+        }
+        async fn images_on_snapshots(
+            &self,
+            region: &str,
+            snapshot_ids: &[String],
+        ) -> Result<Vec<ObservedImage>, AwsError> {
+            self.call("DescribeImages", region)?;
+            let state = self.state.lock().unwrap();
+            Ok(state
+                .images
+                .values()
+                .filter(|i| {
+                    i.region == region
+                        && i.snapshots
+                            .iter()
+                            .any(|s| snapshot_ids.contains(&s.snapshot_id))
+                })
+                .cloned()
                 .collect())
         }
         async fn describe_launch_permissions(
@@ -1568,6 +1627,7 @@ mod tests {
                 kms_key_id: None,
                 tags: None,
                 create_volume_permissions: None,
+                other_images: None,
             }];
             state.images.insert(id.clone(), image);
             state.snapshots.insert(

@@ -609,3 +609,76 @@ async fn an_image_of_an_instance_of_the_golden_ami_tagged_as_its_re_encrypted_co
     );
     assert!(launch_permissions(&s.ec2, &tampered).await.is_empty());
 }
+
+#[tokio::test]
+async fn an_ami_registered_on_the_golden_amis_snapshot_cannot_make_an_exclusive_rule_revoke_its_grants()
+ {
+    let s = setup().await;
+    let config = Config::parse(&format!(
+        r#"
+        [[rule]]
+        name = "golden"
+        match.name = ["golden-*"]
+        share.accounts = ["{PARTNER}"]
+        share.create_volume_permission = true
+
+        [[rule]]
+        name = "scratch"
+        match.name = ["scratch-*"]
+        share.accounts = ["{OTHER_PARTNER}"]
+        share.exclusive = true
+        "#
+    ))
+    .unwrap();
+    let handler = Handler::new(config, SdkAws::new(s.emulator.sdk_config().await), REGION);
+    let (golden, snapshots) = create_image(&s.ec2, "golden-1", &[]).await;
+    deliver(&handler, "ami-state-available.json", &golden, REGION).await;
+    assert_eq!(
+        volume_permissions(&s.ec2, &snapshots[0]).await,
+        [format!("account={PARTNER}")].into()
+    );
+    // The attack: an AMI registered on the golden AMI's snapshot, named for the exclusive rule.
+    let scratch = s
+        .ec2
+        .register_image()
+        .name("scratch-on-golden")
+        .root_device_name("/dev/sda1")
+        .block_device_mappings(
+            aws_sdk_ec2::types::BlockDeviceMapping::builder()
+                .device_name("/dev/sda1")
+                .ebs(
+                    aws_sdk_ec2::types::EbsBlockDevice::builder()
+                        .snapshot_id(&snapshots[0])
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .image_id()
+        .unwrap()
+        .to_string();
+    let before = s.emulator.requests().len();
+    let answer = deliver(&handler, "ami-state-available.json", &scratch, REGION).await;
+    assert_eq!(answer["status"], "done", "{answer:#}");
+    assert_eq!(
+        volume_permissions(&s.ec2, &snapshots[0]).await,
+        [format!("account={PARTNER}")].into(),
+        "what the golden AMI's rule grants on the snapshot stays"
+    );
+    assert!(
+        !s.emulator
+            .mutating_requests_since(before)
+            .iter()
+            .any(|r| r.contains("ModifySnapshotAttribute")),
+        "no flip-flop"
+    );
+    // The golden AMI's next event changes nothing either.
+    let before = s.emulator.requests().len();
+    deliver(&handler, "ami-state-available.json", &golden, REGION).await;
+    assert_eq!(
+        s.emulator.mutating_requests_since(before),
+        Vec::<String>::new()
+    );
+}

@@ -263,6 +263,31 @@ def _copy_image_response(self):
     return ActionResult({"ImageId": image.id})
 
 
+def register_image_response(self):
+    """AWS RegisterImage makes the AMI of the snapshot its root device mapping names (several AMIs may share
+    one snapshot); moto gives every registered image a fresh snapshot of its own."""
+    mappings = self._get_param("BlockDeviceMappings", []) or []
+    self.error_on_dryrun()
+    image = self.ec2_backend.register_image(self._get_param("Name"), self._get_param("Description", ""))
+    snapshot_id = next((m.get("Ebs", {}).get("SnapshotId") for m in mappings if m.get("Ebs", {}).get("SnapshotId")), None)
+    if snapshot_id:
+        auto = image.ebs_snapshot
+        image.ebs_snapshot = self.ec2_backend.get_snapshot(snapshot_id)
+        self.ec2_backend.snapshots.pop(auto.id, None)
+    return ActionResult({"ImageId": image.id})
+
+
+_ami_filter_value = Ami.get_filter_value
+
+
+def ami_filter_value(self, filter_name, method_name=None):
+    """AWS DescribeImages filters by block-device-mapping.snapshot-id (the images a snapshot backs); moto
+    does not know the filter."""
+    if filter_name == "block-device-mapping.snapshot-id":
+        return self.ebs_snapshot.id
+    return _ami_filter_value(self, filter_name, method_name)
+
+
 def get_image_block_public_access_state_response(self):
     """AWS GetImageBlockPublicAccessState: `unblocked` or `block-new-sharing` (new accounts: blocked).
     moto: HTTP 500, not implemented. The emulator starts unblocked, as moto's images are."""
@@ -393,6 +418,8 @@ AmiBackend.copy_image = copy_image
 EBSBackend.create_snapshot = create_snapshot
 Ami.block_device_mappings = property(block_device_mappings)
 AmisResponse.copy_image = copy_image_response
+AmisResponse.register_image = register_image_response
+Ami.get_filter_value = ami_filter_value
 AmisResponse.enable_image_deprecation = enable_image_deprecation_response
 AmisResponse.get_image_block_public_access_state = get_image_block_public_access_state_response
 AmisResponse.enable_image_block_public_access = enable_image_block_public_access_response

@@ -563,3 +563,52 @@ async fn put_key_policy_refuses_a_policy_that_would_lock_the_account_out_unless_
         "the log tells which write bypassed it"
     );
 }
+
+#[tokio::test]
+async fn register_image_uses_the_snapshot_it_names_and_images_can_be_found_by_snapshot() {
+    let emulator = Emulator::start();
+    let ec2 = emulator.ec2().await;
+    let (image, snapshots) = create_image(&ec2, "golden-1", &[]).await;
+    let registered = ec2
+        .register_image()
+        .name("registered-from-golden")
+        .root_device_name("/dev/sda1")
+        .block_device_mappings(
+            aws_sdk_ec2::types::BlockDeviceMapping::builder()
+                .device_name("/dev/sda1")
+                .ebs(
+                    aws_sdk_ec2::types::EbsBlockDevice::builder()
+                        .snapshot_id(&snapshots[0])
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .image_id()
+        .unwrap()
+        .to_string();
+    assert_eq!(image_snapshots(&ec2, &registered).await, snapshots);
+    let on_snapshot = ec2
+        .describe_images()
+        .owners("self")
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("block-device-mapping.snapshot-id")
+                .values(&snapshots[0])
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut ids: Vec<&str> = on_snapshot
+        .images()
+        .iter()
+        .filter_map(|i| i.image_id())
+        .collect();
+    ids.sort();
+    let mut expected = vec![image.as_str(), registered.as_str()];
+    expected.sort();
+    assert_eq!(ids, expected);
+}

@@ -45,6 +45,14 @@ pub trait Aws: Send + Sync {
         region: &str,
     ) -> impl Future<Output = Result<Vec<ObservedImage>, AwsError>> + Send;
 
+    /// EC2 DescribeImages of this account's images in `region` that any of `snapshot_ids` backs
+    /// (filter `block-device-mapping.snapshot-id`): several AMIs may be registered on one snapshot.
+    fn images_on_snapshots(
+        &self,
+        region: &str,
+        snapshot_ids: &[String],
+    ) -> impl Future<Output = Result<Vec<ObservedImage>, AwsError>> + Send;
+
     /// EC2 DescribeImageAttribute launchPermission.
     fn describe_launch_permissions(
         &self,

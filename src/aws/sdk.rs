@@ -289,6 +289,7 @@ fn observed_image(region: &str, image: &ec2::Image) -> ObservedImage {
                 kms_key_id: None,
                 tags: None,
                 create_volume_permissions: None,
+                other_images: None,
             })
         })
         .collect();
@@ -396,6 +397,30 @@ impl Aws for SdkAws {
             .collect::<Result<_, _>>()
             .await
             .map_err(|e| aws_error("DescribeImages", region, "images owned by self", e))?;
+        Ok(images.iter().map(|i| observed_image(region, i)).collect())
+    }
+
+    async fn images_on_snapshots(
+        &self,
+        region: &str,
+        snapshot_ids: &[String],
+    ) -> Result<Vec<ObservedImage>, AwsError> {
+        let images: Vec<ec2::Image> = self
+            .ec2(region)
+            .describe_images()
+            .owners("self")
+            .filters(
+                Filter::builder()
+                    .name("block-device-mapping.snapshot-id")
+                    .set_values(Some(snapshot_ids.to_vec()))
+                    .build(),
+            )
+            .into_paginator()
+            .items()
+            .send()
+            .collect::<Result<_, _>>()
+            .await
+            .map_err(|e| aws_error("DescribeImages", region, &snapshot_ids.join(","), e))?;
         Ok(images.iter().map(|i| observed_image(region, i)).collect())
     }
 
