@@ -1334,10 +1334,11 @@ fn new_copy(draft: CopyDraft) -> ImageCopy {
 }
 
 impl ImageCopy {
-    /// The same copy under a name of its own (and so a token of its own), for when its name is taken in
-    /// its region by an image ami-share did not make. Stable, so a retry makes no second copy.
-    pub fn renamed(&self) -> ImageCopy {
-        let hash = stable_hash(&[self.client_token.as_str(), "renamed"]);
+    /// The same copy under a name of its own (and so a token of its own), suffixed from `salt`, for
+    /// when its name is taken in its region by an image ami-share did not make.
+    pub fn renamed(&self, salt: u64) -> ImageCopy {
+        let salt = salt.to_string();
+        let hash = stable_hash(&[self.client_token.as_str(), "renamed", salt.as_str()]);
         let suffix = format!("-{:08x}", hash >> 32);
         let name: String = self
             .name
@@ -2754,7 +2755,7 @@ mod tests {
     }
 
     #[test]
-    fn a_renamed_copy_is_the_same_copy_under_a_stable_name_of_its_own() {
+    fn a_renamed_copy_is_the_same_copy_under_a_name_of_its_own() {
         let west = ObservedCopies {
             copies: vec![],
             key: Some(Some(key(WEST_KEY, KeyManager::Customer))),
@@ -2769,15 +2770,16 @@ mod tests {
             .find(|c| c.region == "us-west-2")
             .unwrap()
             .clone();
-        let renamed = copy.renamed();
+        let renamed = copy.renamed(7);
         assert_ne!(renamed.name, copy.name);
         assert!(renamed.name.starts_with("golden-us-west-2-"));
         assert_ne!(renamed.client_token, copy.client_token);
         assert!(renamed.client_token.len() <= 64);
-        assert_eq!(
-            renamed,
-            copy.renamed(),
-            "stable: a retry makes no second copy"
+        assert_eq!(renamed, copy.renamed(7), "the salt decides the suffix");
+        assert_ne!(
+            renamed.name,
+            copy.renamed(8).name,
+            "so nobody can take the name in advance"
         );
         assert_eq!(renamed.tags, copy.tags);
     }

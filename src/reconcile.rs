@@ -1132,11 +1132,14 @@ impl<A: Aws> Reconciler<'_, A> {
                 let copy_id = match self.aws.copy_image(copy).await {
                     // The name is taken there by an image ami-share did not make (its own copies are
                     // found by their marks): the copy gets a name of its own rather than failing for good.
-                    Err(e)
-                        if e.code.as_deref() == Some("InvalidAMIName.Duplicate")
-                            && copy.kind == CopyKind::Regional =>
-                    {
-                        let renamed = copy.renamed();
+                    // The suffix is random: a name anyone can compute in advance could be taken too.
+                    // (A retry finds the copy by its marks, so a new name makes no second copy.)
+                    Err(e) if e.code.as_deref() == Some("InvalidAMIName.Duplicate") => {
+                        let salt = std::hash::BuildHasher::hash_one(
+                            &std::collections::hash_map::RandomState::new(),
+                            &copy.client_token,
+                        );
+                        let renamed = copy.renamed(salt);
                         tracing::warn!(
                             copy_region = %copy.region,
                             "the name {:?} is taken in {}: copying as {:?}",

@@ -682,3 +682,68 @@ async fn an_ami_registered_on_the_golden_amis_snapshot_cannot_make_an_exclusive_
         Vec::<String>::new()
     );
 }
+
+/// What an insider can do to block a copy: register an AMI under the name the copy will get.
+async fn squat(ec2: &aws_sdk_ec2::Client, name: &str) -> String {
+    ec2.register_image()
+        .name(name)
+        .root_device_name("/dev/sda1")
+        .send()
+        .await
+        .expect("RegisterImage")
+        .image_id()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn names_taken_in_advance_do_not_stop_the_copies() {
+    let s = setup().await;
+    let copy_key = create_unapproved_key(&s.kms).await;
+    s.kms
+        .create_alias()
+        .alias_name("alias/ami-share")
+        .target_key_id(&copy_key)
+        .send()
+        .await
+        .unwrap();
+    let handler = s
+        .handler(&format!(
+            "reencrypt.kms_key = \"alias/ami-share\"\ncopy.regions = [{{ region = \"{WEST}\" }}]"
+        ))
+        .await;
+    let (golden, _) = create_image_with(&s.ec2, "golden-1", &[], RootVolume::DefaultKey).await;
+    // The names the re-encrypted copy and the regional copy would get.
+    let squatters = [
+        squat(&s.ec2, "golden-1-reencrypted").await,
+        squat(&s.west, "golden-1").await,
+    ];
+    let answer = deliver(&handler, "ami-state-available.json", &golden, REGION).await;
+    assert!(answer["outcome"].get("failures").is_none(), "{answer:#}");
+    let made: Vec<&Value> = answer["outcome"]["done"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["action"] == "copy_image")
+        .collect();
+    assert_eq!(made.len(), 2, "both copies made: {answer:#}");
+    let reencrypted = copies_of(&s.emulator, REGION, &golden).await;
+    let regional = copies_of(&s.emulator, WEST, &golden).await;
+    assert_eq!((reencrypted.len(), regional.len()), (1, 1), "{answer:#}");
+    for (copy, _) in reencrypted.iter().chain(&regional) {
+        assert!(
+            !squatters.contains(copy),
+            "a copy of ami-share's, not the squatter"
+        );
+    }
+    // A second delivery finds the copies by their marks: no second copy under yet another name.
+    let before = s.emulator.requests().len();
+    deliver(&handler, "ami-state-available.json", &golden, REGION).await;
+    assert!(
+        !s.emulator
+            .mutating_requests_since(before)
+            .iter()
+            .any(|r| r.contains("CopyImage")),
+        "no second copy"
+    );
+}
