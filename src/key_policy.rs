@@ -305,11 +305,18 @@ pub fn merge(
     if missing.is_empty() && !limited_to_ec2 {
         return Ok(None);
     }
-    let all = owned.use_key.union(&owned.create_grant).union(want);
+    // Each statement keeps whom it named and gains the wanted: a grantee an operator removed from one
+    // of its two statements comes back only if an AMI wants it again.
+    let use_key = owned.use_key.union(want);
+    let create_grant = owned.create_grant.union(want);
     let mut statements = foreign;
     statements.extend(OWNED.iter().filter_map(|(audience, purpose)| {
         let narrowing = owned.narrowings.get(sid_of(*audience, *purpose));
-        render(*audience, *purpose, &all, partition, narrowing)
+        let grantees = match purpose {
+            Purpose::UseKey => &use_key,
+            Purpose::CreateGrant => &create_grant,
+        };
+        render(*audience, *purpose, grantees, partition, narrowing)
     }));
     document
         .entry("Version")
@@ -945,6 +952,43 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(repaired.policy, once.policy);
+    }
+
+    #[test]
+    fn a_grantee_an_operator_removed_from_one_statement_comes_back_only_when_wanted() {
+        let both = grantees(&[], &[], &["210987654321", "444455556666"]);
+        let once = merge(&default_policy(), &both, "aws").unwrap().unwrap();
+        let mut document: Value = serde_json::from_str(&once.policy).unwrap();
+        for statement in document["Statement"].as_array_mut().unwrap() {
+            if statement["Sid"] == "AmiShareAccountsUseKey" {
+                statement["Principal"]["AWS"] = json!(["arn:aws:iam::210987654321:root"]);
+            }
+        }
+        let edited = document.to_string();
+        let other = grantees(&[], &[], &["111122223333"]);
+        let merged = merge(&edited, &other, "aws").unwrap().unwrap();
+        let use_key = statements(&merged.policy)
+            .into_iter()
+            .find(|s| s["Sid"] == "AmiShareAccountsUseKey")
+            .unwrap();
+        assert_eq!(
+            use_key["Principal"]["AWS"],
+            json!([
+                "arn:aws:iam::111122223333:root",
+                "arn:aws:iam::210987654321:root"
+            ]),
+            "444455556666 stays removed"
+        );
+        let wanted_again = merge(&merged.policy, &both, "aws").unwrap().unwrap();
+        assert_eq!(
+            admitted(&wanted_again.policy, "aws").unwrap().accounts,
+            [
+                "111122223333".to_string(),
+                "210987654321".to_string(),
+                "444455556666".to_string()
+            ]
+            .into()
+        );
     }
 
     #[test]

@@ -455,23 +455,59 @@ fn unapproved(
     ))
 }
 
-/// The customer managed keys of this account, among the image's snapshots' keys, that are not approved:
-/// what ami-share does not copy to another key either.
-fn unapproved_keys(desired: &Desired, image: &ObservedImage) -> Vec<Blocker> {
-    let mut by_key: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+/// Whether the config names the key by ARN or id: the only consent ami-share can see for another
+/// account's key (whose tags and aliases it cannot read).
+fn named_by_arn(arn: &KeyArn, desired: &Desired) -> bool {
+    desired
+        .approved_keys
+        .iter()
+        .any(|r| !r.is_alias() && r.names(arn, &[]))
+}
+
+/// Why what the image's snapshots hold may not be copied to another key (a copy to another region, which
+/// EC2 encrypts with that region's key): each encrypted snapshot must be unencrypted, on the AWS managed
+/// key, on an approved key of this account, or on a key the config names by ARN.
+fn copy_blockers(desired: &Desired, image: &ObservedImage) -> Vec<Blocker> {
+    let mut by_key: BTreeMap<Option<&str>, Vec<&str>> = BTreeMap::new();
     for snapshot in image.snapshots.iter().filter(|s| s.encrypted == Some(true)) {
-        if let Some(key) = snapshot.kms_key_id.as_deref() {
-            by_key.entry(key).or_default().push(&snapshot.snapshot_id);
-        }
+        by_key
+            .entry(snapshot.kms_key_id.as_deref())
+            .or_default()
+            .push(&snapshot.snapshot_id);
     }
     by_key
         .into_iter()
         .filter_map(|(key_arn, snapshots)| {
-            let arn = key_arn.parse::<KeyArn>().ok()?;
-            let key = image.keys.get(key_arn)?;
-            (key.manager == KeyManager::Customer)
-                .then(|| unapproved(&arn, key, &snapshots.join(", "), desired))
-                .flatten()
+            let snapshots = snapshots.join(", ");
+            let unknown = || {
+                Some(Blocker::new(
+                    format!("{snapshots} is encrypted with a key ami-share cannot tell"),
+                    format!("snapshot {snapshots} is encrypted with a key EC2 did not report or ami-share cannot read"),
+                ))
+            };
+            let Some(arn) = key_arn.and_then(|k| k.parse::<KeyArn>().ok()) else {
+                return unknown();
+            };
+            if named_by_arn(&arn, desired) {
+                return None;
+            }
+            if arn.account() != image.owner_id {
+                return Some(Blocker::new(
+                    format!("{snapshots} uses KMS key {} of account {}", key_id(&arn), arn.account()),
+                    format!(
+                        "snapshot {snapshots} is encrypted with KMS key {arn} of account {}: with its owner's consent, list it in keys.approved",
+                        arn.account()
+                    ),
+                ));
+            }
+            let Some(key) = image.keys.get(arn.as_str()) else {
+                return unknown();
+            };
+            match key.manager {
+                KeyManager::Aws => None,
+                KeyManager::Customer => unapproved(&arn, key, &snapshots, desired),
+                KeyManager::Other(_) => unknown(),
+            }
         })
         .collect()
 }
@@ -511,13 +547,16 @@ pub fn key_patches(desired: &Desired, image: &ObservedImage) -> Result<Vec<Actio
         };
         let id = key_id(&arn);
         if arn.account() != image.owner_id {
-            blocked.push(Blocker::cured_by_copy(
-                format!("{snapshots} uses KMS key {id} of account {}", arn.account()),
-                format!(
-                    "snapshot {snapshots} is encrypted with KMS key {arn} of account {}: only that account can let others use it (add ami-share's statements to that key's policy there, see README), or set reencrypt on the rule",
-                    arn.account()
-                ),
-            ));
+            let summary = format!("{snapshots} uses KMS key {id} of account {}", arn.account());
+            let detail = format!(
+                "snapshot {snapshots} is encrypted with KMS key {arn} of account {}: only that account can let others use it (add ami-share's statements to that key's policy there, see README); or, with its owner's consent, list the key in keys.approved and set reencrypt on the rule to share a re-encrypted copy",
+                arn.account()
+            );
+            // Re-encrypting it would share what another account's key protects: only with consent.
+            blocked.push(match named_by_arn(&arn, desired) {
+                true => Blocker::cured_by_copy(summary, detail),
+                false => Blocker::new(summary, detail),
+            });
             continue;
         }
         let Some(key) = image.keys.get(key_arn) else {
@@ -878,7 +917,7 @@ fn regional_copies(desired: &Desired, wanted: &CopyWanted, observed: &Observed, 
         return;
     }
     // What a key's owner has not approved is not copied to other keys either.
-    let unapproved = unapproved_keys(desired, source);
+    let unapproved = copy_blockers(desired, source);
     if !unapproved.is_empty() {
         let why = unapproved
             .iter()
@@ -2281,6 +2320,39 @@ mod tests {
             &reencrypting(),
             &encrypted(AWS_EBS, Some(key(AWS_EBS, KeyManager::Aws)))
         ));
+    }
+
+    #[test]
+    fn what_another_accounts_key_protects_is_re_encrypted_or_copied_only_if_the_config_names_it() {
+        let foreign = "arn:aws:kms:us-east-1:210987654321:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+        let image = encrypted(foreign, None);
+        assert!(!wants_reencrypted_copy(&reencrypting(), &image));
+        let mut named = reencrypting();
+        named.approved_keys = vec![foreign.parse().unwrap()];
+        assert!(
+            wants_reencrypted_copy(&named, &image),
+            "its owner's consent, by ARN"
+        );
+        // Copies to other regions: likewise.
+        let west = || ObservedCopies {
+            copies: vec![],
+            key: Some(Some(key(WEST_KEY, KeyManager::Customer))),
+            ..ObservedCopies::default()
+        };
+        let p = plan(&distributing(), &with_regions(image.clone(), Some(west())));
+        assert!(copies(&p).is_empty(), "{p:#?}");
+        assert!(
+            matches!(&p.regions["us-west-2"], RegionCopy::Blocked { reason }
+                if reason.contains("of account 210987654321") && reason.contains("keys.approved")),
+            "{:?}",
+            p.regions
+        );
+        let mut distributing_named = distributing();
+        distributing_named
+            .approved_keys
+            .push(foreign.parse().unwrap());
+        let p = plan(&distributing_named, &with_regions(image, Some(west())));
+        assert_eq!(copies(&p).len(), 2, "{p:#?}");
     }
 
     #[test]

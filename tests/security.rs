@@ -350,7 +350,10 @@ fn condition_holds(operator: &str, entries: &Value, request: &Request) -> bool {
         match operator {
             "ForAnyValue:StringLike" => any_like(&iam_like),
             "ForAnyValue:StringEquals" => any_like(&|p, v| p == v),
+            "ForAnyValue:StringEqualsIgnoreCase" => any_like(&|p, v| p.eq_ignore_ascii_case(v)),
             "ArnNotLike" => !any_like(&iam_like),
+            // `Null: true` holds when the request has no value for the key.
+            "Null" => patterns.iter().all(|p| (p == "true") == values.is_empty()),
             other => panic!("the evaluator does not know {other}"),
         }
     })
@@ -451,6 +454,21 @@ fn the_service_control_policy_reserves_ami_shares_tags_for_its_role_and_key_appr
             true,
         ),
         (
+            "deleting every tag, marks too",
+            request(insider, "ec2:DeleteTags", image, &[][..]),
+            true,
+        ),
+        (
+            "ami-share deleting every tag",
+            request(function, "ec2:DeleteTags", image, &[][..]),
+            false,
+        ),
+        (
+            "deleting a tag of one's own",
+            request(insider, "ec2:DeleteTags", image, &["team"][..]),
+            false,
+        ),
+        (
             "tagging as usual",
             request(insider, "ec2:CreateTags", image, &["team", "stage"][..]),
             false,
@@ -465,7 +483,18 @@ fn the_service_control_policy_reserves_ami_shares_tags_for_its_role_and_key_appr
             ),
             false,
         ),
-        // Approving a key is for key administrators.
+        // Approving a key is for key administrators (IAM matches the template's aws:ResourceTag
+        // condition on tag keys without regard to case: so does this policy).
+        (
+            "approving a key by a tag in capitals",
+            request(
+                insider,
+                "kms:TagResource",
+                key,
+                &["AMI-SHARE:Manage-Key-Policy"][..],
+            ),
+            true,
+        ),
         (
             "approving a key by tag",
             request(
