@@ -555,7 +555,12 @@ pub fn key_patches(desired: &Desired, image: &ObservedImage) -> Result<Vec<Actio
             // Re-encrypting it would share what another account's key protects: only with consent.
             blocked.push(match named_by_arn(&arn, desired) {
                 true => Blocker::cured_by_copy(summary, detail),
-                false => Blocker::new(summary, detail),
+                false => Blocker::new(
+                    format!(
+                        "{summary}; to share a re-encrypted copy, list the key in keys.approved (with its owner's consent) and set reencrypt.kms_key"
+                    ),
+                    detail,
+                ),
             });
             continue;
         }

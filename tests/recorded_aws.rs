@@ -324,7 +324,7 @@ async fn an_ami_on_another_accounts_key_is_not_shared_and_kms_is_not_called() {
     assert_eq!(
         status[1].1,
         format!(
-            "{SNAPSHOT} uses KMS key 0987dcba-09fe-87dc-65ba-ab0987654321 of account 999988887777; to share a re-encrypted copy instead, set reencrypt.kms_key"
+            "{SNAPSHOT} uses KMS key 0987dcba-09fe-87dc-65ba-ab0987654321 of account 999988887777; to share a re-encrypted copy, list the key in keys.approved (with its owner's consent) and set reencrypt.kms_key"
         )
     );
 }
