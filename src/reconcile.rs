@@ -1425,6 +1425,15 @@ mod tests {
             self.state.lock().unwrap().keys[arn].policy.clone().unwrap()
         }
 
+        /// The id of the one image besides IMAGE (the copy a test made).
+        fn only_copy(&self) -> String {
+            let state = self.state.lock().unwrap();
+            let mut others = state.images.keys().filter(|id| *id != IMAGE);
+            let copy = others.next().expect("a copy").clone();
+            assert!(others.next().is_none(), "one copy");
+            copy
+        }
+
         fn set_state(&self, id: &str, state: ImageState) {
             self.state.lock().unwrap().images.get_mut(id).unwrap().state = state;
         }
@@ -2187,15 +2196,7 @@ mod tests {
             "the rule's tags and the copy, then the status: {}",
             first.headline()
         );
-        let copy_id = aws
-            .state
-            .lock()
-            .unwrap()
-            .images
-            .keys()
-            .find(|id| *id != IMAGE)
-            .cloned()
-            .unwrap();
+        let copy_id = aws.only_copy();
         let copy = aws.image(&copy_id);
         assert_eq!(copy.name.as_deref(), Some("golden-1-reencrypted"));
         assert_eq!(copy.tags[markers::SOURCE_IMAGE], IMAGE);
@@ -2271,15 +2272,7 @@ mod tests {
      {
         let aws = FakeAws::new(ImageState::Available, Some(AWS_EBS));
         apply(&aws, &reencrypting_config()).await;
-        let copy_id = aws
-            .state
-            .lock()
-            .unwrap()
-            .images
-            .keys()
-            .find(|id| *id != IMAGE)
-            .cloned()
-            .unwrap();
+        let copy_id = aws.only_copy();
         aws.set_state(&copy_id, ImageState::Available);
         apply(&aws, &reencrypting_config()).await;
         assert_eq!(aws.image(&copy_id).launch_permissions, Some(partner()));

@@ -40,6 +40,18 @@ async fn setup() -> Setup {
 }
 
 impl Setup {
+    /// A key behind `alias/ami-share`, approved by the rules that name that alias (not tagged).
+    async fn copy_key(&self) {
+        let key = create_unapproved_key(&self.kms).await;
+        self.kms
+            .create_alias()
+            .alias_name("alias/ami-share")
+            .target_key_id(&key)
+            .send()
+            .await
+            .unwrap();
+    }
+
     /// The golden rule: golden-* AMIs are tagged, shared with the organization, copied to us-west-2, and
     /// named in an SSM parameter; `extra` adds to the rule.
     async fn handler(&self, extra: &str) -> Handler<SdkAws> {
@@ -220,14 +232,7 @@ async fn an_ami_on_a_key_nobody_approved_is_not_shared_copied_or_re_encrypted_an
  {
     let s = setup().await;
     // The copy key is approved by being named (alias/ami-share, reencrypt and copy.regions).
-    let copy_key = create_unapproved_key(&s.kms).await;
-    s.kms
-        .create_alias()
-        .alias_name("alias/ami-share")
-        .target_key_id(&copy_key)
-        .send()
-        .await
-        .unwrap();
+    s.copy_key().await;
     let handler = s
         .handler(&format!(
             "reencrypt.kms_key = \"alias/ami-share\"\ncopy.regions = [{{ region = \"{WEST}\" }}]"
@@ -554,14 +559,7 @@ async fn sweep_and_plan_report_key_grantees_no_ami_on_the_key_is_shared_with_any
 async fn an_image_of_an_instance_of_the_golden_ami_tagged_as_its_re_encrypted_copy_is_never_shared_as_it()
  {
     let s = setup().await;
-    let copy_key = create_unapproved_key(&s.kms).await;
-    s.kms
-        .create_alias()
-        .alias_name("alias/ami-share")
-        .target_key_id(&copy_key)
-        .send()
-        .await
-        .unwrap();
+    s.copy_key().await;
     let handler = s.handler("reencrypt.kms_key = \"alias/ami-share\"").await;
     // The golden AMI is on aws/ebs: it is shared as a re-encrypted copy.
     let (golden, _) = create_image_with(&s.ec2, "golden-1", &[], RootVolume::DefaultKey).await;
@@ -638,27 +636,7 @@ async fn an_ami_registered_on_the_golden_amis_snapshot_cannot_make_an_exclusive_
         [format!("account={PARTNER}")].into()
     );
     // The attack: an AMI registered on the golden AMI's snapshot, named for the exclusive rule.
-    let scratch = s
-        .ec2
-        .register_image()
-        .name("scratch-on-golden")
-        .root_device_name("/dev/sda1")
-        .block_device_mappings(
-            aws_sdk_ec2::types::BlockDeviceMapping::builder()
-                .device_name("/dev/sda1")
-                .ebs(
-                    aws_sdk_ec2::types::EbsBlockDevice::builder()
-                        .snapshot_id(&snapshots[0])
-                        .build(),
-                )
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap()
-        .image_id()
-        .unwrap()
-        .to_string();
+    let scratch = register_on_snapshot(&s.ec2, "scratch-on-golden", &snapshots[0]).await;
     let before = s.emulator.requests().len();
     let answer = deliver(&handler, "ami-state-available.json", &scratch, REGION).await;
     assert_eq!(answer["status"], "done", "{answer:#}");
@@ -699,14 +677,7 @@ async fn squat(ec2: &aws_sdk_ec2::Client, name: &str) -> String {
 #[tokio::test]
 async fn names_taken_in_advance_do_not_stop_the_copies() {
     let s = setup().await;
-    let copy_key = create_unapproved_key(&s.kms).await;
-    s.kms
-        .create_alias()
-        .alias_name("alias/ami-share")
-        .target_key_id(&copy_key)
-        .send()
-        .await
-        .unwrap();
+    s.copy_key().await;
     let handler = s
         .handler(&format!(
             "reencrypt.kms_key = \"alias/ami-share\"\ncopy.regions = [{{ region = \"{WEST}\" }}]"

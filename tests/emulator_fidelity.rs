@@ -569,26 +569,7 @@ async fn register_image_uses_the_snapshot_it_names_and_images_can_be_found_by_sn
     let emulator = Emulator::start();
     let ec2 = emulator.ec2().await;
     let (image, snapshots) = create_image(&ec2, "golden-1", &[]).await;
-    let registered = ec2
-        .register_image()
-        .name("registered-from-golden")
-        .root_device_name("/dev/sda1")
-        .block_device_mappings(
-            aws_sdk_ec2::types::BlockDeviceMapping::builder()
-                .device_name("/dev/sda1")
-                .ebs(
-                    aws_sdk_ec2::types::EbsBlockDevice::builder()
-                        .snapshot_id(&snapshots[0])
-                        .build(),
-                )
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap()
-        .image_id()
-        .unwrap()
-        .to_string();
+    let registered = register_on_snapshot(&ec2, "registered-from-golden", &snapshots[0]).await;
     assert_eq!(image_snapshots(&ec2, &registered).await, snapshots);
     let on_snapshot = ec2
         .describe_images()

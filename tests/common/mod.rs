@@ -655,3 +655,30 @@ pub async fn volume_permissions(ec2: &aws_sdk_ec2::Client, snapshot_id: &str) ->
         })
         .collect()
 }
+
+/// RegisterImage of an AMI whose root device is `snapshot_id` (several AMIs may share one snapshot).
+pub async fn register_on_snapshot(
+    ec2: &aws_sdk_ec2::Client,
+    name: &str,
+    snapshot_id: &str,
+) -> String {
+    ec2.register_image()
+        .name(name)
+        .root_device_name("/dev/sda1")
+        .block_device_mappings(
+            aws_sdk_ec2::types::BlockDeviceMapping::builder()
+                .device_name("/dev/sda1")
+                .ebs(
+                    aws_sdk_ec2::types::EbsBlockDevice::builder()
+                        .snapshot_id(snapshot_id)
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .expect("RegisterImage")
+        .image_id()
+        .unwrap()
+        .to_string()
+}
