@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::distribution::{CopySettings, ParameterName};
 use crate::keys::KeyRef;
 use crate::markers;
+use crate::observed::CreatedBy;
 use crate::targets::{AccountId, LaunchPermission, OrganizationArn, OrganizationalUnitArn};
 
 /// Environment variable naming the config file in the deployed function and for the CLI.
@@ -144,29 +145,6 @@ pub struct Selector {
     /// The account that owns the AMI (the account the event came from); any one must match.
     #[serde(default)]
     pub accounts: Vec<AccountId>,
-}
-
-/// How an AMI came to be. Known from the CloudTrail event, or, for a state-change event, from the image
-/// itself (`SourceInstanceId` is set by CreateImage, `SourceImageId` by CopyImage).
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
-pub enum CreatedBy {
-    CreateImage,
-    CopyImage,
-    /// Also what an image reads as when it tells nothing of its making.
-    #[default]
-    RegisterImage,
-}
-
-impl fmt::Display for CreatedBy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::CreateImage => "CreateImage",
-            Self::CopyImage => "CopyImage",
-            Self::RegisterImage => "RegisterImage",
-        })
-    }
 }
 
 /// Whom a rule shares with.

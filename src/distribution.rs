@@ -8,8 +8,6 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
-use aws_smithy_types::DateTime;
-use aws_smithy_types::date_time::Format;
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::keys::KeyRef;
@@ -372,44 +370,6 @@ impl TryFrom<String> for ParameterName {
     }
 }
 
-/// When an AMI created at `creation_date` (EC2's `CreationDate`, ISO 8601) is to be deprecated, `days`
-/// later, in the form EnableImageDeprecation takes, rounded to the minute as EC2 rounds it. `None` when
-/// the date cannot be read.
-pub fn deprecation_time(creation_date: &str, days: u32) -> Option<String> {
-    let created = DateTime::from_str(creation_date, Format::DateTimeWithOffset).ok()?;
-    let at = created.secs() + i64::from(days) * 86_400;
-    let rounded = (at + 30).div_euclid(60) * 60;
-    DateTime::from_secs(rounded).fmt(Format::DateTime).ok()
-}
-
-fn seconds(time: &str) -> Option<i64> {
-    DateTime::from_str(time, Format::DateTimeWithOffset)
-        .ok()
-        .map(|d| d.secs())
-}
-
-/// Whether EC2 time `a` is before `b` (both ISO 8601; false when either cannot be read).
-pub fn is_before(a: &str, b: &str) -> bool {
-    matches!((seconds(a), seconds(b)), (Some(a), Some(b)) if a < b)
-}
-
-/// The first whole minute after `now`, in the form EnableImageDeprecation takes.
-pub fn next_minute(now: &str) -> Option<String> {
-    let next = (seconds(now)?.div_euclid(60) + 1) * 60;
-    DateTime::from_secs(next).fmt(Format::DateTime).ok()
-}
-
-/// Whether two EC2 times name the same minute (EC2 reports `2027-01-01T10:00:00.000Z` for what was set as
-/// `2027-01-01T10:00:00Z`).
-pub fn same_minute(a: &str, b: &str) -> bool {
-    let minute = |t: &str| {
-        DateTime::from_str(t, Format::DateTimeWithOffset)
-            .ok()
-            .map(|d| d.secs().div_euclid(60))
-    };
-    matches!((minute(a), minute(b)), (Some(x), Some(y)) if x == y)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -473,28 +433,6 @@ mod tests {
             let e = RegionName::try_from(bad.to_string()).unwrap_err();
             assert!(e.contains("eu-west-1"), "{bad}: {e}");
         }
-    }
-
-    #[test]
-    fn deprecation_is_days_after_creation_rounded_to_the_minute() {
-        assert_eq!(
-            deprecation_time("2026-11-25T20:17:31.000Z", 365).as_deref(),
-            Some("2027-11-25T20:18:00Z")
-        );
-        assert_eq!(
-            deprecation_time("2024-02-28T00:00:00Z", 1).as_deref(),
-            Some("2024-02-29T00:00:00Z")
-        );
-        assert_eq!(deprecation_time("yesterday", 1), None);
-        assert!(same_minute(
-            "2027-11-25T20:18:00.000Z",
-            "2027-11-25T20:18:00Z"
-        ));
-        assert!(!same_minute(
-            "2027-11-25T20:19:00.000Z",
-            "2027-11-25T20:18:00Z"
-        ));
-        assert!(!same_minute("", "2027-11-25T20:18:00Z"));
     }
 
     #[test]

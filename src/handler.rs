@@ -23,8 +23,9 @@ use serde_json::{Value, json};
 use crate::aws::Aws;
 use crate::config::Config;
 use crate::metrics::Counts;
-use crate::reconcile::{KeyPolicyWrites, Mode, Outcome, Reconciler};
-use crate::sweep::{self, SweepOptions, SweepProgress, SweepReport};
+use crate::outcome::{Outcome, Status};
+use crate::reconcile::{KeyPolicyWrites, Mode, Reconciler};
+use crate::sweep::{self, SweepOptions, SweepProgress, SweepReport, SweepStatus};
 use crate::trigger::{self, ImageEvent, Trigger, TriggerError};
 
 /// `tracing::event!` at a level known only at run time (the macro wants a constant).
@@ -206,13 +207,8 @@ impl<A: Aws> Handler<A> {
     }
 
     fn reconciler(&self) -> Reconciler<'_, A> {
-        Reconciler {
-            config: &self.config,
-            aws: &self.aws,
-            home_region: &self.home_region,
-            mode: Mode::Apply,
-            key_policy_writes: self.key_policy_writes,
-        }
+        Reconciler::new(&self.config, &self.aws, &self.home_region, Mode::Apply)
+            .with_key_policy_writes(self.key_policy_writes)
     }
 
     /// The scheduled sweep of the function's region.
@@ -243,19 +239,16 @@ impl<A: Aws> Handler<A> {
                     outcome
                 }
             };
-            let worth_a_record =
-                !outcome.done.is_empty() || !outcome.blocked.is_empty() || outcome.is_incomplete();
-            if worth_a_record {
+            if outcome.is_noteworthy() {
                 log_summary(outcome, event_id.as_deref());
             }
         })
         .await;
         log_sweep(&report, event_id.as_deref());
         emit_metrics(counts);
-        let status = if report.is_complete() {
-            "done"
-        } else {
-            "incomplete"
+        let status = match report.is_complete() {
+            true => "done",
+            false => "incomplete",
         };
         json!({ "status": status, "summary": report.headline(), "sweep": report })
     }
@@ -264,21 +257,15 @@ impl<A: Aws> Handler<A> {
 /// The sweep's own summary record: `failed` (at ERROR, so the failure alarm sees it) when a region
 /// could not even be listed, `sweep_incomplete` (WARN) when images were left, else `swept`.
 fn log_sweep(report: &SweepReport, event_id: Option<&str>) {
-    let outcome = if !report.listing_failures.is_empty() {
-        "failed"
-    } else if report.is_complete() {
-        "swept"
-    } else {
-        "sweep_incomplete"
-    };
-    let level = match outcome {
-        "failed" => tracing::Level::ERROR,
-        "sweep_incomplete" => tracing::Level::WARN,
-        _ => tracing::Level::INFO,
+    let status = report.status();
+    let level = match status {
+        SweepStatus::Failed => tracing::Level::ERROR,
+        SweepStatus::Incomplete => tracing::Level::WARN,
+        SweepStatus::Swept => tracing::Level::INFO,
     };
     at_level!(
         level,
-        outcome,
+        outcome = status.as_str(),
         event_id = event_id.unwrap_or_default(),
         images = report.reconciled,
         changed = report.changed,
@@ -309,13 +296,13 @@ fn emit_metrics(counts: Counts) {
 /// `LogLevel` is WARN still logs every record its alarm counts.
 fn log_summary(outcome: &Outcome, event_id: Option<&str>) {
     let level = match outcome.status() {
-        "failed" => tracing::Level::ERROR,
-        "retry" | "blocked" => tracing::Level::WARN,
-        _ => tracing::Level::INFO,
+        Status::Failed => tracing::Level::ERROR,
+        Status::Retry | Status::Blocked => tracing::Level::WARN,
+        Status::Skipped | Status::Done => tracing::Level::INFO,
     };
     at_level!(
         level,
-        outcome = outcome.status(),
+        outcome = outcome.status().as_str(),
         event_id = event_id.unwrap_or_default(),
         image_id = %outcome.image_id,
         event_image_id = outcome.event_image_id.as_deref().unwrap_or_default(),

@@ -7,8 +7,8 @@
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
+use crate::outcome::Outcome;
 use crate::plan::Action;
-use crate::reconcile::Outcome;
 
 pub const NAMESPACE: &str = "AmiShare";
 
@@ -113,7 +113,7 @@ mod tests {
     use super::*;
     use crate::aws::AwsError;
     use crate::observed::Tags;
-    use crate::reconcile::RegionOutcome;
+    use crate::outcome::{RegionOutcome, RegionStatus};
 
     fn share() -> Action {
         Action::AddLaunchPermissions {
@@ -138,7 +138,7 @@ mod tests {
         outcome.regions.insert(
             "us-west-2".into(),
             RegionOutcome {
-                status: "blocked",
+                status: RegionStatus::Blocked,
                 image_id: None,
                 detail: None,
             },
@@ -146,7 +146,7 @@ mod tests {
         outcome.regions.insert(
             "eu-west-1".into(),
             RegionOutcome {
-                status: "done",
+                status: RegionStatus::Done,
                 image_id: None,
                 detail: None,
             },

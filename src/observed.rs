@@ -6,8 +6,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use crate::config::CreatedBy;
+use serde::{Deserialize, Serialize};
+
 use crate::targets::{AccountId, LaunchPermission, VolumePermission};
+use crate::time::Timestamp;
 
 /// An image's lifecycle state (EC2 `ImageState`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -49,6 +51,29 @@ impl fmt::Display for ImageState {
 }
 
 pub type Tags = BTreeMap<String, String>;
+
+/// How an AMI came to be. Known from the CloudTrail event, or, for a state-change event, from the image
+/// itself (`SourceInstanceId` is set by CreateImage, `SourceImageId` by CopyImage).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub enum CreatedBy {
+    CreateImage,
+    CopyImage,
+    /// Also what an image reads as when it tells nothing of its making.
+    #[default]
+    RegisterImage,
+}
+
+impl fmt::Display for CreatedBy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::CreateImage => "CreateImage",
+            Self::CopyImage => "CopyImage",
+            Self::RegisterImage => "RegisterImage",
+        })
+    }
+}
 
 /// An EBS snapshot behind one of the image's block devices.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,9 +152,9 @@ pub struct ObservedImage {
     pub name: Option<String>,
     pub description: Option<String>,
     /// EC2's `CreationDate` (ISO 8601).
-    pub creation_date: Option<String>,
+    pub creation_date: Option<Timestamp>,
     /// EC2's `DeprecationTime`, when deprecation is set.
-    pub deprecation_time: Option<String>,
+    pub deprecation_time: Option<Timestamp>,
     /// Its product codes (Marketplace): such an AMI can never be public.
     pub product_codes: Vec<String>,
     /// Whether the region's image block public access is on (GetImageBlockPublicAccessState); read only
@@ -172,7 +197,7 @@ pub struct ObservedParameter {
     pub value: Option<String>,
     /// The `CreationDate` of the image the value names, when that is another image of this account in
     /// the region: a newer one is never replaced by an older one (events arrive in any order).
-    pub value_created: Option<String>,
+    pub value_created: Option<Timestamp>,
 }
 
 impl ObservedImage {
@@ -207,7 +232,7 @@ pub struct Observed {
     /// observed (the reconciler records why; nothing is planned there). Read only once the image is
     /// available (CopyImage needs an available source).
     pub regional: BTreeMap<String, Option<ObservedCopies>>,
-    /// The time of the observation (ISO 8601, UTC), when known: a deprecation time already past cannot
-    /// be set (EC2 refuses it), so a rule's overdue deprecation takes effect at once instead.
-    pub now: Option<String>,
+    /// The time of the observation, when known: a deprecation time already past cannot be set (EC2
+    /// refuses it), so a rule's overdue deprecation takes effect at once instead.
+    pub now: Option<Timestamp>,
 }

@@ -25,8 +25,8 @@
 //! A source must be an image of its own, too: ami-share never copies its copies, so a claimed copy of a
 //! copy is no copy of ami-share's.
 
-use crate::config::CreatedBy;
 use crate::markers::{self, CopyKind};
+use crate::observed::CreatedBy;
 use crate::observed::ObservedImage;
 
 /// A copy ami-share made, as its marks say and EC2 confirms.

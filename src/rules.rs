@@ -9,11 +9,13 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use crate::config::{Config, CreatedBy, Rule};
-use crate::distribution::{Template, deprecation_time};
+use crate::config::{Config, Rule};
+use crate::distribution::Template;
 use crate::keys::KeyRef;
+use crate::observed::CreatedBy;
 use crate::observed::Tags;
 use crate::targets::{AccountId, LaunchPermission};
+use crate::time::Timestamp;
 
 /// The facts about an image that rules can select on.
 #[derive(Debug, Clone, Copy)]
@@ -23,7 +25,7 @@ pub struct ImageFacts<'a> {
     pub owner_id: &'a str,
     pub created_by: CreatedBy,
     /// EC2's `CreationDate`: deprecation is counted from it.
-    pub creation_date: Option<&'a str>,
+    pub creation_date: Option<Timestamp>,
 }
 
 /// What the selecting rules want for one image.
@@ -46,7 +48,7 @@ pub struct Desired {
     /// When to deprecate the image (and its copies): the earliest a selecting rule asks for, counted from
     /// the source image's creation.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub deprecate_at: Option<String>,
+    pub deprecate_at: Option<Timestamp>,
     /// Whether a selecting rule is exclusive: launch permissions beyond `launch_permissions` (what all
     /// selecting rules grant together) are removed.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -54,7 +56,7 @@ pub struct Desired {
     /// When the image's family began, as EC2 dates it: the image's own `CreationDate`, or, for
     /// ami-share's copy, its source's. An SSM parameter never moves to an image of an older family.
     #[serde(skip)]
-    pub family_created: Option<String>,
+    pub family_created: Option<Timestamp>,
     /// SSM parameters to point at the image once it is shared, in its region.
     #[serde(skip_serializing_if = "BTreeSet::is_empty")]
     pub ssm_parameters: BTreeSet<String>,
@@ -110,7 +112,7 @@ pub fn selects(rule: &Rule, image: &ImageFacts) -> bool {
 /// Unites the effects of every rule that selects the image.
 pub fn desired_for(config: &Config, image: &ImageFacts) -> Desired {
     let mut desired = Desired {
-        family_created: image.creation_date.map(str::to_string),
+        family_created: image.creation_date,
         ..Desired::default()
     };
     // Carried only where a rule selects the image: the plan needs them only then.
@@ -171,7 +173,9 @@ pub fn desired_for(config: &Config, image: &ImageFacts) -> Desired {
                 .extend(rule.share.accounts.iter().cloned());
         }
         if let Some(days) = rule.deprecate_after_days
-            && let Some(at) = image.creation_date.and_then(|c| deprecation_time(c, days))
+            && let Some(at) = image
+                .creation_date
+                .map(|c| c.days_later_to_the_minute(days))
             && desired
                 .deprecate_at
                 .as_ref()
@@ -252,7 +256,7 @@ mod tests {
             tags,
             owner_id: "123456789012",
             created_by: CreatedBy::CreateImage,
-            creation_date: Some("2026-11-25T10:00:00.000Z"),
+            creation_date: Timestamp::parse("2026-11-25T10:00:00.000Z"),
         }
     }
 
@@ -327,7 +331,7 @@ mod tests {
             .collect();
         assert_eq!(accounts, ["111122223333"], "only the rule that opts in");
         assert_eq!(
-            d.deprecate_at.as_deref(),
+            d.deprecate_at.map(|t| t.to_string()).as_deref(),
             Some("2026-12-02T10:00:00Z"),
             "the earliest"
         );

@@ -22,9 +22,10 @@ use crate::aws::{Aws, AwsError};
 use crate::key_audit::{self, StaleKey};
 use crate::markers::CopyKind;
 use crate::observed::ObservedImage;
+use crate::outcome::{Outcome, Status};
 use crate::plan::Action;
 use crate::provenance::{Provenance, provenance};
-use crate::reconcile::{Outcome, Reconciler};
+use crate::reconcile::Reconciler;
 use crate::trigger::{EventKind, ImageEvent, ImageRef};
 
 /// How to sweep.
@@ -110,7 +111,7 @@ pub struct SweepReport {
     /// Images this account owns, per swept region.
     pub listed: BTreeMap<String, usize>,
     /// Images reconciled, by outcome status (`done`, `skipped`, `blocked`, `retry`, `failed`).
-    pub by_status: BTreeMap<&'static str, usize>,
+    pub by_status: BTreeMap<Status, usize>,
     /// Images reconciled.
     pub reconciled: usize,
     /// Images for which something was done (in a dry run: would be done).
@@ -149,7 +150,35 @@ fn seconds<S: serde::Serializer>(elapsed: &Duration, serializer: S) -> Result<S:
     serializer.serialize_f64((elapsed.as_secs_f64() * 1000.0).round() / 1000.0)
 }
 
+/// The one word of a sweep's own record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SweepStatus {
+    /// A region could not even be listed (logged at ERROR, so the failure alarm sees it).
+    Failed,
+    /// Images were left, or failed.
+    Incomplete,
+    Swept,
+}
+
+impl SweepStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Failed => "failed",
+            Self::Incomplete => "sweep_incomplete",
+            Self::Swept => "swept",
+        }
+    }
+}
+
 impl SweepReport {
+    pub fn status(&self) -> SweepStatus {
+        match () {
+            _ if !self.listing_failures.is_empty() => SweepStatus::Failed,
+            _ if self.is_complete() => SweepStatus::Swept,
+            _ => SweepStatus::Incomplete,
+        }
+    }
+
     /// Adds one image's outcome.
     pub fn count(&mut self, outcome: &Outcome) {
         self.reconciled += 1;
@@ -247,7 +276,7 @@ pub async fn sweep<A: Aws>(
         options
             .regions
             .iter()
-            .map(|region| reconciler.aws.list_owned_images(region)),
+            .map(|region| reconciler.aws().list_owned_images(region)),
     )
     .await;
     let mut listed = Vec::new();
@@ -279,7 +308,7 @@ pub async fn sweep<A: Aws>(
                     return None;
                 }
                 // What a recheck needs: where the image is and how new it is.
-                let key = (image.creation_date.clone(), image.region.clone());
+                let key = (image.creation_date, image.region.clone());
                 Some((key, reconciler.reconcile_listed(image).await))
             })
             .buffer_unordered(options.concurrency.max(1));
@@ -320,7 +349,7 @@ pub async fn sweep<A: Aws>(
     }
     // Newest first, one at a time: see the module's doc. Each is described again (the listing is stale
     // now: its tags, for one, were just written). Their outcomes are logged, not counted again.
-    wrote_parameters.sort_by(|a, b| b.0.0.cmp(&a.0.0));
+    wrote_parameters.sort_by_key(|((created, _), _)| std::cmp::Reverse(*created));
     for ((_, region), image_id) in wrote_parameters {
         report.parameter_rechecks += 1;
         let event = ImageEvent {
@@ -352,7 +381,7 @@ pub async fn sweep<A: Aws>(
     } else {
         for region in report.listed.keys().cloned().collect::<Vec<_>>() {
             let audited = key_audit::audit(
-                reconciler.aws,
+                reconciler.aws(),
                 &region,
                 &every_image,
                 &known_permissions,
@@ -374,12 +403,13 @@ mod tests {
     use super::*;
     use crate::markers;
     use crate::observed::{SourceImage, Tags};
+    use crate::test_support::fake_aws::*;
 
     fn image(id: &str, created: Option<&str>, tags: &[(&str, &str)]) -> ObservedImage {
         ObservedImage {
             image_id: id.into(),
             region: "us-east-1".into(),
-            creation_date: created.map(str::to_string),
+            creation_date: created.and_then(crate::time::Timestamp::parse),
             tags: tags
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -391,7 +421,7 @@ mod tests {
     /// ami-share's copy of `ami-source` in `source_region`, as EC2 records it.
     fn copy_of_source(id: &str, kind: CopyKind, source_region: &str) -> ObservedImage {
         ObservedImage {
-            created_by: crate::config::CreatedBy::CopyImage,
+            created_by: crate::observed::CreatedBy::CopyImage,
             source: Some(SourceImage {
                 image_id: "ami-source".into(),
                 region: Some(source_region.into()),
@@ -477,8 +507,10 @@ mod tests {
     fn the_report_counts_statuses_changes_and_what_is_left() {
         let mut report = SweepReport::default();
         report.listed.insert("us-east-1".into(), 3);
-        let mut changed = Outcome::default();
-        changed.image_id = "ami-1".into();
+        let mut changed = Outcome {
+            image_id: "ami-1".into(),
+            ..Outcome::default()
+        };
         changed.done.push(crate::plan::Action::SetStatus {
             region: "us-east-1".into(),
             image_id: "ami-1".into(),
@@ -491,7 +523,7 @@ mod tests {
         assert_eq!(report.reconciled, 2);
         assert_eq!(report.changed, 1);
         assert_eq!(report.actions, 1);
-        assert_eq!(report.by_status.get("done"), Some(&2));
+        assert_eq!(report.by_status.get(&Status::Done), Some(&2));
         assert!(!report.is_complete());
         let headline = report.headline();
         assert!(
@@ -501,6 +533,164 @@ mod tests {
         assert!(
             headline.contains("1 not started before the deadline"),
             "{headline}"
+        );
+    }
+
+    // The sweep against the in-memory AWS.
+
+    #[tokio::test]
+    async fn a_sweep_reconciles_each_listed_image_once_and_a_second_sweep_changes_nothing() {
+        use crate::sweep::{SweepOptions, SweepProgress, sweep};
+        let aws = FakeAws::new(ImageState::Available, None);
+        let config = sharing_config();
+        let options = SweepOptions {
+            regions: vec![REGION.into()],
+            concurrency: 4,
+            stop_starting_at: None,
+        };
+        let mut seen = Vec::new();
+        let first = sweep(&reconciler(&aws, &config, Mode::Apply), &options, |p| {
+            seen.push(match p {
+                SweepProgress::Listed { to_reconcile } => format!("listed {to_reconcile}"),
+                SweepProgress::Reconciled(outcome) => outcome.image_id.clone(),
+                SweepProgress::Rechecked(outcome) => format!("rechecked {}", outcome.image_id),
+            })
+        })
+        .await;
+        assert_eq!(seen, ["listed 1", IMAGE]);
+        assert_eq!((first.reconciled, first.changed, first.actions), (1, 1, 2));
+        assert!(first.is_complete(), "{}", first.headline());
+        // The listing described the image: the sweep does not describe it again.
+        assert_eq!(
+            aws.calls()
+                .iter()
+                .filter(|c| **c == "DescribeImages")
+                .count(),
+            1
+        );
+        let writes = aws.writes().len();
+        let second = sweep(&reconciler(&aws, &config, Mode::Apply), &options, |_| {}).await;
+        assert_eq!((second.reconciled, second.changed), (1, 0));
+        assert_eq!(aws.writes().len(), writes);
+    }
+
+    #[tokio::test]
+    async fn a_sweep_rechecks_the_images_that_wrote_a_parameter_newest_first() {
+        use crate::sweep::{SweepOptions, SweepProgress, sweep};
+        let aws = FakeAws::new(ImageState::Available, None);
+        {
+            let mut state = aws.state.lock().unwrap();
+            let mut older = state.images[IMAGE].clone();
+            older.image_id = "ami-0000000000000old".into();
+            older.name = Some("golden-0".into());
+            older.creation_date = Timestamp::parse("2026-01-01T00:00:00.000Z");
+            state.images.insert(older.image_id.clone(), older);
+        }
+        let config = config(
+            "[[rule]]\nname = \"golden\"\nmatch.name = [\"golden-*\"]\ntags = { t = \"1\" }\nshare.accounts = [\"210987654321\"]\nssm_parameter = \"/ami-share/{rule}/latest\"\n",
+        );
+        let options = SweepOptions {
+            regions: vec![REGION.into()],
+            concurrency: 2,
+            stop_starting_at: None,
+        };
+        let mut rechecked = Vec::new();
+        let report = sweep(&reconciler(&aws, &config, Mode::Apply), &options, |p| {
+            if let SweepProgress::Rechecked(outcome) = p {
+                rechecked.push(outcome.image_id.clone());
+            }
+        })
+        .await;
+        // Newest first: the newest wrote the parameter, the older found a newer value and left it.
+        assert_eq!(report.parameter_rechecks, 1, "{}", report.headline());
+        assert!(rechecked.is_empty(), "nothing left to do: {rechecked:?}");
+        // The recheck describes the image afresh: the tags written by the first pass are not written
+        // again (a stale listing would say they are missing).
+        let tag_writes = aws.writes().iter().filter(|w| **w == "CreateTags").count();
+        assert_eq!(tag_writes, 2, "{:?}", aws.writes());
+        assert_eq!(
+            aws.state.lock().unwrap().parameters
+                [&(REGION.to_string(), "/ami-share/golden/latest".to_string())],
+            IMAGE
+        );
+        assert!(report.is_complete(), "{}", report.headline());
+    }
+
+    #[tokio::test]
+    async fn a_sweep_past_its_deadline_starts_nothing_and_says_so() {
+        use crate::sweep::{SweepOptions, sweep};
+        let aws = FakeAws::new(ImageState::Available, None);
+        let config = sharing_config();
+        let options = SweepOptions {
+            regions: vec![REGION.into()],
+            concurrency: 4,
+            stop_starting_at: Some(std::time::Instant::now()),
+        };
+        let report = sweep(&reconciler(&aws, &config, Mode::Apply), &options, |_| {}).await;
+        assert_eq!((report.reconciled, report.not_started), (0, 1));
+        assert!(!report.is_complete());
+        assert!(aws.writes().is_empty());
+        assert!(
+            report
+                .headline()
+                .contains("1 not started before the deadline")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_listing_is_reported_and_the_other_regions_are_swept() {
+        use crate::sweep::{SweepOptions, sweep};
+        let mut aws = FakeAws::new(ImageState::Available, None);
+        aws.failing_regions.push(WEST);
+        let config = sharing_config();
+        let options = SweepOptions {
+            regions: vec![REGION.into(), WEST.into()],
+            concurrency: 2,
+            stop_starting_at: None,
+        };
+        let report = sweep(&reconciler(&aws, &config, Mode::Apply), &options, |_| {}).await;
+        assert_eq!(report.reconciled, 1);
+        assert_eq!(report.listing_failures.len(), 1);
+        assert_eq!(report.listing_failures[0].region, WEST);
+        assert!(!report.is_complete());
+        assert!(
+            report.headline().contains("not swept: DescribeImages"),
+            "{}",
+            report.headline()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_sweep_finishes_a_copy_its_source_no_longer_reaches_and_an_exclusive_rule_revokes_there()
+     {
+        let aws = FakeAws::new(ImageState::Available, Some(AWS_EBS));
+        apply(&aws, &reencrypting_config()).await;
+        let copy_id = aws.only_copy();
+        aws.set_state(&copy_id, ImageState::Available);
+        apply(&aws, &reencrypting_config()).await;
+        assert_eq!(aws.image(&copy_id).launch_permissions, Some(partner()));
+        // The rule stops re-encrypting and turns exclusive with another target: the source's
+        // reconciliation looks for no copy any more, but the copy is still shared with the partner.
+        // (The copy's key stays approved by name.)
+        let exclusive = config(
+            "[keys]\napproved = [\"alias/ami-share\"]\n[[rule]]\nname = \"golden\"\nmatch.name = [\"golden-*\"]\ntags = { t = \"1\" }\nshare.accounts = [\"444455556666\"]\nshare.exclusive = true\n",
+        );
+        let report = crate::sweep::sweep(
+            &reconciler(&aws, &exclusive, Mode::Apply),
+            &crate::sweep::SweepOptions {
+                regions: vec![REGION.into()],
+                concurrency: 2,
+                stop_starting_at: None,
+            },
+            |_| {},
+        )
+        .await;
+        assert_eq!(report.left_to_source, 1);
+        assert_eq!(report.unreached_copies, 1, "{report:?}");
+        assert_eq!(
+            aws.image(&copy_id).launch_permissions,
+            Some([LaunchPermission::Account("444455556666".parse().unwrap())].into()),
+            "the partner dropped from the exclusive rule lost the copy too"
         );
     }
 }

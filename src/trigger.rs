@@ -13,7 +13,8 @@ use aws_lambda_events::event::eventbridge::EventBridgeEvent;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::config::CreatedBy;
+use crate::json::json_kind;
+use crate::observed::CreatedBy;
 
 pub const CLOUDTRAIL_DETAIL_TYPE: &str = "AWS API Call via CloudTrail";
 pub const STATE_CHANGE_DETAIL_TYPE: &str = "EC2 AMI State Change";
@@ -202,17 +203,6 @@ fn is_image_id(id: &str) -> bool {
     id.strip_prefix("ami-").is_some_and(|hex| {
         matches!(hex.len(), 8 | 17) && hex.bytes().all(|b| b.is_ascii_hexdigit())
     })
-}
-
-pub(crate) fn json_kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "boolean",
-        Value::Number(_) => "number",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-        Value::Object(_) => "object",
-    }
 }
 
 #[cfg(test)]

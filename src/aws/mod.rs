@@ -17,6 +17,7 @@ use crate::markers::CopyKind;
 use crate::observed::{ObservedImage, ObservedKey, SnapshotFacts, Tags};
 use crate::plan::ImageCopy;
 use crate::targets::{LaunchPermission, VolumePermission};
+use crate::time::Timestamp;
 
 /// What DescribeImages found for an image id in a region.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,12 +144,12 @@ pub trait Aws: Send + Sync {
         accounts: &[String],
     ) -> impl Future<Output = Result<(), AwsError>> + Send;
 
-    /// EC2 EnableImageDeprecation (`deprecate_at` in ISO 8601, UTC).
+    /// EC2 EnableImageDeprecation.
     fn enable_image_deprecation(
         &self,
         region: &str,
         image_id: &str,
-        deprecate_at: &str,
+        deprecate_at: Timestamp,
     ) -> impl Future<Output = Result<(), AwsError>> + Send;
 
     /// SSM GetParameter: its value, `None` when there is no such parameter.

@@ -19,7 +19,11 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     tracing::debug!(rules = config.rules.len(), "config loaded");
     let sdk_config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     let aws = SdkAws::new(sdk_config);
-    let home_region = aws.home_region().unwrap_or("us-east-1").to_string();
+    // Lambda always sets AWS_REGION: without it, refuse to start rather than guess.
+    let home_region = aws
+        .home_region()
+        .inspect_err(|e| tracing::error!(error = %e, "refusing to start: {e}"))?
+        .to_string();
     let event_regions = event_regions_from_env().inspect_err(|e| {
         tracing::error!(error = %e, "refusing to start: {e}");
     })?;

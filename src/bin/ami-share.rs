@@ -11,7 +11,8 @@ use std::process::ExitCode;
 use ami_share::aws::sdk::SdkAws;
 use ami_share::config::Config;
 use ami_share::key_audit::{self, StaleKey};
-use ami_share::reconcile::{KeyPolicyWrites, Mode, Outcome, Reconciler};
+use ami_share::outcome::Outcome;
+use ami_share::reconcile::{Mode, Reconciler};
 use ami_share::sweep::{SweepOptions, SweepProgress};
 use ami_share::trigger::{self, EventKind, ImageEvent, ImageRef, Trigger};
 use clap::{Args, Parser, Subcommand};
@@ -158,11 +159,12 @@ async fn sweep(args: SweepArgs) -> ExitCode {
         retry,
     )
     .await;
-    let Some(home_region) = aws.home_region().map(str::to_string) else {
-        eprintln!(
-            "no region: give --region, or set one in the AWS config (AWS_REGION, or region in the profile)"
-        );
-        return ExitCode::from(2);
+    let home_region = match aws.home_region() {
+        Ok(region) => region.to_string(),
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
     };
     let mut regions: Vec<String> = Vec::new();
     for region in &args.regions {
@@ -173,17 +175,11 @@ async fn sweep(args: SweepArgs) -> ExitCode {
     if regions.is_empty() {
         regions.push(home_region.clone());
     }
-    let reconciler = Reconciler {
-        config: &config,
-        aws: &aws,
-        home_region: &home_region,
-        mode: if args.dry_run {
-            Mode::DryRun
-        } else {
-            Mode::Apply
-        },
-        key_policy_writes: KeyPolicyWrites::default(),
+    let mode = match args.dry_run {
+        true => Mode::DryRun,
+        false => Mode::Apply,
     };
+    let reconciler = Reconciler::new(&config, &aws, &home_region, mode);
     let options = SweepOptions {
         regions,
         concurrency: usize::from(args.concurrency),
@@ -208,11 +204,7 @@ async fn sweep(args: SweepArgs) -> ExitCode {
     let json = args.json;
     // Per-image lines: stdout, or stderr when stdout carries the JSON report; above the bar.
     let print = |outcome: &Outcome| {
-        let worth_a_line = !outcome.done.is_empty()
-            || !outcome.not_done.is_empty()
-            || !outcome.blocked.is_empty()
-            || outcome.is_incomplete();
-        if !worth_a_line {
+        if !outcome.is_noteworthy() {
             return;
         }
         let text = outcome.report();
@@ -327,14 +319,14 @@ async fn run(target: Target, mode: Mode) -> ExitCode {
         aws_config::retry::RetryConfig::standard(),
     )
     .await;
-    let home_region = aws.home_region().unwrap_or("us-east-1").to_string();
-    let reconciler = Reconciler {
-        config: &config,
-        aws: &aws,
-        home_region: &home_region,
-        mode,
-        key_policy_writes: KeyPolicyWrites::default(),
+    let home_region = match aws.home_region() {
+        Ok(region) => region.to_string(),
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
     };
+    let reconciler = Reconciler::new(&config, &aws, &home_region, mode);
     let outcome = reconciler.reconcile(&event).await;
     let stale = match mode {
         Mode::DryRun => stale_keys(&aws, &outcome).await,

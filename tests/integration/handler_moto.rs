@@ -1,14 +1,12 @@
 //! The handler against the emulator: sample events in, tags and launch permissions checked with describe
 //! calls, mutating calls counted from the emulator's request log.
 
-mod common;
-
 use std::collections::BTreeSet;
 
+use crate::common::*;
 use ami_share::aws::sdk::SdkAws;
 use ami_share::config::Config;
 use ami_share::handler::Handler;
-use common::*;
 use serde_json::{Value, json};
 
 struct Setup {

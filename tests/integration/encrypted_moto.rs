@@ -3,17 +3,15 @@
 //! validates): sample events in, key policies, tags and launch permissions checked with real describe
 //! calls, mutating calls counted from the emulator's request log.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use crate::common::*;
 use ami_share::aws::sdk::SdkAws;
 use ami_share::config::Config;
 use ami_share::handler::Handler;
 use ami_share::key_policy;
 use ami_share::reconcile::KeyPolicyWrites;
-use common::*;
 use serde_json::{Value, json};
 
 const PARTNER: &str = "210987654321";

@@ -1,14 +1,12 @@
 //! `ami-share sweep` against the emulator: an account seeded with 200 AMIs converges in one sweep, and a
 //! second sweep makes no mutating call. The figures (images/s, calls) are printed, never asserted.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Instant;
 
+use crate::common::*;
 use ami_share::key_policy;
-use common::*;
 use futures::StreamExt;
 use serde_json::Value;
 

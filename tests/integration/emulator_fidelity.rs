@@ -1,11 +1,9 @@
 //! Each AWS-fidelity fix of tests/emulator.py, shown: the emulator now answers as AWS does where moto
 //! alone would be lax. If one of these fails, a test elsewhere may be passing only because moto is lax.
 
-mod common;
-
+use crate::common::*;
 use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_sdk_ec2::types::{LaunchPermission, LaunchPermissionModifications};
-use common::*;
 
 async fn share(
     ec2: &aws_sdk_ec2::Client,

@@ -1,11 +1,9 @@
 //! The operator CLI: `validate` (exit codes and messages scripts can rely on) and `plan`, which shows the
 //! actions against the emulator and changes nothing.
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 fn cli() -> Command {

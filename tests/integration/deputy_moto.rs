@@ -2,16 +2,14 @@
 //! (and the volumes they can make) would try on ami-share, against the emulator, through the handler, and
 //! what stops it. README "Threat model" lists the same attacks.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::*;
 use ami_share::aws::sdk::SdkAws;
 use ami_share::config::Config;
 use ami_share::handler::Handler;
 use ami_share::key_policy;
 use ami_share::reconcile::KeyPolicyWrites;
-use common::*;
 use serde_json::{Value, json};
 
 const WEST: &str = "us-west-2";
@@ -492,13 +490,12 @@ async fn sweep_and_plan_report_key_grantees_no_ami_on_the_key_is_shared_with_any
     ))
     .unwrap();
     let aws = SdkAws::new(s.emulator.sdk_config().await);
-    let reconciler = ami_share::reconcile::Reconciler {
-        config: &config,
-        aws: &aws,
-        home_region: REGION,
-        mode: ami_share::reconcile::Mode::Apply,
-        key_policy_writes: KeyPolicyWrites::default(),
-    };
+    let reconciler = ami_share::reconcile::Reconciler::new(
+        &config,
+        &aws,
+        REGION,
+        ami_share::reconcile::Mode::Apply,
+    );
     let before = s.emulator.requests().len();
     let report = ami_share::sweep::sweep(
         &reconciler,

@@ -7,18 +7,16 @@
 //! The SDK's retry backoff is shortened here (10 ms instead of 1 s initial) so the tests run in seconds;
 //! the number of attempts and the retry classification are the SDK's defaults, as in the Lambda.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use crate::common::*;
 use ami_share::aws::sdk::SdkAws;
 use ami_share::config::Config;
 use ami_share::handler::{Handler, HandlerError};
 use ami_share::key_policy;
 use ami_share::reconcile::KeyPolicyWrites;
 use aws_config::retry::RetryConfig;
-use common::*;
 use serde_json::Value;
 
 const PARTNER: &str = "210987654321";

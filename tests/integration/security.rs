@@ -8,15 +8,14 @@
 //!   `aws:PrincipalOrgID` condition: the property `anyone_is_never_admitted_without_an_organization_condition`
 //!   in src/key_policy.rs (2,000 generated policies and grantee sets), beside the merge it checks.
 
-mod common;
-
 use std::collections::BTreeMap;
 
-use ami_share::config::{Config, CreatedBy};
+use crate::common::*;
+use ami_share::config::Config;
+use ami_share::observed::CreatedBy;
 use ami_share::observed::Tags;
 use ami_share::rules::{ImageFacts, desired_for};
 use ami_share::targets::LaunchPermission;
-use common::*;
 use proptest::prelude::*;
 use serde_json::Value;
 

@@ -1,6 +1,5 @@
 //! Test support: the emulator (tests/emulator.py, moto with its AWS-fidelity fixes) started per test on a
 //! free loopback port, SDK clients aimed at it, and fixtures (organization, OUs, images).
-#![allow(dead_code)]
 
 pub mod runtime_api;
 
@@ -16,7 +15,6 @@ use aws_sdk_ec2::config::Credentials;
 use aws_sdk_ec2::types::{LaunchPermission, Tag};
 use serde_json::{Value, json};
 
-pub const ACCOUNT: &str = "123456789012";
 pub const REGION: &str = "us-east-1";
 /// The access key of clients that fault injection applies to.
 pub const FAULTY_CLIENT: &str = "AKIAFAULTYCLIENT0000";

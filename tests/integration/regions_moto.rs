@@ -5,18 +5,16 @@
 //! Events in, copies, tags, shares, key policies, deprecation and SSM parameters checked with real
 //! describe calls in each region, mutating calls counted from the emulator's request log.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::common::*;
 use ami_share::aws::sdk::SdkAws;
 use ami_share::config::Config;
 use ami_share::handler::Handler;
 use ami_share::markers;
 use ami_share::observed::Tags;
 use ami_share::reconcile::KeyPolicyWrites;
-use common::*;
 use serde_json::{Value, json};
 
 const PARTNER: &str = "210987654321";

@@ -4,10 +4,8 @@
 //! `AMI_SHARE_BOOTSTRAP` names another binary to run instead: CI sets it to the `bootstrap` that
 //! `sam build` made (scripts/test), so the artifact SAM would deploy is the one tested.
 
-mod common;
-
-use common::runtime_api::{Function, RuntimeApi};
-use common::*;
+use crate::common::runtime_api::{Function, RuntimeApi};
+use crate::common::*;
 use serde_json::json;
 
 fn binary() -> std::path::PathBuf {

@@ -1,0 +1,858 @@
+//! Planning: what the selecting rules want × what AWS has → the calls still needed.
+//!
+//! Pure and total. The plan holds only what is missing, so applying it and planning again on the state
+//! it produced yields an empty plan: duplicate events, retries and re-runs change nothing. Calls are
+//! grouped to the fewest: one CreateTags per distinct set of missing tags (normally one for the image and
+//! all its snapshots), one PutKeyPolicy per key that lacks a grantee, one ModifyImageAttribute for all
+//! missing launch permissions.
+//!
+//! Encrypted snapshots: an AMI is shared only when every key of its snapshots can be opened to the share
+//! targets, that is, when it is an enabled customer managed key of the AMI's own account. Otherwise
+//! (the AWS managed `aws/ebs` key, another account's key, a disabled key, a policy that would exceed
+//! KMS's limit) sharing it would hand out an AMI nobody can launch: it is **not shared**, it gets a status
+//! tag saying why, and, when a rule sets `reencrypt`, a copy re-encrypted with that key is made and shared
+//! instead (the copy is planned through this same function).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::config::MAX_TAGS_PER_RESOURCE;
+use crate::distribution::TemplateValues;
+use crate::key_policy::{self, KeyGrantees};
+use crate::keys::{APPROVAL_TAG, APPROVAL_TAG_VALUE, KeyArn, KeyRef, approval};
+use crate::markers::{self, CopyKind, Status};
+use crate::observed::{
+    ImageState, KeyManager, Observed, ObservedCopies, ObservedImage, ObservedKey, Tags,
+};
+use crate::provenance::{Provenance, provenance};
+use crate::rules::{CopyWanted, Desired};
+use crate::targets::{LaunchPermission, VolumePermission};
+use crate::time::Timestamp;
+
+mod action;
+mod copies;
+mod image_copy;
+mod keys;
+mod reads;
+
+pub use action::{Action, ImageCopy};
+pub use copies::desired_for_copy;
+use copies::*;
+use image_copy::*;
+use keys::*;
+pub use keys::{Blocker, key_patches};
+use reads::*;
+pub use reads::{
+    Reads, chosen_copy, copy_targets, keys_to_read, reads_needed, wants_reencrypted_copy,
+};
+
+/// The actions for one image, and what was left for later, or not done at all, and why.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    /// Work deliberately not planned now (e.g. sharing a pending image), with the reason.
+    pub deferred: Vec<String>,
+    /// Why the image is not shared as it is (its snapshots' keys), or a copy cannot be made, one
+    /// sentence per cause.
+    pub blocked: Vec<String>,
+    /// Each target region of the rules' `copy`, and where its copy stands.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub regions: BTreeMap<String, RegionCopy>,
+    /// What a person should know that changes nothing: images found by ami-share's marks that EC2 does
+    /// not record as copies (ignored), configured targets that need no grant.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+/// Where the copy of an image in one target region stands, as planning saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum RegionCopy {
+    /// The source is not available yet: CopyImage needs an available source.
+    Waiting,
+    /// No copy yet: the plan makes it.
+    ToCopy,
+    /// The copy exists; when available, the plan holds what it still lacks, or why it cannot be shared.
+    Copy {
+        image_id: String,
+        state: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        blocked: Option<String>,
+    },
+    /// No copy can be made: why.
+    Blocked { reason: String },
+    /// The region could not be read (the failure says why): nothing planned there.
+    Unread,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.actions.is_empty()
+    }
+}
+
+/// The calls still needed to bring the observed image (and its re-encrypted copy, if any) to `desired`.
+///
+/// - `available`: missing tags, key grants and launch permissions (or, when the snapshots' keys cannot be
+///   opened, a status tag and maybe the re-encrypted copy);
+/// - `pending`: missing tags now; sharing is deferred (EC2 refuses to share a pending image with
+///   `InvalidAMIID.Unavailable`), it happens on the "available" state-change event;
+/// - any other state: nothing.
+pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
+    let image = &observed.image;
+    let mut plan = Plan::default();
+    match image.state {
+        ImageState::Available => {}
+        ImageState::Pending => {
+            if !desired.launch_permissions.is_empty() {
+                plan.deferred.push(format!(
+                    "sharing {} waits until it is available (EC2 cannot share a pending image); the \"EC2 AMI State Change\" event to available triggers it",
+                    image.image_id
+                ));
+            }
+        }
+        ref other => {
+            plan.deferred.push(format!(
+                "{} is {other}: nothing to tag or share",
+                image.image_id
+            ));
+            return plan;
+        }
+    }
+    let mut after_tags = Vec::new();
+    let mut status = None;
+    let mut shareable = true;
+    if shares_now(desired, image) {
+        match key_patches(desired, image) {
+            Ok(patches) => {
+                after_tags.extend(patches);
+                let refusal = match becomes_public(desired, image) {
+                    true => public_refusal(image),
+                    false => None,
+                };
+                plan.blocked.extend(refusal.clone());
+                after_tags.extend(share_action(desired, image, refusal.is_none()));
+                after_tags.extend(create_volume_actions(desired, image));
+                // A status written while the image could not be shared is set right once it is.
+                if image.tags.contains_key(markers::STATUS) {
+                    status = Some(markers::status_tags(
+                        Status::Shared,
+                        "shared as configured: its snapshots' keys admit the share targets",
+                    ));
+                }
+            }
+            Err(blocked) => {
+                shareable = false;
+                let (tags, copy_plan) = status_and_reencrypted_copy(desired, observed, &blocked);
+                status = Some(tags);
+                plan.blocked = blocked.into_iter().map(|b| b.detail).collect();
+                if let Some(copy_plan) = copy_plan {
+                    after_tags.extend(copy_plan.actions);
+                    plan.deferred.extend(copy_plan.deferred);
+                    plan.blocked.extend(copy_plan.blocked);
+                    plan.notes.extend(copy_plan.notes);
+                }
+                if let Some(reencryption) = &observed.reencryption {
+                    plan.notes.extend(reencryption.ignored.iter().cloned());
+                }
+            }
+        }
+    }
+    plan.actions.extend(tag_actions(
+        &desired.image_tags,
+        &desired.snapshot_tags,
+        image,
+    ));
+    plan.actions.extend(exclusive_action(desired, image));
+    plan.actions
+        .extend(exclusive_volume_actions(desired, image));
+    plan.actions
+        .extend(deprecation_action(desired, image, observed.now));
+    plan.actions.extend(after_tags);
+    let missing_status: Tags = status
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, v)| image.tags.get(k) != Some(v))
+        .collect();
+    if !missing_status.is_empty() {
+        plan.actions.push(Action::SetStatus {
+            region: image.region.clone(),
+            image_id: image.image_id.clone(),
+            tags: missing_status,
+        });
+    }
+    if shareable && image.state == ImageState::Available {
+        parameter_actions(desired, image, &mut plan);
+    }
+    if let Some(wanted) = &desired.copy {
+        regional_copies(desired, wanted, observed, &mut plan);
+    }
+    plan
+}
+
+/// EnableImageDeprecation, when the image is available and not deprecated at the wanted minute. (A
+/// pending image waits: it is not launchable yet, and its available event comes.) When the wanted time is
+/// already past (an old image, or a copy made late), which EC2 refuses, the image is deprecated at the
+/// next minute, unless it is deprecated already.
+pub(super) fn deprecation_action(
+    desired: &Desired,
+    image: &ObservedImage,
+    now: Option<Timestamp>,
+) -> Option<Action> {
+    let wanted = desired.deprecate_at?;
+    if image.state != ImageState::Available {
+        return None;
+    }
+    let current = image.deprecation_time;
+    let at = match now {
+        Some(now) if now >= wanted => {
+            if current.is_some_and(|t| now >= t) {
+                return None;
+            }
+            now.next_minute()
+        }
+        _ => wanted,
+    };
+    if current.is_some_and(|t| t.same_minute(at)) {
+        return None;
+    }
+    Some(Action::DeprecateImage {
+        region: image.region.clone(),
+        image_id: image.image_id.clone(),
+        deprecate_at: at,
+    })
+}
+
+/// Exclusive mode: the launch permissions the image has that no selecting rule grants, as one removal.
+/// Removing never needs a key, so it is planned whether or not the image can be shared. The owner's own
+/// account is never removed.
+pub(super) fn exclusive_action(desired: &Desired, image: &ObservedImage) -> Option<Action> {
+    if !desired.exclusive || image.state != ImageState::Available {
+        return None;
+    }
+    let extra: Vec<LaunchPermission> = image
+        .launch_permissions
+        .as_ref()?
+        .iter()
+        .filter(|p| !desired.launch_permissions.contains(p))
+        .filter(|p| !matches!(p, LaunchPermission::Account(id) if id.as_str() == image.owner_id))
+        .cloned()
+        .collect();
+    (!extra.is_empty()).then(|| Action::RemoveLaunchPermissions {
+        region: image.region.clone(),
+        image_id: image.image_id.clone(),
+        permissions: extra,
+    })
+}
+
+/// Exclusive mode, on the snapshots: the createVolumePermissions no selecting rule grants (accounts the
+/// rules' `share.create_volume_permission` does not list, and `Group=all`), one removal per snapshot.
+/// Without it, an account dropped from the rules could still read the whole disk. The owner's own
+/// account is never removed.
+pub(super) fn exclusive_volume_actions(desired: &Desired, image: &ObservedImage) -> Vec<Action> {
+    if !desired.exclusive || image.state != ImageState::Available {
+        return Vec::new();
+    }
+    image
+        .snapshots
+        .iter()
+        .filter_map(|snapshot| {
+            // A snapshot may back other AMIs too: what their rules grant on it stays.
+            let others = snapshot.other_images.as_ref();
+            let extra: Vec<VolumePermission> = snapshot
+                .create_volume_permissions
+                .as_ref()?
+                .iter()
+                .filter(|p| match p {
+                    VolumePermission::Account(id) => {
+                        id.as_str() != image.owner_id
+                            && !desired.create_volume_accounts.contains(id)
+                            && !others.is_some_and(|o| o.create_volume_accounts.contains(id))
+                    }
+                    VolumePermission::Public => true,
+                })
+                .cloned()
+                .collect();
+            (!extra.is_empty()).then(|| Action::RemoveCreateVolumePermission {
+                region: image.region.clone(),
+                snapshot_id: snapshot.snapshot_id.clone(),
+                permissions: extra,
+            })
+        })
+        .collect()
+}
+
+/// createVolumePermission for the accounts each snapshot lacks.
+pub(super) fn create_volume_actions(desired: &Desired, image: &ObservedImage) -> Vec<Action> {
+    if desired.create_volume_accounts.is_empty() {
+        return Vec::new();
+    }
+    image
+        .snapshots
+        .iter()
+        .filter_map(|snapshot| {
+            let have = snapshot.create_volume_permissions.as_ref();
+            let missing: Vec<String> = desired
+                .create_volume_accounts
+                .iter()
+                .filter(|a| {
+                    !have.is_some_and(|h| h.contains(&VolumePermission::Account((*a).clone())))
+                })
+                .map(|a| a.as_str().to_string())
+                .collect();
+            (!missing.is_empty()).then(|| Action::AddCreateVolumePermission {
+                region: image.region.clone(),
+                snapshot_id: snapshot.snapshot_id.clone(),
+                accounts: missing,
+            })
+        })
+        .collect()
+}
+
+/// PutParameter for each rule parameter that does not name this image, unless it names a newer image
+/// (events arrive in any order: an older image's late event must not move the parameter back).
+pub(super) fn parameter_actions(desired: &Desired, image: &ObservedImage, plan: &mut Plan) {
+    for name in &desired.ssm_parameters {
+        let Some(current) = image.parameters.get(name) else {
+            continue;
+        };
+        if current.value.as_deref() == Some(image.image_id.as_str()) {
+            continue;
+        }
+        if let (Some(theirs), Some(ours)) = (current.value_created, desired.family_created)
+            && ours < theirs
+        {
+            plan.deferred.push(format!(
+                "SSM parameter {name} in {} keeps {}, which is newer than {}",
+                image.region,
+                current.value.as_deref().unwrap_or_default(),
+                image.image_id
+            ));
+            continue;
+        }
+        plan.actions.push(Action::PutParameter {
+            region: image.region.clone(),
+            name: name.clone(),
+            image_id: image.image_id.clone(),
+        });
+    }
+}
+
+/// Why the image cannot be made public, if it cannot: AWS never makes an AMI with encrypted snapshots
+/// or product codes public, and refuses new public sharing while image block public access is on.
+/// (Only asked when a rule sets `share.public`; the block is read only then.)
+pub(super) fn public_refusal(image: &ObservedImage) -> Option<String> {
+    let id = &image.image_id;
+    if let Some(s) = image.snapshots.iter().find(|s| s.encrypted != Some(false)) {
+        return Some(format!(
+            "not public: {id}'s snapshot {} is encrypted (or not known to be unencrypted), and AWS never makes an encrypted AMI public; it is shared with the other targets",
+            s.snapshot_id
+        ));
+    }
+    if !image.product_codes.is_empty() {
+        return Some(format!(
+            "not public: {id} has product codes ({}), and AWS never makes such an AMI public; it is shared with the other targets",
+            image.product_codes.join(", ")
+        ));
+    }
+    if image.public_sharing_blocked == Some(true) {
+        return Some(format!(
+            "not public: image block public access is on in {} (EC2 settings, Data protection and security); turn it off to let {id} be public, or remove share.public",
+            image.region
+        ));
+    }
+    None
+}
+
+/// The launch permissions the image lacks, as one call; `Group=all` only if `public_allowed`.
+pub(super) fn share_action(
+    desired: &Desired,
+    image: &ObservedImage,
+    public_allowed: bool,
+) -> Option<Action> {
+    let current = image.launch_permissions.as_ref();
+    let missing: Vec<LaunchPermission> = desired
+        .launch_permissions
+        .iter()
+        .filter(|p| !current.is_some_and(|c| c.contains(p)))
+        .filter(|p| public_allowed || **p != LaunchPermission::Public)
+        .cloned()
+        .collect();
+    (!missing.is_empty()).then(|| Action::AddLaunchPermissions {
+        region: image.region.clone(),
+        image_id: image.image_id.clone(),
+        permissions: missing,
+    })
+}
+
+/// The tags each resource lacks (absent, or with another value), grouped by identical sets.
+pub(super) fn tag_actions(
+    image_tags: &Tags,
+    snapshot_tags: &Tags,
+    image: &ObservedImage,
+) -> Vec<Action> {
+    let mut by_missing: BTreeMap<Tags, Vec<String>> = BTreeMap::new();
+    let empty = Tags::new();
+    let mut consider = |resource: &str, want: &Tags, have: &Tags| {
+        let missing: Tags = want
+            .iter()
+            .filter(|(k, v)| have.get(*k) != Some(v))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if !missing.is_empty() {
+            by_missing
+                .entry(missing)
+                .or_default()
+                .push(resource.to_string());
+        }
+    };
+    consider(&image.image_id, image_tags, &image.tags);
+    if !snapshot_tags.is_empty() {
+        for snapshot in &image.snapshots {
+            let have = snapshot.tags.as_ref().unwrap_or(&empty);
+            consider(&snapshot.snapshot_id, snapshot_tags, have);
+        }
+    }
+    by_missing
+        .into_iter()
+        .map(|(tags, resources)| Action::CreateTags {
+            region: image.region.clone(),
+            resources,
+            tags,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::plan::*;
+
+    #[test]
+    fn an_untouched_available_image_gets_one_tag_call_and_one_share_call() {
+        let p = plan(&desired(), &observed(image(ImageState::Available)));
+        assert_eq!(p.actions.len(), 2, "{p:#?}");
+        assert_eq!(
+            p.actions[0],
+            Action::CreateTags {
+                region: "us-east-1".into(),
+                resources: vec!["ami-12345678".into(), "snap-1".into()],
+                tags: desired().image_tags,
+            }
+        );
+        assert_eq!(
+            p.actions[1],
+            Action::AddLaunchPermissions {
+                region: "us-east-1".into(),
+                image_id: "ami-12345678".into(),
+                permissions: vec![org(), account("210987654321")],
+            }
+        );
+        assert!(p.deferred.is_empty() && p.blocked.is_empty());
+    }
+
+    #[test]
+    fn planning_again_after_applying_plans_nothing() {
+        let cases = [
+            image(ImageState::Available),
+            image(ImageState::Pending),
+            encrypted(CMK, Some(key(CMK, KeyManager::Customer))),
+            encrypted(AWS_EBS, Some(key(AWS_EBS, KeyManager::Aws))),
+        ];
+        for img in cases {
+            let first = plan(&desired(), &observed(img.clone()));
+            let after = applied(observed(img), &first);
+            let again = plan(&desired(), &after);
+            assert!(again.is_empty(), "{again:#?}\n{after:#?}");
+        }
+    }
+
+    #[test]
+    fn only_what_is_missing_is_planned() {
+        let mut img = image(ImageState::Available);
+        img.tags = tags(&[("team", "platform"), ("other", "kept")]);
+        img.snapshots[0].tags = Some(desired().snapshot_tags);
+        img.launch_permissions = Some([org()].into());
+        let p = plan(&desired(), &observed(img));
+        assert_eq!(
+            p.actions,
+            [
+                Action::CreateTags {
+                    region: "us-east-1".into(),
+                    resources: vec!["ami-12345678".into()],
+                    tags: tags(&[("shared", "yes")]),
+                },
+                Action::AddLaunchPermissions {
+                    region: "us-east-1".into(),
+                    image_id: "ami-12345678".into(),
+                    permissions: vec![account("210987654321")],
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn a_tag_with_another_value_is_set_to_the_configured_value() {
+        let mut img = image(ImageState::Available);
+        img.tags = tags(&[("team", "someone-else"), ("shared", "yes")]);
+        img.snapshots.clear();
+        img.launch_permissions = Some(desired().launch_permissions);
+        let p = plan(&desired(), &observed(img));
+        assert_eq!(
+            p.actions,
+            [Action::CreateTags {
+                region: "us-east-1".into(),
+                resources: vec!["ami-12345678".into()],
+                tags: tags(&[("team", "platform")]),
+            }]
+        );
+    }
+
+    #[test]
+    fn a_pending_image_is_tagged_now_and_shared_later() {
+        let p = plan(&desired(), &observed(image(ImageState::Pending)));
+        assert!(
+            matches!(p.actions.as_slice(), [Action::CreateTags { .. }]),
+            "{p:#?}"
+        );
+        assert_eq!(p.deferred.len(), 1);
+        assert!(p.deferred[0].contains("waits until it is available"));
+    }
+
+    #[test]
+    fn failed_deregistered_disabled_and_unknown_images_are_left_alone() {
+        for state in [
+            ImageState::Failed,
+            ImageState::Deregistered,
+            ImageState::Disabled,
+            ImageState::Other("transient".into()),
+        ] {
+            let p = plan(&desired(), &observed(image(state.clone())));
+            assert!(p.is_empty(), "{state}");
+            assert!(p.deferred[0].contains(&state.to_string()));
+        }
+    }
+
+    #[test]
+    fn snapshots_with_different_missing_tags_get_separate_calls() {
+        let mut d = desired();
+        d.snapshot_tags = tags(&[("team", "platform")]);
+        let mut img = image(ImageState::Available);
+        img.snapshots.push(ObservedSnapshot {
+            snapshot_id: "snap-2".into(),
+            encrypted: Some(false),
+            kms_key_id: None,
+            tags: Some(tags(&[("team", "platform")])),
+            create_volume_permissions: None,
+            other_images: None,
+        });
+        img.launch_permissions = Some(d.launch_permissions.clone());
+        let p = plan(&d, &observed(img));
+        let resources: Vec<Vec<String>> = p
+            .actions
+            .iter()
+            .map(|a| match a {
+                Action::CreateTags { resources, .. } => resources.clone(),
+                other => panic!("{other}"),
+            })
+            .collect();
+        assert_eq!(resources.len(), 2, "{p:#?}");
+        assert!(resources.contains(&vec!["ami-12345678".to_string()]));
+        assert!(resources.contains(&vec!["snap-1".to_string()]));
+    }
+
+    #[test]
+    fn parameters_follow_the_newest_image_only() {
+        let mut d = desired();
+        d.ssm_parameters = ["/ami-share/r/latest".to_string()].into();
+        let mut img = image(ImageState::Available);
+        img.parameters.insert(
+            "/ami-share/r/latest".into(),
+            crate::observed::ObservedParameter {
+                value: Some("ami-older".into()),
+                value_created: Timestamp::parse("2026-01-01T00:00:00.000Z"),
+            },
+        );
+        let p = plan(&d, &observed(img.clone()));
+        assert!(p.actions.iter().any(
+            |a| matches!(a, Action::PutParameter { image_id, .. } if image_id == "ami-12345678")
+        ));
+        img.parameters
+            .get_mut("/ami-share/r/latest")
+            .unwrap()
+            .value_created = Timestamp::parse("2026-12-01T00:00:00.000Z");
+        let p = plan(&d, &observed(img));
+        assert!(
+            !p.actions
+                .iter()
+                .any(|a| matches!(a, Action::PutParameter { .. }))
+        );
+        assert!(p.deferred.iter().any(|m| m.contains("newer")));
+    }
+
+    #[test]
+    fn snapshot_permissions_go_to_the_accounts_that_lack_them() {
+        let mut d = desired();
+        d.create_volume_accounts = ["210987654321".parse().unwrap()].into();
+        let mut img = image(ImageState::Available);
+        img.snapshots[0].create_volume_permissions = Some(BTreeSet::new());
+        let p = plan(&d, &observed(img.clone()));
+        assert!(p.actions.iter().any(|a| matches!(a, Action::AddCreateVolumePermission { snapshot_id, accounts, .. } if snapshot_id == "snap-1" && accounts == &["210987654321".to_string()])));
+        img.snapshots[0].create_volume_permissions =
+            Some([VolumePermission::Account("210987654321".parse().unwrap())].into());
+        let p = plan(&d, &observed(img));
+        assert!(
+            !p.actions
+                .iter()
+                .any(|a| matches!(a, Action::AddCreateVolumePermission { .. }))
+        );
+    }
+
+    #[test]
+    fn an_overdue_deprecation_takes_effect_at_the_next_minute_once() {
+        let mut d = desired();
+        d.deprecate_at = Timestamp::parse("2026-12-01T00:00:00Z");
+        let mut obs = observed(image(ImageState::Available));
+        let deprecation = |p: &Plan| {
+            p.actions.iter().find_map(|a| match a {
+                Action::DeprecateImage { deprecate_at, .. } => Some(deprecate_at.to_string()),
+                _ => None,
+            })
+        };
+        obs.now = Timestamp::parse("2026-11-25T10:00:00Z");
+        assert_eq!(
+            deprecation(&plan(&d, &obs)).as_deref(),
+            Some("2026-12-01T00:00:00Z")
+        );
+        obs.now = Timestamp::parse("2027-03-01T08:30:10Z");
+        assert_eq!(
+            deprecation(&plan(&d, &obs)).as_deref(),
+            Some("2027-03-01T08:31:00Z"),
+            "EC2 refuses a time in the past"
+        );
+        obs.image.deprecation_time = Timestamp::parse("2027-03-01T08:31:00.000Z");
+        assert_eq!(
+            deprecation(&plan(&d, &obs)),
+            None,
+            "the same minute again: nothing"
+        );
+        obs.now = Timestamp::parse("2027-06-01T00:00:00Z");
+        assert_eq!(deprecation(&plan(&d, &obs)), None, "deprecated already");
+        obs.image.state = ImageState::Pending;
+        obs.image.deprecation_time = None;
+        assert_eq!(deprecation(&plan(&d, &obs)), None, "a pending image waits");
+    }
+
+    #[test]
+    fn a_copy_is_as_old_as_its_source_for_the_parameter() {
+        // A copy of an older source, made after the copy of a newer source the parameter names: the
+        // copy's family began when its source was created (what the reconciler reads from the source).
+        let mut copy = image(ImageState::Available);
+        copy.creation_date = Timestamp::parse("2026-11-30T00:00:00.000Z");
+        let mut d = desired_for_copy(
+            &desired(),
+            &ObservedImage {
+                creation_date: Timestamp::parse("2026-11-01T00:00:00.000Z"),
+                ..image(ImageState::Available)
+            },
+            CopyKind::Regional,
+        );
+        d.ssm_parameters = ["/p".to_string()].into();
+        copy.parameters.insert(
+            "/p".into(),
+            crate::observed::ObservedParameter {
+                value: Some("ami-newercopy".into()),
+                value_created: Timestamp::parse("2026-11-20T00:00:00.000Z"),
+            },
+        );
+        let p = plan(&d, &observed(copy.clone()));
+        assert!(
+            !p.actions
+                .iter()
+                .any(|a| matches!(a, Action::PutParameter { .. })),
+            "{p:#?}"
+        );
+        // Tags never date a family: a forged source-created mark in the future changes nothing.
+        copy.tags.insert(
+            markers::SOURCE_CREATED.into(),
+            "2099-01-01T00:00:00.000Z".into(),
+        );
+        assert_eq!(plan(&d, &observed(copy)), p);
+    }
+
+    #[test]
+    fn exclusive_mode_revokes_create_volume_permission_no_rule_grants_too() {
+        let volume = |id: &str| VolumePermission::Account(id.parse().unwrap());
+        let mut img = image(ImageState::Available);
+        img.snapshots[0].create_volume_permissions = Some(
+            [
+                volume("210987654321"),
+                volume("444455556666"),
+                volume("123456789012"),
+                VolumePermission::Public,
+            ]
+            .into(),
+        );
+        let removal = |p: &Plan| {
+            p.actions.iter().find_map(|a| match a {
+                Action::RemoveCreateVolumePermission {
+                    snapshot_id,
+                    permissions,
+                    ..
+                } => Some((snapshot_id.clone(), permissions.clone())),
+                _ => None,
+            })
+        };
+        assert_eq!(removal(&plan(&desired(), &observed(img.clone()))), None);
+        let exclusive = Desired {
+            exclusive: true,
+            create_volume_accounts: ["210987654321".parse().unwrap()].into(),
+            ..desired()
+        };
+        let p = plan(&exclusive, &observed(img.clone()));
+        assert_eq!(
+            removal(&p),
+            Some((
+                "snap-1".to_string(),
+                vec![volume("444455556666"), VolumePermission::Public]
+            )),
+            "the rules' accounts and the owner stay: {p:#?}"
+        );
+        assert!(
+            p.actions.iter().any(|a| a.to_string()
+                == "revoke create-volume permission on snapshot snap-1 in us-east-1 from account 444455556666, everyone (Group=all) (exclusive: no rule grants it)"),
+            "{p:#?}"
+        );
+        let after = applied(observed(img.clone()), &p);
+        assert_eq!(removal(&plan(&exclusive, &after)), None, "converges");
+        // Another AMI registered on the snapshot, whose rule grants 444455556666: that stays.
+        let mut shared_snapshot = observed(img);
+        shared_snapshot.image.snapshots[0].other_images = Some(crate::observed::OtherImages {
+            image_ids: vec!["ami-other".into()],
+            create_volume_accounts: ["444455556666".parse().unwrap()].into(),
+        });
+        assert_eq!(
+            removal(&plan(&exclusive, &shared_snapshot)),
+            Some(("snap-1".to_string(), vec![VolumePermission::Public])),
+            "what the other AMI's rules grant on the snapshot is not revoked"
+        );
+        let exclusive_without_volumes = Desired {
+            exclusive: true,
+            ..desired()
+        };
+        let reads = reads_needed(&exclusive_without_volumes, &after.image);
+        assert!(reads.create_volume_permissions, "read to be revoked");
+        assert_eq!(
+            removal(&plan(&exclusive_without_volumes, &after)),
+            Some(("snap-1".to_string(), vec![volume("210987654321")])),
+            "no rule grants any: every account but the owner loses it"
+        );
+    }
+
+    #[test]
+    fn exclusive_mode_removes_what_no_rule_grants_but_never_the_owner() {
+        let stranger = account("444455556666");
+        let owner = account("123456789012");
+        let mut img = image(ImageState::Available);
+        img.launch_permissions = Some(
+            [
+                org(),
+                stranger.clone(),
+                owner.clone(),
+                LaunchPermission::Public,
+            ]
+            .into(),
+        );
+        let removal = |p: &Plan| {
+            p.actions.iter().find_map(|a| match a {
+                Action::RemoveLaunchPermissions { permissions, .. } => Some(permissions.clone()),
+                _ => None,
+            })
+        };
+        let p = plan(&desired(), &observed(img.clone()));
+        assert_eq!(removal(&p), None, "not exclusive: ami-share only adds");
+        let exclusive = Desired {
+            exclusive: true,
+            ..desired()
+        };
+        let p = plan(&exclusive, &observed(img.clone()));
+        assert_eq!(
+            removal(&p),
+            Some(vec![stranger, LaunchPermission::Public]),
+            "granted ones and the owner stay: {p:#?}"
+        );
+        assert!(
+            p.actions.iter().any(|a| a.to_string().contains(
+                "unshare ami-12345678 in us-east-1 from account 444455556666, public (Group=all) (exclusive"
+            )),
+            "says exactly what is removed"
+        );
+        let after = applied(observed(img), &p);
+        let p = plan(&exclusive, &after);
+        assert_eq!(removal(&p), None, "converges");
+        let mut pending = image(ImageState::Pending);
+        pending.launch_permissions = None;
+        assert_eq!(removal(&plan(&exclusive, &observed(pending))), None);
+    }
+
+    #[test]
+    fn public_only_when_asked_and_never_encrypted_product_code_or_blocked() {
+        let public = Desired {
+            launch_permissions: [org(), LaunchPermission::Public].into(),
+            ..desired()
+        };
+        let added = |p: &Plan| {
+            p.actions
+                .iter()
+                .find_map(|a| match a {
+                    Action::AddLaunchPermissions { permissions, .. } => Some(permissions.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default()
+        };
+        let mut img = image(ImageState::Available);
+        img.public_sharing_blocked = Some(false);
+        assert!(reads_needed(&public, &img).block_public_access);
+        assert!(
+            !reads_needed(&desired(), &img).block_public_access,
+            "only when asked"
+        );
+        let p = plan(&public, &observed(img.clone()));
+        assert_eq!(added(&p), [org(), LaunchPermission::Public]);
+        assert!(p.blocked.is_empty());
+        // Never for an encrypted AMI (its key would be opened to the organization only).
+        let mut enc = encrypted(CMK, Some(key(CMK, KeyManager::Customer)));
+        enc.public_sharing_blocked = Some(false);
+        let p = plan(&public, &observed(enc));
+        assert_eq!(added(&p), [org()], "{p:#?}");
+        assert!(p.blocked.iter().any(
+            |b| b.contains("is encrypted") && b.contains("never makes an encrypted AMI public")
+        ));
+        let mut coded = img.clone();
+        coded.product_codes = vec!["abc123".into()];
+        let p = plan(&public, &observed(coded));
+        assert_eq!(added(&p), [org()]);
+        assert!(
+            p.blocked
+                .iter()
+                .any(|b| b.contains("product codes (abc123)"))
+        );
+        let mut blocked = img.clone();
+        blocked.public_sharing_blocked = Some(true);
+        let p = plan(&public, &observed(blocked));
+        assert_eq!(added(&p), [org()]);
+        assert!(
+            p.blocked
+                .iter()
+                .any(|b| b.contains("image block public access is on in us-east-1"))
+        );
+        // Without share.public, an encrypted image has no such note.
+        let p = plan(
+            &desired(),
+            &observed(encrypted(CMK, Some(key(CMK, KeyManager::Customer)))),
+        );
+        assert!(p.blocked.is_empty(), "{p:#?}");
+    }
+}

@@ -1,0 +1,264 @@
+//! What the reconciler writes: the plan's actions in three phases, each region held back on its own, and
+//! the key policy write confirmed by reading it back.
+
+use super::*;
+
+impl<A: Aws> Reconciler<'_, A> {
+    /// Three phases, each concurrent within (at most [`MAX_CONCURRENT_CALLS`] calls at once): tags,
+    /// deprecation, key policies, copies, and the shares of regions with no key to patch; then the other
+    /// launch and snapshot permissions; then status tags and SSM parameters. Each region is held back on its own: a region whose key policy patch failed gets
+    /// no share (receivers could not launch from it), and a region where anything failed gets no status
+    /// or parameter (they never claim what did not happen); the other regions go on.
+    pub(super) async fn apply(&self, actions: Vec<Action>, outcome: &mut Outcome) {
+        let (last, actions): (Vec<Action>, Vec<Action>) = actions
+            .into_iter()
+            .partition(|a| matches!(a, Action::SetStatus { .. } | Action::PutParameter { .. }));
+        // A share waits only for the key patches of its region; where none is needed, it goes out with the
+        // first phase (one round trip less).
+        let patched: Vec<String> = actions
+            .iter()
+            .filter(|a| matches!(a, Action::PatchKeyPolicy { .. }))
+            .map(|a| a.region().to_string())
+            .collect();
+        let (shares, first): (Vec<Action>, Vec<Action>) = actions.into_iter().partition(|a| {
+            matches!(
+                a,
+                Action::AddLaunchPermissions { .. } | Action::AddCreateVolumePermission { .. }
+            ) && patched.iter().any(|r| r == a.region())
+        });
+        self.apply_phase(first, outcome).await;
+        let key_failed: Vec<String> = outcome
+            .not_done
+            .iter()
+            .filter_map(|a| match a {
+                Action::PatchKeyPolicy { region, .. } => Some(region.clone()),
+                _ => None,
+            })
+            .collect();
+        let (held, shares): (Vec<Action>, Vec<Action>) = shares
+            .into_iter()
+            .partition(|a| key_failed.contains(&a.region().to_string()));
+        if !held.is_empty() {
+            let mut regions: Vec<&str> = held.iter().map(Action::region).collect();
+            regions.dedup();
+            outcome.blocked.push(format!(
+                "not shared yet in {}: a key policy there could not be patched (see the failure), and receivers could not launch from it",
+                regions.join(", ")
+            ));
+            outcome.not_done.extend(held);
+        }
+        self.apply_phase(shares, outcome).await;
+        let (held, last): (Vec<Action>, Vec<Action>) = last.into_iter().partition(|a| {
+            let region = a.region();
+            outcome.failures.iter().any(|f| f.region == region)
+        });
+        outcome.not_done.extend(held);
+        self.apply_phase(last, outcome).await;
+    }
+
+    pub(super) async fn apply_phase(&self, actions: Vec<Action>, outcome: &mut Outcome) {
+        let results: Vec<Result<Option<String>, AwsError>> =
+            futures::stream::iter(actions.iter().map(|action| self.apply_one(action)))
+                .buffered(MAX_CONCURRENT_CALLS)
+                .collect()
+                .await;
+        for (action, result) in actions.into_iter().zip(results) {
+            match result {
+                Ok(made) => {
+                    if let (Action::CopyImage(copy), Some(id)) = (&action, made)
+                        && copy.kind == CopyKind::Regional
+                    {
+                        outcome.made.insert(copy.region.clone(), id);
+                    }
+                    outcome.done.push(action);
+                }
+                Err(e) => {
+                    outcome.not_done.push(action);
+                    outcome.failures.push(e);
+                }
+            }
+        }
+    }
+
+    /// Makes the call of one action; for a CopyImage, returns the new image id.
+    pub(super) async fn apply_one(&self, action: &Action) -> Result<Option<String>, AwsError> {
+        match action {
+            Action::CreateTags {
+                region,
+                resources,
+                tags,
+            } => self.aws.create_tags(region, resources, tags).await?,
+            Action::SetStatus {
+                region,
+                image_id,
+                tags,
+            } => {
+                self.aws
+                    .create_tags(region, std::slice::from_ref(image_id), tags)
+                    .await?
+            }
+            Action::AddLaunchPermissions {
+                region,
+                image_id,
+                permissions,
+            } => {
+                self.aws
+                    .add_launch_permissions(region, image_id, permissions)
+                    .await?
+            }
+            Action::PatchKeyPolicy {
+                region,
+                key_arn,
+                grantees,
+                ..
+            } => self.patch_key_policy(region, key_arn, grantees).await?,
+            Action::RemoveLaunchPermissions {
+                region,
+                image_id,
+                permissions,
+            } => {
+                self.aws
+                    .remove_launch_permissions(region, image_id, permissions)
+                    .await?
+            }
+            Action::AddCreateVolumePermission {
+                region,
+                snapshot_id,
+                accounts,
+            } => {
+                self.aws
+                    .add_create_volume_permissions(region, snapshot_id, accounts)
+                    .await?
+            }
+            Action::RemoveCreateVolumePermission {
+                region,
+                snapshot_id,
+                permissions,
+            } => {
+                self.aws
+                    .remove_create_volume_permissions(region, snapshot_id, permissions)
+                    .await?
+            }
+            Action::DeprecateImage {
+                region,
+                image_id,
+                deprecate_at,
+            } => {
+                self.aws
+                    .enable_image_deprecation(region, image_id, *deprecate_at)
+                    .await?
+            }
+            Action::PutParameter {
+                region,
+                name,
+                image_id,
+            } => self.aws.put_parameter(region, name, image_id).await?,
+            Action::CopyImage(copy) => {
+                let copy_id = match self.aws.copy_image(copy).await {
+                    // The name is taken there by an image ami-share did not make (its own copies are
+                    // found by their marks): the copy gets a name of its own rather than failing for good.
+                    // The suffix is random: a name anyone can compute in advance could be taken too.
+                    // (A retry finds the copy by its marks, so a new name makes no second copy.)
+                    Err(e) if e.code.as_deref() == Some("InvalidAMIName.Duplicate") => {
+                        let salt = std::hash::BuildHasher::hash_one(
+                            &std::collections::hash_map::RandomState::new(),
+                            &copy.client_token,
+                        );
+                        let renamed = copy.renamed(salt);
+                        tracing::warn!(
+                            copy_region = %copy.region,
+                            "the name {:?} is taken in {}: copying as {:?}",
+                            copy.name,
+                            copy.region,
+                            renamed.name
+                        );
+                        self.aws.copy_image(&renamed).await?
+                    }
+                    other => other?,
+                };
+                tracing::info!(
+                    image_id = %copy.source_image_id,
+                    copy_id = %copy_id,
+                    copy_region = %copy.region,
+                    "made {} copy {copy_id} of {} in {}",
+                    copy.kind,
+                    copy.source_image_id,
+                    copy.region
+                );
+                return Ok(Some(copy_id));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Admits `grantees` to the key: reads the policy, merges, writes, and after a pause reads it again to
+    /// confirm, merging and writing again while a concurrent writer has dropped them, at most `max_writes`
+    /// writes in all. Every write merges into a policy read just before it (not the one planning read), so
+    /// what anyone else wrote meanwhile is kept.
+    pub(super) async fn patch_key_policy(
+        &self,
+        region: &str,
+        key_arn: &str,
+        grantees: &KeyGrantees,
+    ) -> Result<(), AwsError> {
+        let error = |message: String, retryable: bool| AwsError {
+            operation: "PutKeyPolicy",
+            region: region.to_string(),
+            resource: key_arn.to_string(),
+            code: None,
+            message,
+            retryable,
+        };
+        let partition = key_arn
+            .parse::<KeyArn>()
+            .map_err(|e| error(e, false))?
+            .partition()
+            .to_string();
+        let KeyPolicyWrites { settle, max_writes } = self.key_policy_writes;
+        let mut writes = 0;
+        loop {
+            let current = self.aws.get_key_policy(region, key_arn).await?;
+            let merged = match key_policy::merge(&current, grantees, &partition) {
+                Ok(None) => return Ok(()),
+                Ok(Some(merged)) => merged,
+                Err(e) => {
+                    return Err(error(
+                        format!("the key policy changed into one ami-share cannot merge into: {e}"),
+                        false,
+                    ));
+                }
+            };
+            if writes == max_writes {
+                let lost = match merged.admitted.is_empty() {
+                    true => "kms:ViaService limit".to_string(),
+                    false => format!("grantees ({})", merged.admitted),
+                };
+                return Err(error(
+                    format!(
+                        "the key policy lost ami-share's {lost} after each of {max_writes} writes: another writer keeps replacing it. If CloudFormation, Terraform or a script manages this key's policy, add ami-share's statements there (README, \"Encrypted AMIs\")"
+                    ),
+                    true,
+                ));
+            }
+            if writes > 0 {
+                tracing::warn!(
+                    key_arn,
+                    writes,
+                    missing = %merged.admitted,
+                    "the policy of {key_arn} lost ami-share's grantees after write {writes}: another writer replaced it; merging again"
+                );
+            }
+            self.aws
+                .put_key_policy(region, key_arn, &merged.policy)
+                .await?;
+            writes += 1;
+            // Longer than another writer's read-merge-write usually takes: it makes a lost write visible
+            // to the read that follows. It narrows the race; without a conditional write, nothing closes it.
+            tokio::time::sleep(settle).await;
+        }
+    }
+}
+
+/// At most this many calls of one apply phase run at once: many regions' copies and shares go out
+/// together without meeting EC2's request rate limits all at once.
+pub(super) const MAX_CONCURRENT_CALLS: usize = 8;
