@@ -20,7 +20,9 @@ pub enum ImageState {
     Failed,
     Deregistered,
     Disabled,
-    /// A state this version does not know (`invalid`, `transient`, `error`, or a new one).
+    /// EC2's passing state between two others (for example while a copy completes).
+    Transient,
+    /// A state this version does not know (`invalid`, `error`, or a new one).
     Other(String),
 }
 
@@ -32,6 +34,7 @@ impl ImageState {
             "failed" => Self::Failed,
             "deregistered" => Self::Deregistered,
             "disabled" => Self::Disabled,
+            "transient" => Self::Transient,
             other => Self::Other(other.to_string()),
         }
     }
@@ -45,8 +48,23 @@ impl fmt::Display for ImageState {
             Self::Failed => "failed",
             Self::Deregistered => "deregistered",
             Self::Disabled => "disabled",
+            Self::Transient => "transient",
             Self::Other(name) => name,
         })
+    }
+}
+
+impl ImageState {
+    /// A state after which nothing can be tagged, shared or copied (EC2 keeps a deregistered image's id
+    /// only for a while, a failed one never became usable, a disabled one is hidden until re-enabled).
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, Self::Failed | Self::Deregistered | Self::Disabled)
+    }
+}
+
+impl Serialize for ImageState {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
     }
 }
 
@@ -235,4 +253,43 @@ pub struct Observed {
     /// The time of the observation, when known: a deprecation time already past cannot be set (EC2
     /// refuses it), so a rule's overdue deprecation takes effect at once instead.
     pub now: Option<Timestamp>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_states_read_and_print_as_ec2_names_them() {
+        for name in [
+            "pending",
+            "available",
+            "failed",
+            "deregistered",
+            "disabled",
+            "transient",
+            "error",
+        ] {
+            let state = ImageState::from_name(name);
+            assert_eq!(state.to_string(), name);
+            assert_eq!(serde_json::to_value(&state).unwrap(), name);
+        }
+        assert_eq!(ImageState::from_name("transient"), ImageState::Transient);
+        assert!(matches!(
+            ImageState::from_name("error"),
+            ImageState::Other(_)
+        ));
+        let terminal: Vec<_> = [
+            "pending",
+            "available",
+            "failed",
+            "deregistered",
+            "disabled",
+            "transient",
+        ]
+        .into_iter()
+        .filter(|n| ImageState::from_name(n).is_terminal())
+        .collect();
+        assert_eq!(terminal, ["failed", "deregistered", "disabled"]);
+    }
 }

@@ -8,7 +8,7 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::aws::AwsError;
-use crate::observed::CreatedBy;
+use crate::observed::{CreatedBy, ImageState};
 use crate::plan::{Action, Plan, RegionCopy};
 use crate::targets::LaunchPermission;
 
@@ -268,7 +268,7 @@ impl Outcome {
                         image_id, state, ..
                     },
                     None,
-                ) if state == "available" => {
+                ) if state == ImageState::Available => {
                     RegionOutcome::new(RegionStatus::Done, Some(image_id), None)
                 }
                 (
@@ -276,7 +276,11 @@ impl Outcome {
                         image_id, state, ..
                     },
                     None,
-                ) => RegionOutcome::new(RegionStatus::Pending, Some(image_id), Some(state)),
+                ) => RegionOutcome::new(
+                    RegionStatus::Pending,
+                    Some(image_id),
+                    Some(state.to_string()),
+                ),
             };
             self.regions.insert(region, outcome);
         }

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::json::json_kind;
-use crate::observed::CreatedBy;
+use crate::observed::{CreatedBy, ImageState};
 
 pub const CLOUDTRAIL_DETAIL_TYPE: &str = "AWS API Call via CloudTrail";
 pub const STATE_CHANGE_DETAIL_TYPE: &str = "EC2 AMI State Change";
@@ -35,7 +35,7 @@ pub enum EventKind {
     /// A successful CloudTrail-recorded call that made the image.
     ApiCall(CreatedBy),
     /// The image reached `state` (available, failed, deregistered, disabled, …).
-    StateChange { state: String },
+    StateChange { state: ImageState },
     /// Named directly by an operator or a sweep, not by an event.
     Direct,
 }
@@ -165,7 +165,9 @@ fn parse_state_change(envelope: &EventBridgeEvent<Value>) -> Result<Trigger, Tri
     let state = detail
         .state
         .ok_or_else(|| unsupported("the AMI state change has no detail.State"))?;
-    let kind = EventKind::StateChange { state };
+    let kind = EventKind::StateChange {
+        state: ImageState::from_name(&state),
+    };
     image_event(envelope, &image_id, envelope.region.clone(), kind)
 }
 
@@ -263,7 +265,7 @@ mod tests {
         assert_eq!(
             e.kind,
             EventKind::StateChange {
-                state: "available".into()
+                state: ImageState::Available
             }
         );
         assert_eq!(e.image.image_id, "ami-0a1b2c3d4e5f67890");

@@ -91,7 +91,7 @@ pub(super) fn region_copy(
             .extend(duplicate_copies(&found.copies, copy, source, "copies"));
         return RegionCopy::Copy {
             image_id: copy.image_id.clone(),
-            state: copy.state.to_string(),
+            state: copy.state.clone(),
             blocked,
         };
     }
@@ -732,7 +732,7 @@ mod tests {
             p.regions["us-west-2"],
             RegionCopy::Copy {
                 image_id: "ami-0west".into(),
-                state: "available".into(),
+                state: ImageState::Available,
                 blocked: None,
             }
         );

@@ -77,7 +77,7 @@ pub enum RegionCopy {
     /// The copy exists; when available, the plan holds what it still lacks, or why it cannot be shared.
     Copy {
         image_id: String,
-        state: String,
+        state: ImageState,
         #[serde(skip_serializing_if = "Option::is_none")]
         blocked: Option<String>,
     },
@@ -527,7 +527,8 @@ mod tests {
             ImageState::Failed,
             ImageState::Deregistered,
             ImageState::Disabled,
-            ImageState::Other("transient".into()),
+            ImageState::Transient,
+            ImageState::Other("error".into()),
         ] {
             let p = plan(&desired(), &observed(image(state.clone())));
             assert!(p.is_empty(), "{state}");

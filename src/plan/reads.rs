@@ -115,10 +115,11 @@ pub fn wants_reencrypted_copy(desired: &Desired, image: &ObservedImage) -> bool 
 
 /// Copies that are, or will be, usable: available, pending, or in EC2's passing `transient` state.
 pub(super) fn usable(copies: &[ObservedImage]) -> impl Iterator<Item = &ObservedImage> {
-    copies.iter().filter(|c| match &c.state {
-        ImageState::Available | ImageState::Pending => true,
-        ImageState::Other(state) => state == "transient",
-        _ => false,
+    copies.iter().filter(|c| {
+        matches!(
+            c.state,
+            ImageState::Available | ImageState::Pending | ImageState::Transient
+        )
     })
 }
 

@@ -108,7 +108,7 @@ impl<A: Aws> Reconciler<'_, A> {
 
         // A terminal state reported by the event needs no look: there is nothing left to tag or share.
         if let EventKind::StateChange { state } = &event.kind
-            && matches!(state.as_str(), "failed" | "deregistered" | "disabled")
+            && state.is_terminal()
         {
             return outcome.skipped(format!("the state-change event reports the image {state}"));
         }
@@ -131,7 +131,7 @@ impl<A: Aws> Reconciler<'_, A> {
             }
             Err(e) => return outcome.failed(e),
         };
-        let lagging = matches!(&event.kind, EventKind::StateChange { state } if state == "available")
+        let lagging = matches!(&event.kind, EventKind::StateChange { state } if *state == ImageState::Available)
             && image.state == ImageState::Pending;
         let outcome = self.reconcile_described(image, &event.kind, outcome).await;
         if lagging && !outcome.rules.is_empty() {
@@ -648,7 +648,7 @@ mod tests {
             &event_for(
                 &copy_id,
                 EventKind::StateChange {
-                    state: "available".into(),
+                    state: ImageState::Available,
                 },
             ),
             Mode::Apply,
@@ -705,7 +705,7 @@ mod tests {
     async fn a_terminal_state_event_makes_no_call_and_no_rule_means_no_write() {
         let aws = FakeAws::new(ImageState::Available, None);
         let failed = event(EventKind::StateChange {
-            state: "failed".into(),
+            state: ImageState::Failed,
         });
         let outcome = run(&aws, &sharing_config(), &failed, Mode::Apply).await;
         assert!(
@@ -738,7 +738,7 @@ mod tests {
         let outcome = run(&aws, &c, &by_event, Mode::DryRun).await;
         assert_eq!(outcome.rules, ["reg"]);
         let by_image = event(EventKind::StateChange {
-            state: "available".into(),
+            state: ImageState::Available,
         });
         let outcome = run(&aws, &c, &by_image, Mode::DryRun).await;
         assert_eq!(outcome.created_by, Some(CreatedBy::CreateImage));
@@ -798,7 +798,7 @@ mod tests {
                 image_id: "ami-0west".into(),
             },
             kind: EventKind::StateChange {
-                state: "available".into(),
+                state: ImageState::Available,
             },
             account: None,
             event_id: None,

@@ -623,7 +623,7 @@ pub fn west_event(image_id: &str) -> ImageEvent {
             image_id: image_id.into(),
         },
         kind: EventKind::StateChange {
-            state: "available".into(),
+            state: ImageState::Available,
         },
         account: None,
         event_id: None,
