@@ -265,12 +265,12 @@ impl Outcome {
                 },
                 (
                     RegionCopy::Copy {
-                        image_id, state, ..
+                        image_id,
+                        state: ImageState::Available,
+                        ..
                     },
                     None,
-                ) if state == ImageState::Available => {
-                    RegionOutcome::new(RegionStatus::Done, Some(image_id), None)
-                }
+                ) => RegionOutcome::new(RegionStatus::Done, Some(image_id), None),
                 (
                     RegionCopy::Copy {
                         image_id, state, ..

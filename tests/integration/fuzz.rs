@@ -3,8 +3,8 @@
 //! `cargo fuzz` needs a nightly toolchain (libFuzzer's sanitizer flags), which this project's builds do
 //! not use; these targets run on stable instead: proptest strategies generate inputs (mutations of the
 //! real samples, and arbitrary values), and each target runs for a time budget, not a case count:
-//! `FUZZ_SECONDS` (default 60; CI runs the default, a longer run is e.g.
-//! `FUZZ_SECONDS=3600 cargo nextest run --release --test fuzz`). `FUZZ_SEED` replays a run.
+//! `FUZZ_SECONDS` (default 20, what CI runs; a longer run is e.g.
+//! `FUZZ_SECONDS=3600 cargo nextest run --release -E 'test(/^fuzz::/)'`). `FUZZ_SEED` replays a run.
 //!
 //! Properties: no input panics; every rejection is a clear error (an event error says what was found and
 //! what was expected; a config error says where and what is wrong); every event accepted names a valid image id
@@ -28,7 +28,7 @@ fn budget() -> Duration {
     let seconds = std::env::var("FUZZ_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
+        .unwrap_or(20);
     Duration::from_secs(seconds)
 }
 
