@@ -261,7 +261,7 @@ mod tests {
 
     #[test]
     fn image_states_read_and_print_as_ec2_names_them() {
-        for name in [
+        let names = [
             "pending",
             "available",
             "failed",
@@ -269,7 +269,8 @@ mod tests {
             "disabled",
             "transient",
             "error",
-        ] {
+        ];
+        for name in names {
             let state = ImageState::from_name(name);
             assert_eq!(state.to_string(), name);
             assert_eq!(serde_json::to_value(&state).unwrap(), name);
@@ -279,17 +280,10 @@ mod tests {
             ImageState::from_name("error"),
             ImageState::Other(_)
         ));
-        let terminal: Vec<_> = [
-            "pending",
-            "available",
-            "failed",
-            "deregistered",
-            "disabled",
-            "transient",
-        ]
-        .into_iter()
-        .filter(|n| ImageState::from_name(n).is_terminal())
-        .collect();
+        let terminal: Vec<_> = names
+            .into_iter()
+            .filter(|n| ImageState::from_name(n).is_terminal())
+            .collect();
         assert_eq!(terminal, ["failed", "deregistered", "disabled"]);
     }
 }
