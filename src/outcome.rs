@@ -73,19 +73,20 @@ pub struct Outcome {
     pub launch_permissions: Option<BTreeSet<LaunchPermission>>,
 }
 
-/// One word for an image's reconciliation, in logs and answers.
+/// One word for an image's reconciliation, in logs and answers. Declared in the order of the words: a
+/// sweep counts by status (`by_status`, its JSON and its headline) in that order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
+    /// Not shared as it is (`Outcome::blocked` says why), though a re-encrypted copy may be.
+    Blocked,
+    Done,
     /// A call failed.
     Failed,
     /// EC2 has not caught up with the event: it must be handled again.
     Retry,
     /// Nothing to do, and why (`Outcome::skipped`).
     Skipped,
-    /// Not shared as it is (`Outcome::blocked` says why), though a re-encrypted copy may be.
-    Blocked,
-    Done,
 }
 
 impl Status {
@@ -346,5 +347,31 @@ impl Outcome {
         parts.extend(self.failures.iter().map(|f| format!("failed: {f}")));
         parts.extend(self.retry_reason.iter().map(|r| format!("to retry: {r}")));
         (subject, Some(parts))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_sort_as_their_words_as_when_they_were_strings() {
+        let all = [
+            Status::Skipped,
+            Status::Done,
+            Status::Retry,
+            Status::Failed,
+            Status::Blocked,
+        ];
+        let mut by_order = all;
+        by_order.sort();
+        let mut by_word = all;
+        by_word.sort_by_key(|s| s.as_str());
+        assert_eq!(by_order, by_word);
+        let json: Vec<_> = by_order
+            .iter()
+            .map(|s| serde_json::to_value(s).unwrap())
+            .collect();
+        assert_eq!(json, ["blocked", "done", "failed", "retry", "skipped"]);
     }
 }

@@ -539,6 +539,18 @@ mod tests {
     }
 
     #[test]
+    fn no_copy_is_read_for_an_image_a_key_policy_keeps_from_sharing_after_the_copy_too() {
+        assert!(wants_reencrypted_copy(
+            &reencrypting(),
+            &on_aws_ebs_and_cmk(KEY_POLICY)
+        ));
+        assert!(!wants_reencrypted_copy(
+            &reencrypting(),
+            &on_aws_ebs_and_cmk("not a policy")
+        ));
+    }
+
+    #[test]
     fn what_another_accounts_key_protects_is_re_encrypted_or_copied_only_if_the_config_names_it() {
         let foreign = "arn:aws:kms:us-east-1:210987654321:key/1234abcd-12ab-34cd-56ef-1234567890ab";
         let image = encrypted(foreign, None);

@@ -129,41 +129,44 @@ pub(super) struct Openable<'a> {
     policy: &'a str,
 }
 
-/// Why the image's snapshots' keys cannot be opened to the share targets (empty: they all can), and the
-/// keys to merge the targets into. No merge yet: deciding whether a re-encrypted copy could help (what the
-/// reconciler asks before it reads copies) needs none, so a key policy is merged once per event, by the plan.
-pub(super) fn key_verdict<'a>(
-    desired: &Desired,
-    image: &'a ObservedImage,
-) -> (Vec<Blocker>, Vec<Openable<'a>>) {
-    let mut blocked = Vec::new();
+/// What stands in the way of one snapshot or key, or a key to merge the share targets into.
+pub(super) enum KeyVerdict<'a> {
+    Blocked(Blocker),
+    Openable(Openable<'a>),
+}
+
+/// For each snapshot whose encryption is unknown and each key the snapshots use (in key order): why it
+/// keeps the image from being shared as it is, or that it may be opened. No merge yet: whether a
+/// re-encrypted copy could help (what the reconciler asks before it reads copies) is mostly decided
+/// without one, so a key policy is merged once per event, by the plan.
+pub(super) fn key_verdicts<'a>(desired: &Desired, image: &'a ObservedImage) -> Vec<KeyVerdict<'a>> {
+    let mut verdicts = Vec::new();
     // Key ARN → the snapshots it encrypts, so a message names both.
     let mut by_key: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for snapshot in &image.snapshots {
         let id = &snapshot.snapshot_id;
         match (snapshot.encrypted, snapshot.kms_key_id.as_deref()) {
             (Some(false), _) => {}
-            (None, _) => blocked.push(Blocker::new(
+            (None, _) => verdicts.push(KeyVerdict::Blocked(Blocker::new(
                 format!("{id}: encryption unknown"),
                 format!("ami-share could not tell whether snapshot {id} is encrypted"),
-            )),
-            (Some(true), None) => blocked.push(Blocker::new(
+            ))),
+            (Some(true), None) => verdicts.push(KeyVerdict::Blocked(Blocker::new(
                 format!("{id} is encrypted with an unknown key"),
                 format!("snapshot {id} is encrypted but EC2 reported no KMS key for it"),
-            )),
+            ))),
             (Some(true), Some(key)) => by_key.entry(key).or_default().push(id),
         }
     }
-    let mut openable = Vec::new();
     for (key_arn, snapshots) in by_key {
         let snapshots = snapshots.join(", ");
         let arn = match key_arn.parse::<KeyArn>() {
             Ok(arn) => arn,
             Err(e) => {
-                blocked.push(Blocker::new(
+                verdicts.push(KeyVerdict::Blocked(Blocker::new(
                     format!("{snapshots}: unreadable key id"),
                     format!("snapshot {snapshots}: {e}"),
-                ));
+                )));
                 continue;
             }
         };
@@ -175,7 +178,7 @@ pub(super) fn key_verdict<'a>(
                 arn.account()
             );
             // Re-encrypting it would share what another account's key protects: only with consent.
-            blocked.push(match named_by_arn(&arn, desired) {
+            verdicts.push(KeyVerdict::Blocked(match named_by_arn(&arn, desired) {
                 true => Blocker::cured_by_copy(summary, detail),
                 false => Blocker::new(
                     format!(
@@ -183,97 +186,75 @@ pub(super) fn key_verdict<'a>(
                     ),
                     detail,
                 ),
-            });
+            }));
             continue;
         }
         let Some(key) = image.keys.get(key_arn) else {
-            blocked.push(Blocker::new(
+            verdicts.push(KeyVerdict::Blocked(Blocker::new(
                 format!("key {id} was not read"),
                 format!("KMS key {arn} was not read"),
-            ));
+            )));
             continue;
         };
         if let KeyManager::Other(manager) = &key.manager {
-            blocked.push(Blocker::new(
+            verdicts.push(KeyVerdict::Blocked(Blocker::new(
                 format!("key {id} has key manager {manager}"),
                 format!("KMS reports key manager {manager:?} for KMS key {arn}, which ami-share does not know how to open"),
-            ));
+            )));
             continue;
         }
         if key.manager == KeyManager::Aws {
-            blocked.push(Blocker::cured_by_copy(
+            verdicts.push(KeyVerdict::Blocked(Blocker::cured_by_copy(
                 format!("{snapshots} uses the AWS managed key aws/ebs, which cannot be shared"),
                 format!(
                     "snapshot {snapshots} is encrypted with the AWS managed key {arn} (aws/ebs), whose policy cannot be changed: AWS does not let anyone else use it"
                 ),
-            ));
+            )));
             continue;
         }
         if !key.is_enabled() {
-            blocked.push(Blocker::new(
+            verdicts.push(KeyVerdict::Blocked(Blocker::new(
                 format!("{snapshots} uses KMS key {id}, which is {}", key.state),
                 format!(
                     "snapshot {snapshots} is encrypted with KMS key {arn}, which is {}: nobody can launch from it",
                     key.state
                 ),
-            ));
+            )));
             continue;
         }
         if let Some(blocker) = unapproved(&arn, key, &snapshots, desired) {
-            blocked.push(blocker);
+            verdicts.push(KeyVerdict::Blocked(blocker));
             continue;
         }
         let Some(policy) = key.policy.as_deref() else {
-            blocked.push(Blocker::new(
+            verdicts.push(KeyVerdict::Blocked(Blocker::new(
                 format!("the policy of key {id} was not read"),
                 format!("the policy of KMS key {arn} was not read"),
-            ));
+            )));
             continue;
         };
-        openable.push(Openable {
+        verdicts.push(KeyVerdict::Openable(Openable {
             arn,
             snapshots,
             policy,
-        });
+        }));
     }
-    (blocked, openable)
+    verdicts
 }
 
-/// The key policy patches sharing needs, or why the image cannot be shared as it is.
+/// The key policy patches sharing needs, or why the image cannot be shared as it is (in the order of
+/// [`key_verdicts`], a policy that cannot be merged into in its key's place).
 pub fn key_patches(desired: &Desired, image: &ObservedImage) -> Result<Vec<Action>, Vec<Blocker>> {
-    let (mut blocked, openable) = key_verdict(desired, image);
+    let mut blocked = Vec::new();
     let mut patches = Vec::new();
-    for Openable {
-        arn,
-        snapshots,
-        policy,
-    } in openable
-    {
-        let grantees =
-            KeyGrantees::for_launch_permissions(&desired.launch_permissions, arn.account());
-        match key_policy::merge(policy, &grantees, arn.partition()) {
-            Ok(None) => {}
-            Ok(Some(merged)) => patches.push(Action::PatchKeyPolicy {
-                region: image.region.clone(),
-                key_arn: arn.to_string(),
-                admit: merged.admitted,
-                limit_to_ec2: merged.limited_to_ec2,
-                grantees,
-                policy: merged.policy,
-            }),
-            Err(e) => {
-                let id = key_id(&arn);
-                let summary = match &e {
-                    key_policy::KeyPolicyError::TooLarge { .. } => {
-                        format!("the policy of key {id} would exceed 32 KB")
-                    }
-                    _ => format!("the policy of key {id} cannot be merged into"),
-                };
-                blocked.push(Blocker::new(
-                    summary,
-                    format!("KMS key {arn} of snapshot {snapshots}: {e}"),
-                ));
-            }
+    for verdict in key_verdicts(desired, image) {
+        match verdict {
+            KeyVerdict::Blocked(blocker) => blocked.push(blocker),
+            KeyVerdict::Openable(key) => match patch(desired, image, key) {
+                Ok(Some(action)) => patches.push(action),
+                Ok(None) => {}
+                Err(blocker) => blocked.push(blocker),
+            },
         }
     }
     if blocked.is_empty() {
@@ -283,10 +264,81 @@ pub fn key_patches(desired: &Desired, image: &ObservedImage) -> Result<Vec<Actio
     }
 }
 
+/// The share targets merged into one key's policy: the patch, none when it admits them already, or why
+/// it cannot be merged into (a copy would not cure that).
+fn patch(
+    desired: &Desired,
+    image: &ObservedImage,
+    Openable {
+        arn,
+        snapshots,
+        policy,
+    }: Openable<'_>,
+) -> Result<Option<Action>, Blocker> {
+    let grantees = KeyGrantees::for_launch_permissions(&desired.launch_permissions, arn.account());
+    match key_policy::merge(policy, &grantees, arn.partition()) {
+        Ok(None) => Ok(None),
+        Ok(Some(merged)) => Ok(Some(Action::PatchKeyPolicy {
+            region: image.region.clone(),
+            key_arn: arn.to_string(),
+            admit: merged.admitted,
+            limit_to_ec2: merged.limited_to_ec2,
+            grantees,
+            policy: merged.policy,
+        })),
+        Err(e) => {
+            let id = key_id(&arn);
+            let summary = match &e {
+                key_policy::KeyPolicyError::TooLarge { .. } => {
+                    format!("the policy of key {id} would exceed 32 KB")
+                }
+                _ => format!("the policy of key {id} cannot be merged into"),
+            };
+            Err(Blocker::new(
+                summary,
+                format!("KMS key {arn} of snapshot {snapshots}: {e}"),
+            ))
+        }
+    }
+}
+
+/// Whether every reason the image cannot be shared as it is would be cured by a copy re-encrypted with
+/// a key of this account (and there is such a reason). A key policy ami-share cannot merge into would
+/// keep the image from being shared after the copy too, so keys it may open are merged here as well, but
+/// only when a copy is otherwise the cure: an image with snapshots both on the AWS managed key (or
+/// another account's) and on a key it may open. For every other image, no merge happens here.
+pub(super) fn all_cured_by_copy(desired: &Desired, image: &ObservedImage) -> bool {
+    let verdicts = key_verdicts(desired, image);
+    let mut blockers = verdicts.iter().filter_map(|v| match v {
+        KeyVerdict::Blocked(blocker) => Some(blocker),
+        KeyVerdict::Openable(_) => None,
+    });
+    let cured = blockers.clone().next().is_some() && blockers.all(|b| b.cured_by_copy);
+    cured
+        && verdicts.into_iter().all(|v| match v {
+            KeyVerdict::Blocked(_) => true,
+            KeyVerdict::Openable(key) => patch(desired, image, key).is_ok(),
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::test_support::plan::*;
+
+    #[test]
+    fn what_keeps_an_image_from_sharing_is_listed_in_key_order() {
+        // CMK's ARN sorts before AWS_EBS's: its policy's merge error comes first, where its key is.
+        let image = on_aws_ebs_and_cmk("not a policy");
+        let blocked = key_patches(&desired(), &image).unwrap_err();
+        let summaries: Vec<&str> = blocked.iter().map(|b| b.summary.as_str()).collect();
+        assert_eq!(summaries.len(), 2, "{summaries:?}");
+        assert!(
+            summaries[0].contains("cannot be merged into"),
+            "{summaries:?}"
+        );
+        assert!(summaries[1].contains("aws/ebs"), "{summaries:?}");
+    }
 
     #[test]
     fn a_customer_key_is_opened_to_the_targets_before_the_image_is_shared() {

@@ -102,15 +102,11 @@ pub fn copy_targets<'a>(
 }
 
 /// Whether the image is to be shared, cannot be as it is, and a copy re-encrypted with the rule's key
-/// would cure that: then the reconciler observes the copy (or the key to make one with). Decided from
-/// the keys alone, before any key policy is merged (the plan merges, once): a policy ami-share could not
-/// merge into would keep the image from a copy too, and costs only this read.
+/// would cure that: then the reconciler observes the copy (or the key to make one with).
 pub fn wants_reencrypted_copy(desired: &Desired, image: &ObservedImage) -> bool {
-    if desired.reencrypt_with.is_none() || !reads_needed(desired, image).keys {
-        return false;
-    }
-    let (blocked, _) = key_verdict(desired, image);
-    !blocked.is_empty() && blocked.iter().all(|b| b.cured_by_copy)
+    desired.reencrypt_with.is_some()
+        && reads_needed(desired, image).keys
+        && all_cured_by_copy(desired, image)
 }
 
 /// Copies that are, or will be, usable: available, pending, or in EC2's passing `transient` state.

@@ -83,6 +83,19 @@ pub fn encrypted(arn: &str, observed_key: Option<ObservedKey>) -> ObservedImage 
     img
 }
 
+/// An image with snap-1 on the AWS managed key and snap-2 on `CMK` (approved), whose policy is given.
+pub fn on_aws_ebs_and_cmk(cmk_policy: &str) -> ObservedImage {
+    let mut image = encrypted(AWS_EBS, Some(key(AWS_EBS, KeyManager::Aws)));
+    let mut second = image.snapshots[0].clone();
+    second.snapshot_id = "snap-2".into();
+    second.kms_key_id = Some(CMK.into());
+    image.snapshots.push(second);
+    let mut cmk = key(CMK, KeyManager::Customer);
+    cmk.policy = Some(cmk_policy.into());
+    image.keys.insert(CMK.into(), cmk);
+    image
+}
+
 pub fn observed(image: ObservedImage) -> Observed {
     Observed {
         image,
