@@ -43,6 +43,17 @@ import time
 import urllib.parse
 from datetime import datetime, timedelta, timezone
 
+import boto3
+
+# Speed, before moto is imported: moto asks a new boto3 Session for the list of regions of each service
+# it loads (EC2 alone asks three times as it is imported), and each new Session parses botocore's
+# endpoint files again, about half a second of every emulator's start. One Session answers them all.
+_RealSession = boto3.Session
+_shared_session = _RealSession()
+boto3.Session = lambda *args, **kwargs: _shared_session if not (args or kwargs) else _RealSession(*args, **kwargs)
+
+from moto.core import responses as moto_responses  # noqa: E402 (moto after the Session above)
+from moto.core import utils as moto_utils
 from moto.core.exceptions import JsonRESTError
 from moto.core.responses import ActionResult
 from moto.ec2.exceptions import EC2ClientError, UnvailableAMIIdError
@@ -426,6 +437,28 @@ AmisResponse.enable_image_block_public_access = enable_image_block_public_access
 KmsBackend.create_alias = create_alias
 KmsResponse.put_key_policy = put_key_policy
 KmsResponse.get_key_policy = get_key_policy
+
+# --- speed (not fidelity) ----------------------------------------------------------------------------
+# moto parses a service's botocore model (EC2's takes ~0.25 s) on its first request, cached, but every
+# request that arrives before the first parse ends parses it again: a sweep's first fan-out of concurrent
+# requests parsed EC2's model once per request. One parse per service, the others wait for it.
+_service_models = {}
+_service_models_lock = threading.Lock()
+_parse_service_model = moto_responses.get_service_model
+
+
+def _service_model_once(service_name):
+    model = _service_models.get(service_name)
+    if model is None:
+        with _service_models_lock:
+            model = _service_models.get(service_name)
+            if model is None:
+                model = _service_models[service_name] = _parse_service_model(service_name)
+    return model
+
+
+moto_responses.get_service_model = moto_utils.get_service_model = _service_model_once
+
 
 # --- test control and request log --------------------------------------------------------------------
 
