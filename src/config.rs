@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::distribution::{CopySettings, ParameterName};
 use crate::keys::KeyRef;
+use crate::limits::{
+    SHARING_ENTITIES_PER_IMAGE, TAG_KEY_CHARS, TAG_VALUE_CHARS, TAGS_PER_RESOURCE,
+};
 use crate::markers;
 use crate::observed::CreatedBy;
 use crate::targets::{AccountId, LaunchPermission, OrganizationArn, OrganizationalUnitArn};
@@ -114,7 +117,7 @@ pub struct Rule {
 }
 
 /// EC2 refuses a deprecation time more than 10 years ahead.
-pub const MAX_DEPRECATE_AFTER_DAYS: u32 = 3650;
+pub use crate::limits::DEPRECATE_AFTER_DAYS as MAX_DEPRECATE_AFTER_DAYS;
 
 /// A rule's opt-in to sharing re-encrypted copies of AMIs it cannot share as they are.
 #[derive(Debug, Clone, Deserialize)]
@@ -250,9 +253,9 @@ impl TryFrom<String> for TagKey {
     type Error = String;
     fn try_from(key: String) -> Result<Self, String> {
         let len = key.chars().count();
-        if !(1..=128).contains(&len) {
+        if !(1..=TAG_KEY_CHARS).contains(&len) {
             return Err(format!(
-                "tag key {key:?} has {len} characters; expected 1 to 128"
+                "tag key {key:?} has {len} characters; expected 1 to {TAG_KEY_CHARS}"
             ));
         }
         if key.to_ascii_lowercase().starts_with("aws:") {
@@ -285,9 +288,9 @@ impl TryFrom<String> for TagValue {
     type Error = String;
     fn try_from(value: String) -> Result<Self, String> {
         let len = value.chars().count();
-        if len > 256 {
+        if len > TAG_VALUE_CHARS {
             return Err(format!(
-                "tag value {:?}… has {len} characters; expected at most 256",
+                "tag value {:?}… has {len} characters; expected at most {TAG_VALUE_CHARS}",
                 value.chars().take(20).collect::<String>()
             ));
         }
@@ -300,9 +303,6 @@ impl From<TagValue> for String {
         value.0
     }
 }
-
-/// EC2 allows 50 user tags per resource.
-pub const MAX_TAGS_PER_RESOURCE: usize = 50;
 
 impl Config {
     /// Reads and validates the file named by `AMI_SHARE_CONFIG`, or [`DEFAULT_CONFIG_PATH`].
@@ -380,9 +380,9 @@ impl Config {
             {
                 problems.push(format!("{at}: ssm_parameter: {e}"));
             }
-            if rule.tags.len() > MAX_TAGS_PER_RESOURCE {
+            if rule.tags.len() > TAGS_PER_RESOURCE {
                 problems.push(format!(
-                    "{at}: {} tags; EC2 allows at most {MAX_TAGS_PER_RESOURCE} per resource",
+                    "{at}: {} tags; EC2 allows at most {TAGS_PER_RESOURCE} per resource",
                     rule.tags.len()
                 ));
             }
@@ -440,6 +440,28 @@ impl Config {
                         "{at}: share.accounts lists {target}, {owner}: an owner needs no launch or volume permission, so ami-share gives it none; remove it"
                     ));
                 }
+            }
+            // ami-share's own marks take room among EC2's 50 tags: a source may carry the status and
+            // the re-encrypted copy's id, a copy its three copy marks and the status.
+            let (marks, on) = match rule.copy.is_some() || rule.reencrypt.is_some() {
+                true => (markers::MARKS_ON_A_COPY, "its copies"),
+                false => (markers::MARKS_ON_A_SOURCE, "its AMIs"),
+            };
+            if rule.tags.len() + marks > TAGS_PER_RESOURCE {
+                warnings.push(format!(
+                    "{at}: {} tags, and ami-share's own marks may need {marks} more on {on}: EC2 allows {TAGS_PER_RESOURCE} per resource, so the last of the rule's tags (in key order) may be left out; keep it to {} tags",
+                    rule.tags.len(),
+                    TAGS_PER_RESOURCE - marks
+                ));
+            }
+            let entities = rule.share.organizations.len()
+                + rule.share.organizational_units.len()
+                + rule.share.accounts.len();
+            if entities > SHARING_ENTITIES_PER_IMAGE {
+                warnings.push(format!(
+                    "{at}: {entities} share targets: AWS shares an AMI with at most {SHARING_ENTITIES_PER_IMAGE} entities, so {} of them will be left out; share with organizations or OUs instead of single accounts (each counts as one)",
+                    entities - SHARING_ENTITIES_PER_IMAGE
+                ));
             }
         }
         warnings

@@ -18,6 +18,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use futures::StreamExt;
 use serde_json::{Value, json};
 
 use crate::aws::Aws;
@@ -150,7 +151,7 @@ impl<A: Aws> Handler<A> {
                 return Err(e.into());
             }
         };
-        let event = match trigger {
+        let events = match trigger {
             Trigger::Ignore { reason } => {
                 tracing::info!(outcome = "ignored", reason = %reason, "event ignored: {reason}");
                 return Ok(json!({ "status": "ignored", "reason": reason }));
@@ -159,25 +160,83 @@ impl<A: Aws> Handler<A> {
             Trigger::Sweep { event_id } => {
                 return Ok(Box::pin(self.sweep(event_id, deadline)).await);
             }
-            Trigger::Image(event) => event,
+            Trigger::Images(events) => events,
         };
-        if let Some(reason) = self.not_served(&event, invocation) {
+        let mut answers: Vec<ImageAnswer> = futures::stream::iter(&events)
+            .map(|event| self.handle_image(event, invocation))
+            .buffered(IMAGES_AT_ONCE)
+            .collect()
+            .await;
+        if answers.len() == 1 {
+            return answers.pop().expect("one answer").into_result();
+        }
+        // A tag event that named several AMIs: one answer for all, retried (as a whole: what is done
+        // is not redone) if any of them must be.
+        let retry: Vec<&str> = answers.iter().filter_map(|a| a.retry.as_deref()).collect();
+        if !retry.is_empty() {
+            return Err(HandlerError::Retryable {
+                headline: format!(
+                    "{} of the event's {} AMIs must be handled again: {}",
+                    retry.len(),
+                    answers.len(),
+                    retry.join("; ")
+                ),
+            });
+        }
+        let status = answers
+            .iter()
+            .map(|a| a.status)
+            .max_by_key(|s| s.severity())
+            .expect("an event names at least one image");
+        let summary = answers
+            .iter()
+            .map(|a| a.answer["summary"].as_str().unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("; ");
+        let images: Vec<Value> = answers.into_iter().map(|a| a.answer).collect();
+        Ok(json!({ "status": status, "summary": summary, "images": images }))
+    }
+
+    /// Reconciles one image an event names, logs its summary record and counters.
+    async fn handle_image(&self, event: &ImageEvent, invocation: &Invocation) -> ImageAnswer {
+        if let Some(reason) = self.not_served(event, invocation) {
             let region = event.image.region.as_deref().unwrap_or(&self.home_region);
             let outcome = Outcome::not_reconciled(&event.image.image_id, region, reason);
             log_summary(&outcome, event.event_id.as_deref());
-            return Ok(
-                json!({ "status": outcome.status(), "summary": outcome.headline(), "outcome": outcome }),
-            );
+            return ImageAnswer::of(&outcome);
         }
-        let outcome = self.reconciler().reconcile(&event).await;
+        let outcome = self.reconciler().reconcile(event).await;
         log_summary(&outcome, event.event_id.as_deref());
         emit_metrics(Counts::of(&outcome));
-        if outcome.is_incomplete() && outcome.retryable() {
-            return Err(HandlerError::Retryable {
-                headline: outcome.headline(),
-            });
+        ImageAnswer::of(&outcome)
+    }
+}
+
+/// AMIs of one tag event reconciled at once (a CreateTags call may name many).
+const IMAGES_AT_ONCE: usize = 4;
+
+/// What the handler answers for one image, and whether Lambda should deliver the event again.
+struct ImageAnswer {
+    status: Status,
+    answer: Value,
+    /// The headline, when a retry may complete what is missing.
+    retry: Option<String>,
+}
+
+impl ImageAnswer {
+    fn of(outcome: &Outcome) -> Self {
+        Self {
+            status: outcome.status(),
+            answer: json!({ "status": outcome.status(), "summary": outcome.headline(), "outcome": outcome }),
+            retry: (outcome.is_incomplete() && outcome.retryable()).then(|| outcome.headline()),
         }
-        Ok(json!({ "status": outcome.status(), "summary": outcome.headline(), "outcome": outcome }))
+    }
+
+    fn into_result(self) -> Result<Value, HandlerError> {
+        match self.retry {
+            Some(headline) => Err(HandlerError::Retryable { headline }),
+            None => Ok(self.answer),
+        }
     }
 }
 
@@ -298,6 +357,8 @@ fn log_summary(outcome: &Outcome, event_id: Option<&str>) {
     let level = match outcome.status() {
         Status::Failed => tracing::Level::ERROR,
         Status::Retry | Status::Blocked => tracing::Level::WARN,
+        // Done, but with what a limit left out: someone must change the config or the image.
+        Status::Skipped | Status::Done if !outcome.limits.is_empty() => tracing::Level::WARN,
         Status::Skipped | Status::Done => tracing::Level::INFO,
     };
     at_level!(
@@ -313,6 +374,7 @@ fn log_summary(outcome: &Outcome, event_id: Option<&str>) {
         done = %to_json(&outcome.done),
         deferred = %to_json(&outcome.deferred),
         blocked = %to_json(&outcome.blocked),
+        limits = %to_json(&outcome.limits),
         skipped = outcome.skipped.as_deref().unwrap_or_default(),
         conflicts = %to_json(&outcome.conflicts),
         failures = %to_json(&outcome.failures),

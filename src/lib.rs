@@ -20,6 +20,7 @@ mod json;
 pub mod key_audit;
 pub mod key_policy;
 pub mod keys;
+pub mod limits;
 pub mod logging;
 pub mod markers;
 pub mod metrics;

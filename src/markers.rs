@@ -61,6 +61,17 @@ impl fmt::Display for CopyKind {
     }
 }
 
+/// The most marks ami-share writes on an AMI it shares: [`STATUS`], [`STATUS_REASON`], [`REENCRYPTED_COPY`].
+pub const MARKS_ON_A_SOURCE: usize = 3;
+/// The most marks ami-share writes on a copy it makes: [`SOURCE_IMAGE`], [`SOURCE_REGION`],
+/// [`COPY_KIND`], and the status ([`STATUS`], [`STATUS_REASON`]).
+pub const MARKS_ON_A_COPY: usize = 5;
+
+/// Whether a tag key is one of ami-share's own ([`RESERVED`]): a mark, never left out for want of room.
+pub fn is_mark(key: &str) -> bool {
+    RESERVED.contains(&key)
+}
+
 /// Tag keys a rule may not set: ami-share's own bookkeeping would be overwritten.
 pub const RESERVED: [&str; 7] = [
     STATUS,
@@ -72,8 +83,7 @@ pub const RESERVED: [&str; 7] = [
     COPY_KIND,
 ];
 
-/// EC2's limit on a tag value.
-const MAX_TAG_VALUE_CHARS: usize = 256;
+use crate::limits::TAG_VALUE_CHARS as MAX_TAG_VALUE_CHARS;
 
 /// [`STATUS`] values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -54,6 +54,9 @@ pub struct Outcome {
     /// by marks and ignored, configured targets that need no grant.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// What was left out to stay within one of AWS's limits, and what to change ([`crate::limits`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub limits: Vec<String>,
     /// AWS calls that failed.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub failures: Vec<AwsError>,
@@ -90,6 +93,18 @@ pub enum Status {
 }
 
 impl Status {
+    /// How much a person watching needs to hear of it: a failure most, then what must be retried,
+    /// what is blocked, what was done, and last what needed nothing.
+    pub fn severity(self) -> u8 {
+        match self {
+            Self::Failed => 4,
+            Self::Retry => 3,
+            Self::Blocked => 2,
+            Self::Done => 1,
+            Self::Skipped => 0,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Failed => "failed",
@@ -211,11 +226,13 @@ impl Outcome {
     }
 
     /// Whether a person watching should hear of it (a sweep's record or line for one image): something
-    /// was (or, in a dry run, would be) done, it is blocked, or it is not complete.
+    /// was (or, in a dry run, would be) done, it is blocked, a limit left something out, or it is not
+    /// complete.
     pub fn is_noteworthy(&self) -> bool {
         !self.done.is_empty()
             || !self.not_done.is_empty()
             || !self.blocked.is_empty()
+            || !self.limits.is_empty()
             || self.is_incomplete()
     }
 
@@ -227,6 +244,7 @@ impl Outcome {
             blocked: self.blocked.clone(),
             regions: BTreeMap::new(),
             notes: self.notes.clone(),
+            limits: self.limits.clone(),
         }
     }
 
@@ -330,6 +348,7 @@ impl Outcome {
         let label = if self.dry_run { "would" } else { "not done" };
         parts.extend(self.not_done.iter().map(|a| format!("{label}: {a}")));
         parts.extend(self.blocked.iter().map(|b| format!("blocked: {b}")));
+        parts.extend(self.limits.iter().map(|l| format!("over a limit: {l}")));
         parts.extend(self.deferred.iter().map(|d| format!("deferred: {d}")));
         parts.extend(self.notes.iter().map(|n| format!("note: {n}")));
         parts.extend(self.regions.iter().map(|(region, r)| {

@@ -3,6 +3,9 @@
 //! Two kinds are understood, both from `source: aws.ec2`:
 //! - "AWS API Call via CloudTrail" for CreateImage / CopyImage / RegisterImage: the new image id is in
 //!   `detail.responseElements.imageId`; a failed call (`detail.errorCode`) made no image and is skipped;
+//! - the same for CreateTags / DeleteTags: every AMI of `detail.requestParameters.resourcesSet.items`
+//!   (tags select rules, so a tag written after the AMI was made, as Packer writes them, changes what
+//!   is wanted); a call that names no AMI (an instance's, a snapshot's tags) is skipped;
 //! - "EC2 AMI State Change": `detail.ImageId` and `detail.State`.
 //!
 //! The envelope is `aws_lambda_events`' `EventBridgeEvent`. The details use types of our own that read only
@@ -19,7 +22,7 @@ use crate::observed::{CreatedBy, ImageState};
 pub const CLOUDTRAIL_DETAIL_TYPE: &str = "AWS API Call via CloudTrail";
 pub const STATE_CHANGE_DETAIL_TYPE: &str = "EC2 AMI State Change";
 pub const SCHEDULED_DETAIL_TYPE: &str = "Scheduled Event";
-const EXPECTED: &str = "an EventBridge event from source \"aws.ec2\" with detail-type \"AWS API Call via CloudTrail\" (eventName CreateImage, CopyImage or RegisterImage) or \"EC2 AMI State Change\", or a \"Scheduled Event\" from source \"aws.events\" (the scheduled sweep)";
+const EXPECTED: &str = "an EventBridge event from source \"aws.ec2\" with detail-type \"AWS API Call via CloudTrail\" (eventName CreateImage, CopyImage, RegisterImage, CreateTags or DeleteTags) or \"EC2 AMI State Change\", or a \"Scheduled Event\" from source \"aws.events\" (the scheduled sweep)";
 
 /// An image in a region. AMIs are regional: the id alone does not find one.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -36,6 +39,9 @@ pub enum EventKind {
     ApiCall(CreatedBy),
     /// The image reached `state` (available, failed, deregistered, disabled, …).
     StateChange { state: ImageState },
+    /// A successful CloudTrail-recorded CreateTags or DeleteTags call named the image: the rules that
+    /// select it may have changed.
+    TagsChanged,
     /// Named directly by an operator or a sweep, not by an event.
     Direct,
 }
@@ -54,8 +60,8 @@ pub struct ImageEvent {
 /// The outcome of reading an event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Trigger {
-    /// Reconcile this image.
-    Image(ImageEvent),
+    /// Reconcile these images: one for an AMI event, each AMI it names for a tag event (never none).
+    Images(Vec<ImageEvent>),
     /// A well-formed event that calls for no work, and why (e.g. a failed CreateImage call).
     Ignore { reason: String },
     /// An EventBridge schedule fired: sweep the function's region (every AMI this account owns there).
@@ -84,7 +90,28 @@ struct ApiCallDetail {
     error_code: Option<String>,
     error_message: Option<String>,
     response_elements: Option<Value>,
+    request_parameters: Option<Value>,
     aws_region: Option<String>,
+}
+
+/// The resources of a CreateTags / DeleteTags call (`requestParameters.resourcesSet`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TaggedResources {
+    #[serde(default)]
+    resources_set: ResourceSet,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ResourceSet {
+    #[serde(default)]
+    items: Vec<TaggedResource>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TaggedResource {
+    resource_id: String,
 }
 
 /// The detail of an "EC2 AMI State Change" event.
@@ -123,11 +150,12 @@ pub fn parse(event: Value) -> Result<Trigger, TriggerError> {
 fn parse_api_call(envelope: &EventBridgeEvent<Value>) -> Result<Trigger, TriggerError> {
     let detail: ApiCallDetail = serde_json::from_value(envelope.detail.clone())
         .map_err(|e| unsupported(format!("the CloudTrail detail is malformed ({e})")))?;
-    let name = detail.event_name.as_deref().unwrap_or_default();
-    let created_by = match name {
-        "CreateImage" => CreatedBy::CreateImage,
-        "CopyImage" => CreatedBy::CopyImage,
-        "RegisterImage" => CreatedBy::RegisterImage,
+    let name = detail.event_name.clone().unwrap_or_default();
+    let created_by = match name.as_str() {
+        "CreateImage" => Some(CreatedBy::CreateImage),
+        "CopyImage" => Some(CreatedBy::CopyImage),
+        "RegisterImage" => Some(CreatedBy::RegisterImage),
+        "CreateTags" | "DeleteTags" => None,
         "" => return Err(unsupported("the CloudTrail detail has no eventName")),
         other => return Err(unsupported(format!("CloudTrail eventName is {other:?}"))),
     };
@@ -136,12 +164,20 @@ fn parse_api_call(envelope: &EventBridgeEvent<Value>) -> Result<Trigger, Trigger
     {
         return Err(unsupported(format!("CloudTrail eventSource is {source:?}")));
     }
-    if let Some(code) = detail.error_code {
-        let message = detail.error_message.unwrap_or_default();
+    if let Some(code) = &detail.error_code {
+        let message = detail.error_message.as_deref().unwrap_or_default();
+        let made = match created_by {
+            Some(_) => "it made no image",
+            None => "it changed no tag",
+        };
         return Ok(Trigger::Ignore {
-            reason: format!("{name} failed ({code}: {message}); it made no image"),
+            reason: format!("{name} failed ({code}: {message}); {made}"),
         });
     }
+    let region = envelope.region.clone().or(detail.aws_region.clone());
+    let Some(created_by) = created_by else {
+        return parse_tag_call(envelope, &detail, &name, region);
+    };
     let image_id = detail
         .response_elements
         .as_ref()
@@ -152,8 +188,54 @@ fn parse_api_call(envelope: &EventBridgeEvent<Value>) -> Result<Trigger, Trigger
                 "{name} event without errorCode has no detail.responseElements.imageId"
             ))
         })?;
-    let region = envelope.region.clone().or(detail.aws_region);
     image_event(envelope, image_id, region, EventKind::ApiCall(created_by))
+}
+
+/// A CreateTags or DeleteTags call: every AMI it names, once each, in the order named.
+fn parse_tag_call(
+    envelope: &EventBridgeEvent<Value>,
+    detail: &ApiCallDetail,
+    name: &str,
+    region: Option<String>,
+) -> Result<Trigger, TriggerError> {
+    let parameters = detail.request_parameters.clone().ok_or_else(|| {
+        unsupported(format!(
+            "{name} event without errorCode has no detail.requestParameters"
+        ))
+    })?;
+    let tagged: TaggedResources = serde_json::from_value(parameters).map_err(|e| {
+        unsupported(format!(
+            "{name} event's detail.requestParameters.resourcesSet is malformed ({e}); expected {{\"items\": [{{\"resourceId\": \"ami-…\"}}, …]}}"
+        ))
+    })?;
+    let ids: Vec<&str> = tagged
+        .resources_set
+        .items
+        .iter()
+        .map(|r| r.resource_id.as_str())
+        .collect();
+    let mut images: Vec<ImageEvent> = Vec::new();
+    for id in ids.iter().filter(|id| id.starts_with("ami-")) {
+        if images.iter().any(|e| e.image.image_id == *id) {
+            continue;
+        }
+        match image_event(envelope, id, region.clone(), EventKind::TagsChanged)? {
+            Trigger::Images(one) => images.extend(one),
+            other => unreachable!("image_event gives images, not {other:?}"),
+        }
+    }
+    if images.is_empty() {
+        let named = match ids.is_empty() {
+            true => "no resource".to_string(),
+            false => ids.join(", "),
+        };
+        return Ok(Trigger::Ignore {
+            reason: format!(
+                "{name} names no AMI ({named}): only an AMI's own tags select ami-share's rules"
+            ),
+        });
+    }
+    Ok(Trigger::Images(images))
 }
 
 fn parse_state_change(envelope: &EventBridgeEvent<Value>) -> Result<Trigger, TriggerError> {
@@ -190,7 +272,7 @@ fn image_event(
             "region {region:?} is not a region code (e.g. us-east-1)"
         )));
     }
-    Ok(Trigger::Image(ImageEvent {
+    Ok(Trigger::Images(vec![ImageEvent {
         image: ImageRef {
             region,
             image_id: image_id.to_string(),
@@ -198,7 +280,7 @@ fn image_event(
         kind,
         account: envelope.account.clone(),
         event_id: envelope.id.clone(),
-    }))
+    }]))
 }
 
 fn is_image_id(id: &str) -> bool {
@@ -220,8 +302,15 @@ mod tests {
 
     fn image_event(trigger: Trigger) -> ImageEvent {
         match trigger {
-            Trigger::Image(e) => e,
-            other => panic!("expected an image event, got {other:?}"),
+            Trigger::Images(mut events) if events.len() == 1 => events.remove(0),
+            other => panic!("expected one image event, got {other:?}"),
+        }
+    }
+
+    fn images(trigger: Trigger) -> Vec<ImageEvent> {
+        match trigger {
+            Trigger::Images(events) => events,
+            other => panic!("expected image events, got {other:?}"),
         }
     }
 
@@ -238,7 +327,7 @@ mod tests {
                 seen += 1;
             }
         }
-        assert!(seen >= 5, "only {seen} samples");
+        assert!(seen >= 8, "only {seen} samples");
     }
 
     #[test]
@@ -269,6 +358,88 @@ mod tests {
             }
         );
         assert_eq!(e.image.image_id, "ami-0a1b2c3d4e5f67890");
+    }
+
+    #[test]
+    fn a_tag_event_names_each_ami_it_tagged_and_nothing_else() {
+        let e = image_event(parse(sample("create-tags.json")).unwrap());
+        assert_eq!(e.kind, EventKind::TagsChanged);
+        assert_eq!(e.image.image_id, "ami-0a1b2c3d4e5f67890");
+        assert_eq!(e.image.region.as_deref(), Some("us-east-1"));
+        assert_eq!(e.account.as_deref(), Some("123456789012"));
+
+        // An AMI and its snapshots in one call, an AMI named twice, DeleteTags: each AMI once, in order.
+        let mut event = sample("create-tags.json");
+        event["detail"]["eventName"] = json!("DeleteTags");
+        event["detail"]["requestParameters"]["resourcesSet"]["items"] = json!([
+            {"resourceId": "ami-22222222"}, {"resourceId": "snap-0123456789abcdef0"},
+            {"resourceId": "ami-11111111"}, {"resourceId": "ami-22222222"}
+        ]);
+        let ids: Vec<String> = images(parse(event).unwrap())
+            .into_iter()
+            .map(|e| {
+                assert_eq!(e.kind, EventKind::TagsChanged);
+                e.image.image_id
+            })
+            .collect();
+        assert_eq!(ids, ["ami-22222222", "ami-11111111"]);
+    }
+
+    #[test]
+    fn a_tag_event_that_names_no_ami_is_ignored_with_what_it_named() {
+        match parse(sample("create-tags-instance.json")).unwrap() {
+            Trigger::Ignore { reason } => {
+                assert!(
+                    reason.contains("CreateTags names no AMI (i-0123456789abcdef0)"),
+                    "{reason}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut failed = sample("create-tags.json");
+        failed["detail"]["errorCode"] = json!("Client.UnauthorizedOperation");
+        failed["detail"]["errorMessage"] = json!("You are not authorized");
+        match parse(failed).unwrap() {
+            Trigger::Ignore { reason } => {
+                assert!(reason.contains("CreateTags failed (Client.UnauthorizedOperation: You are not authorized); it changed no tag"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_tag_event_of_the_wrong_shape_is_refused_with_the_expected_form() {
+        let mut event = sample("create-tags.json");
+        event["detail"]["requestParameters"]["resourcesSet"] = json!({"items": "ami-12345678"});
+        let error = parse(event).unwrap_err().to_string();
+        assert!(
+            error.contains("requestParameters.resourcesSet is malformed"),
+            "{error}"
+        );
+        assert!(
+            error.contains(r#"expected {"items": [{"resourceId": "ami-…"}, …]}"#),
+            "{error}"
+        );
+
+        let mut event = sample("create-tags.json");
+        event["detail"]["requestParameters"]["resourcesSet"]["items"] =
+            json!([{"resourceId": "ami-nothex!"}]);
+        let error = parse(event).unwrap_err().to_string();
+        assert!(
+            error.contains("\"ami-nothex!\" is not an image id"),
+            "{error}"
+        );
+
+        let mut event = sample("create-tags.json");
+        event["detail"]
+            .as_object_mut()
+            .unwrap()
+            .remove("requestParameters");
+        let error = parse(event).unwrap_err().to_string();
+        assert!(
+            error.contains("CreateTags event without errorCode has no detail.requestParameters"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -284,9 +284,12 @@ impl AwsError {
             "InvalidAMIName.Duplicate" => Some(
                 "another AMI of this account and region has the copy's name: rename or deregister it, or give copies a name of their own with copy.name (e.g. \"{name}-from-{source_region}\")",
             ),
-            "ResourceLimitExceeded" => {
+            "ResourceLimitExceeded" if self.operation == "CopyImage" => {
                 Some("too many copies in progress in this region; a retry makes room")
             }
+            "ResourceLimitExceeded" => Some(
+                "an AMI quota of this account and region: 5 public AMIs per region by default (raise \"Public AMIs\" in Service Quotas, or make an older AMI private) or 1,000 sharing entities per AMI (share with organizations or OUs); not retried, the other shares stand",
+            ),
             "LimitExceededException" if kms => Some(
                 "the key policy would exceed KMS's 32 KB limit: share with organizations or OUs rather than many accounts",
             ),

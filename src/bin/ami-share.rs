@@ -305,9 +305,9 @@ async fn run(target: Target, mode: Mode) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let event = match image_event(&target) {
-        Ok(Some(event)) => event,
-        Ok(None) => return ExitCode::SUCCESS,
+    let events = match image_events(&target) {
+        Ok(events) if events.is_empty() => return ExitCode::SUCCESS,
+        Ok(events) => events,
         Err(message) => {
             eprintln!("{message}");
             return ExitCode::from(2);
@@ -327,27 +327,41 @@ async fn run(target: Target, mode: Mode) -> ExitCode {
         }
     };
     let reconciler = Reconciler::new(&config, &aws, &home_region, mode);
-    let outcome = reconciler.reconcile(&event).await;
-    let stale = match mode {
-        Mode::DryRun => stale_keys(&aws, &outcome).await,
-        Mode::Apply => Vec::new(),
-    };
-    if target.json {
-        let mut value = serde_json::to_value(&outcome).expect("outcome serializes");
-        if !stale.is_empty() {
-            value["stale_keys"] = serde_json::to_value(&stale).expect("serializes");
+    // A tag event may name several AMIs: each is planned (or applied) and printed in turn; with
+    // --json, one object for one image, an array for several.
+    let mut values = Vec::new();
+    let mut incomplete = false;
+    for event in &events {
+        let outcome = reconciler.reconcile(event).await;
+        incomplete |= outcome.is_incomplete();
+        let stale = match mode {
+            Mode::DryRun => stale_keys(&aws, &outcome).await,
+            Mode::Apply => Vec::new(),
+        };
+        if target.json {
+            let mut value = serde_json::to_value(&outcome).expect("outcome serializes");
+            if !stale.is_empty() {
+                value["stale_keys"] = serde_json::to_value(&stale).expect("serializes");
+            }
+            values.push(value);
+        } else {
+            println!("{}", outcome.report());
+            for key in &stale {
+                println!("  note: {key}");
+            }
         }
+    }
+    if target.json {
+        let value = match values.len() {
+            1 => values.pop().expect("one outcome"),
+            _ => serde_json::Value::Array(values),
+        };
         println!(
             "{}",
             serde_json::to_string_pretty(&value).expect("outcome serializes")
         );
-    } else {
-        println!("{}", outcome.report());
-        for key in &stale {
-            println!("  note: {key}");
-        }
     }
-    if outcome.is_incomplete() {
+    if incomplete {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
@@ -377,10 +391,11 @@ async fn stale_keys(aws: &SdkAws, outcome: &Outcome) -> Vec<StaleKey> {
     }
 }
 
-/// The image to work on, from `--event` or `--image-id`. `Ok(None)`: the event calls for no work.
-fn image_event(target: &Target) -> Result<Option<ImageEvent>, String> {
+/// The images to work on, from `--event` or `--image-id`: none when the event calls for no work, several
+/// for a tag event that names several AMIs.
+fn image_events(target: &Target) -> Result<Vec<ImageEvent>, String> {
     if let Some(image_id) = &target.image_id {
-        return Ok(Some(ImageEvent {
+        return Ok(vec![ImageEvent {
             image: ImageRef {
                 region: target.region.clone(),
                 image_id: image_id.clone(),
@@ -388,7 +403,7 @@ fn image_event(target: &Target) -> Result<Option<ImageEvent>, String> {
             kind: EventKind::Direct,
             account: None,
             event_id: None,
-        }));
+        }]);
     }
     let path = target
         .event
@@ -399,15 +414,17 @@ fn image_event(target: &Target) -> Result<Option<ImageEvent>, String> {
     let value =
         serde_json::from_str(&text).map_err(|e| format!("{} is not JSON: {e}", path.display()))?;
     match trigger::parse(value).map_err(|e| format!("{}: {e}", path.display()))? {
-        Trigger::Image(mut event) => {
+        Trigger::Images(mut events) => {
             if target.region.is_some() {
-                event.image.region = target.region.clone();
+                for event in &mut events {
+                    event.image.region = target.region.clone();
+                }
             }
-            Ok(Some(event))
+            Ok(events)
         }
         Trigger::Ignore { reason } => {
             println!("nothing to do: {reason}");
-            Ok(None)
+            Ok(Vec::new())
         }
         Trigger::Sweep { .. } => Err(format!(
             "{} is the scheduled sweep's event, which names no image: run `ami-share sweep --config … --region …` (add --dry-run to plan only)",

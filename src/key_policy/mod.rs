@@ -59,7 +59,7 @@ mod statement;
 use statement::*;
 
 /// KMS's limit on the size of a key policy document.
-pub const MAX_POLICY_BYTES: usize = 32 * 1024;
+pub use crate::limits::KEY_POLICY_BYTES as MAX_POLICY_BYTES;
 
 /// The actions receivers need on the key, besides `kms:CreateGrant` (see the module documentation).
 pub const USE_ACTIONS: [&str; 6] = [

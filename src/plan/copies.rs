@@ -125,8 +125,17 @@ pub(super) fn region_copy(
         key: key.as_ref(),
         name: wanted.name.render(&values, MAX_NAME_CHARS),
         description: wanted.description.render(&values, MAX_DESCRIPTION_CHARS),
-        tags: with_marks(own, copy_desired.image_tags),
-        snapshot_tags: desired.snapshot_tags.clone(),
+        tags: copy_tags(
+            own,
+            copy_desired.image_tags,
+            &format!("the copy of {} in {region}", source.image_id),
+            &mut plan.limits,
+        ),
+        snapshot_tags: copy_snapshot_tags(
+            &desired.snapshot_tags,
+            &format!("the copy of {} in {region}", source.image_id),
+            &mut plan.limits,
+        ),
         previous: &failed.into_iter().collect::<Vec<_>>(),
     })));
     plan.deferred.push(format!(
@@ -270,6 +279,13 @@ pub(super) fn status_and_reencrypted_copy(
                 image.image_id
             );
             let marks = desired_for_copy(desired, image, CopyKind::Reencrypted).image_tags;
+            let mut limits = Vec::new();
+            let tags = copy_tags(
+                own_tags(image),
+                marks,
+                &format!("the re-encrypted copy of {}", image.image_id),
+                &mut limits,
+            );
             let copy = new_copy(CopyDraft {
                 kind: CopyKind::Reencrypted,
                 source: image,
@@ -277,8 +293,12 @@ pub(super) fn status_and_reencrypted_copy(
                 key: key.as_ref(),
                 name: image.name.clone().unwrap_or_else(|| image.image_id.clone()),
                 description: description.chars().take(MAX_DESCRIPTION_CHARS).collect(),
-                tags: with_marks(own_tags(image), marks),
-                snapshot_tags: desired.snapshot_tags.clone(),
+                tags,
+                snapshot_tags: copy_snapshot_tags(
+                    &desired.snapshot_tags,
+                    &format!("the re-encrypted copy of {}", image.image_id),
+                    &mut limits,
+                ),
                 previous: &previous,
             });
             (
@@ -289,6 +309,7 @@ pub(super) fn status_and_reencrypted_copy(
                         "sharing the re-encrypted copy of {} waits until the copy is available",
                         image.image_id
                     )],
+                    limits,
                     ..Plan::default()
                 }),
             )

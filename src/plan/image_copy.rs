@@ -3,10 +3,9 @@
 
 use super::*;
 
-/// EC2's limits on an AMI's name and description.
-pub(super) const MAX_NAME_CHARS: usize = 128;
-
-pub(super) const MAX_DESCRIPTION_CHARS: usize = 255;
+pub(super) use crate::limits::{
+    IMAGE_DESCRIPTION_CHARS as MAX_DESCRIPTION_CHARS, IMAGE_NAME_CHARS as MAX_NAME_CHARS,
+};
 
 /// FNV-1a, 64 bits: the same in every build (std's hasher is not promised to be), for idempotency tokens
 /// and names that must not change when the function is redeployed.
@@ -34,15 +33,37 @@ pub(super) fn own_tags(source: &ObservedImage) -> Tags {
         .collect()
 }
 
-/// `tags` with `marks` (the wanted tags and the copy's marks) over them, within EC2's 50 tags.
-pub(super) fn with_marks(tags: Tags, marks: Tags) -> Tags {
-    let mut merged: Tags = tags
-        .into_iter()
-        .filter(|(k, _)| !marks.contains_key(k))
-        .take(MAX_TAGS_PER_RESOURCE.saturating_sub(marks.len()))
-        .collect();
-    merged.extend(marks);
-    merged
+/// A new copy's tags (CopyImage's tag specification), within EC2's [`TAGS_PER_RESOURCE`]: the copy's
+/// marks always, then the rules' tags of `wanted`, then the source's `own` tags; what is left out is
+/// named in `limits` (`copy` says which copy).
+pub(super) fn copy_tags(own: Tags, wanted: Tags, copy: &str, limits: &mut Vec<String>) -> Tags {
+    let (marks, rules): (Tags, Tags) = wanted.into_iter().partition(|(k, _)| markers::is_mark(k));
+    let with_rules = fit_tags(&Tags::new(), &marks, &rules);
+    let all = fit_tags(&Tags::new(), &with_rules.tags, &own);
+    let mut left_out = with_rules.left_out;
+    left_out.extend(all.left_out);
+    if !left_out.is_empty() {
+        limits.push(format!(
+            "{} tag(s) left out of {copy}: EC2 allows {TAGS_PER_RESOURCE} tags per resource, and ami-share's copy marks take {}; give the selecting rules fewer tags, or set copy.source_tags = false. Left out: {}",
+            left_out.len(),
+            marks.len(),
+            named(left_out.into_iter())
+        ));
+    }
+    all.tags
+}
+
+/// A new copy's snapshot tags, within EC2's [`TAGS_PER_RESOURCE`] (several rules' tags may add up to more).
+pub(super) fn copy_snapshot_tags(wanted: &Tags, copy: &str, limits: &mut Vec<String>) -> Tags {
+    let fit = fit_tags(&Tags::new(), &Tags::new(), wanted);
+    if !fit.left_out.is_empty() {
+        limits.push(format!(
+            "{} snapshot tag(s) left out of {copy}: EC2 allows {TAGS_PER_RESOURCE} tags per resource; give the selecting rules fewer tags. Left out: {}",
+            fit.left_out.len(),
+            named(fit.left_out.into_iter())
+        ));
+    }
+    fit.tags
 }
 
 /// What a new copy is made of, before its token and final name are derived.

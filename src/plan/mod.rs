@@ -18,10 +18,10 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::config::MAX_TAGS_PER_RESOURCE;
 use crate::distribution::TemplateValues;
 use crate::key_policy::{self, KeyGrantees};
 use crate::keys::{APPROVAL_TAG, APPROVAL_TAG_VALUE, KeyArn, KeyRef, approval};
+use crate::limits::{SHARING_ENTITIES_PER_IMAGE, TAGS_PER_RESOURCE, counts_as_user_tag, fit_tags};
 use crate::markers::{self, CopyKind, Status};
 use crate::observed::{
     ImageState, KeyManager, Observed, ObservedCopies, ObservedImage, ObservedKey, Tags,
@@ -64,6 +64,10 @@ pub struct Plan {
     /// not record as copies (ignored), configured targets that need no grant.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// What was left out to stay within one of AWS's limits ([`crate::limits`]): the limit, what was
+    /// left out, what to change. The rest of the plan goes ahead.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub limits: Vec<String>,
 }
 
 /// Where the copy of an image in one target region stands, as planning saw it.
@@ -133,7 +137,12 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
                     false => None,
                 };
                 plan.blocked.extend(refusal.clone());
-                after_tags.extend(share_action(desired, image, refusal.is_none()));
+                after_tags.extend(share_actions(
+                    desired,
+                    image,
+                    refusal.is_none(),
+                    &mut plan.limits,
+                ));
                 after_tags.extend(create_volume_actions(desired, image));
                 // A status written while the image could not be shared is set right once it is.
                 if image.tags.contains_key(markers::STATUS) {
@@ -153,6 +162,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
                     plan.deferred.extend(copy_plan.deferred);
                     plan.blocked.extend(copy_plan.blocked);
                     plan.notes.extend(copy_plan.notes);
+                    plan.limits.extend(copy_plan.limits);
                 }
                 if let Some(reencryption) = &observed.reencryption {
                     plan.notes.extend(reencryption.ignored.iter().cloned());
@@ -160,10 +170,17 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
             }
         }
     }
+    let missing_status: Tags = status
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, v)| image.tags.get(k) != Some(v))
+        .collect();
     plan.actions.extend(tag_actions(
         &desired.image_tags,
         &desired.snapshot_tags,
         image,
+        &missing_status,
+        &mut plan.limits,
     ));
     plan.actions.extend(exclusive_action(desired, image));
     plan.actions
@@ -171,11 +188,6 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
     plan.actions
         .extend(deprecation_action(desired, image, observed.now));
     plan.actions.extend(after_tags);
-    let missing_status: Tags = status
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|(k, v)| image.tags.get(k) != Some(v))
-        .collect();
     if !missing_status.is_empty() {
         plan.actions.push(Action::SetStatus {
             region: image.region.clone(),
@@ -366,40 +378,103 @@ pub(super) fn public_refusal(image: &ObservedImage) -> Option<String> {
     None
 }
 
-/// The launch permissions the image lacks, as one call; `Group=all` only if `public_allowed`.
-pub(super) fn share_action(
+/// The launch permissions the image lacks, within AWS's [`SHARING_ENTITIES_PER_IMAGE`] (what does not
+/// fit is left out and named in `limits`), in one call; public sharing in a call of its own, so that a
+/// refusal of it (the public-AMI quota, block public access) never takes the other shares down.
+pub(super) fn share_actions(
     desired: &Desired,
     image: &ObservedImage,
     public_allowed: bool,
-) -> Option<Action> {
+    limits: &mut Vec<String>,
+) -> Vec<Action> {
     let current = image.launch_permissions.as_ref();
-    let missing: Vec<LaunchPermission> = desired
+    let missing = |p: &&LaunchPermission| !current.is_some_and(|c| c.contains(*p));
+    let mut entities: Vec<LaunchPermission> = desired
         .launch_permissions
         .iter()
-        .filter(|p| !current.is_some_and(|c| c.contains(p)))
-        .filter(|p| public_allowed || **p != LaunchPermission::Public)
+        .filter(missing)
+        .filter(|p| **p != LaunchPermission::Public)
         .cloned()
         .collect();
-    (!missing.is_empty()).then(|| Action::AddLaunchPermissions {
-        region: image.region.clone(),
-        image_id: image.image_id.clone(),
-        permissions: missing,
-    })
+    let shared = current.map_or(0, |c| {
+        c.iter().filter(|p| **p != LaunchPermission::Public).count()
+    });
+    let room = SHARING_ENTITIES_PER_IMAGE.saturating_sub(shared);
+    if entities.len() > room {
+        let left_out = entities.split_off(room);
+        limits.push(format!(
+            "{} share target(s) left out of {} in {}: AWS shares an AMI with at most {SHARING_ENTITIES_PER_IMAGE} entities (accounts, organizations, OUs; it has {shared}, the rules add {} more); share with organizations or OUs instead of single accounts (each counts as one). Left out: {}",
+            left_out.len(),
+            image.image_id,
+            image.region,
+            entities.len() + left_out.len(),
+            named(left_out.iter().map(ToString::to_string))
+        ));
+    }
+    let mut actions = Vec::new();
+    if !entities.is_empty() {
+        actions.push(Action::AddLaunchPermissions {
+            region: image.region.clone(),
+            image_id: image.image_id.clone(),
+            permissions: entities,
+        });
+    }
+    if public_allowed
+        && desired
+            .launch_permissions
+            .contains(&LaunchPermission::Public)
+        && missing(&&LaunchPermission::Public)
+    {
+        actions.push(Action::AddLaunchPermissions {
+            region: image.region.clone(),
+            image_id: image.image_id.clone(),
+            permissions: vec![LaunchPermission::Public],
+        });
+    }
+    actions
 }
 
-/// The tags each resource lacks (absent, or with another value), grouped by identical sets.
+/// Up to ten names, and how many more.
+pub(super) fn named(names: impl Iterator<Item = String>) -> String {
+    let names: Vec<String> = names.collect();
+    match names.len() {
+        0..=10 => names.join(", "),
+        n => format!("{}, and {} more", names[..10].join(", "), n - 10),
+    }
+}
+
+/// The tags each resource lacks (absent, or with another value), grouped by identical sets, within
+/// EC2's [`TAGS_PER_RESOURCE`]: ami-share's marks (and the `status` tags about to be written) always
+/// fit; the rules' tags then fit in key order, and those left out are named in `limits`.
 pub(super) fn tag_actions(
     image_tags: &Tags,
     snapshot_tags: &Tags,
     image: &ObservedImage,
+    status: &Tags,
+    limits: &mut Vec<String>,
 ) -> Vec<Action> {
     let mut by_missing: BTreeMap<Tags, Vec<String>> = BTreeMap::new();
     let empty = Tags::new();
-    let mut consider = |resource: &str, want: &Tags, have: &Tags| {
-        let missing: Tags = want
+    let mut consider = |resource: &str, want: &Tags, have: &Tags, status: &Tags| {
+        let (mut marks, rules): (Tags, Tags) = want
             .iter()
-            .filter(|(k, v)| have.get(*k) != Some(v))
             .map(|(k, v)| (k.clone(), v.clone()))
+            .partition(|(k, _)| markers::is_mark(k));
+        marks.extend(status.clone());
+        let fit = fit_tags(have, &marks, &rules);
+        if !fit.left_out.is_empty() {
+            limits.push(tags_left_out(
+                resource,
+                &image.region,
+                have,
+                &marks,
+                &fit.left_out,
+            ));
+        }
+        let missing: Tags = fit
+            .tags
+            .into_iter()
+            .filter(|(k, v)| !status.contains_key(k) && have.get(k) != Some(v))
             .collect();
         if !missing.is_empty() {
             by_missing
@@ -408,11 +483,11 @@ pub(super) fn tag_actions(
                 .push(resource.to_string());
         }
     };
-    consider(&image.image_id, image_tags, &image.tags);
+    consider(&image.image_id, image_tags, &image.tags, status);
     if !snapshot_tags.is_empty() {
         for snapshot in &image.snapshots {
             let have = snapshot.tags.as_ref().unwrap_or(&empty);
-            consider(&snapshot.snapshot_id, snapshot_tags, have);
+            consider(&snapshot.snapshot_id, snapshot_tags, have, &empty);
         }
     }
     by_missing
@@ -425,10 +500,188 @@ pub(super) fn tag_actions(
         .collect()
 }
 
+/// What a plan says when a resource has no room for all the rules' tags.
+pub(super) fn tags_left_out(
+    resource: &str,
+    region: &str,
+    have: &Tags,
+    marks: &Tags,
+    left_out: &[String],
+) -> String {
+    let has = have.keys().filter(|k| counts_as_user_tag(k)).count();
+    let marks = marks.keys().filter(|k| !have.contains_key(*k)).count();
+    let marks = match marks {
+        0 => String::new(),
+        n => format!(", ami-share's own marks need {n} more"),
+    };
+    format!(
+        "{} of the rules' tags left out of {resource} in {region}: EC2 allows {TAGS_PER_RESOURCE} tags per resource (it has {has}{marks}); give the selecting rules fewer tags, or remove tags from it. Left out: {}",
+        left_out.len(),
+        named(left_out.iter().cloned())
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::test_support::plan::*;
+
+    fn many_tags(prefix: &str, n: usize) -> Tags {
+        (0..n)
+            .map(|i| (format!("{prefix}{i:02}"), "v".to_string()))
+            .collect()
+    }
+
+    fn tags_after(image: &ObservedImage, p: &Plan, resource: &str) -> Tags {
+        let mut after = match resource.starts_with("ami-") {
+            true => image.tags.clone(),
+            false => image.snapshots[0].tags.clone().unwrap_or_default(),
+        };
+        for action in &p.actions {
+            match action {
+                Action::CreateTags {
+                    resources, tags, ..
+                } if resources.iter().any(|r| r == resource) => after.extend(tags.clone()),
+                Action::SetStatus { image_id, tags, .. } if image_id == resource => {
+                    after.extend(tags.clone())
+                }
+                _ => {}
+            }
+        }
+        after
+    }
+
+    #[test]
+    fn rules_totalling_sixty_tags_leave_an_image_with_fifty_and_name_the_limit() {
+        let mut wish = desired();
+        wish.image_tags = many_tags("t", 60);
+        wish.snapshot_tags = many_tags("t", 60);
+        let img = image(ImageState::Available);
+        let p = plan(&wish, &observed(img.clone()));
+        for resource in ["ami-12345678", "snap-1"] {
+            assert_eq!(
+                tags_after(&img, &p, resource).len(),
+                TAGS_PER_RESOURCE,
+                "{resource}"
+            );
+        }
+        assert_eq!(p.limits.len(), 2, "{:#?}", p.limits);
+        assert!(
+            p.limits[0].starts_with("10 of the rules' tags left out of ami-12345678 in us-east-1: EC2 allows 50 tags per resource (it has 0)"),
+            "{}",
+            p.limits[0]
+        );
+        assert!(
+            p.limits[0].contains("Left out: t50, t51"),
+            "{}",
+            p.limits[0]
+        );
+        // The rest of the plan goes ahead: the share is planned.
+        assert!(
+            p.actions
+                .iter()
+                .any(|a| matches!(a, Action::AddLaunchPermissions { .. }))
+        );
+
+        // With 45 tags of its own and a status to write, the marks fit first.
+        let mut crowded = encrypted(AWS_EBS, Some(key(AWS_EBS, KeyManager::Aws)));
+        crowded.tags = many_tags("own", 45);
+        crowded.tags.insert(markers::STATUS.into(), "old".into());
+        let mut wish = desired();
+        wish.image_tags = many_tags("t", 10);
+        wish.snapshot_tags = Tags::new();
+        let p = plan(&wish, &observed(crowded.clone()));
+        let after = tags_after(&crowded, &p, "ami-12345678");
+        assert!(after.contains_key(markers::STATUS_REASON), "{p:#?}");
+        assert_eq!(after.len(), TAGS_PER_RESOURCE);
+        assert!(
+            p.limits[0].contains("ami-share's own marks need 1 more"),
+            "{:?}",
+            p.limits
+        );
+        // Converged: planning again on the result plans no tags and names the same limit.
+        let mut done = crowded.clone();
+        done.tags = after;
+        let again = plan(&wish, &observed(done));
+        assert!(
+            !again
+                .actions
+                .iter()
+                .any(|a| matches!(a, Action::CreateTags { .. } | Action::SetStatus { .. })),
+            "{again:#?}"
+        );
+        assert_eq!(again.limits.len(), 1);
+    }
+
+    #[test]
+    fn no_image_is_shared_with_more_than_a_thousand_entities_and_the_rest_are_named() {
+        let mut wish = desired();
+        wish.launch_permissions = (0..1001)
+            .map(|i| account(&format!("2000000{i:05}")))
+            .chain([org()])
+            .collect();
+        let img = image(ImageState::Available);
+        let p = plan(&wish, &observed(img.clone()));
+        let added: usize = p
+            .actions
+            .iter()
+            .map(|a| match a {
+                Action::AddLaunchPermissions { permissions, .. } => permissions.len(),
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(added, SHARING_ENTITIES_PER_IMAGE);
+        assert!(
+            p.limits[0].starts_with("2 share target(s) left out of ami-12345678 in us-east-1: AWS shares an AMI with at most 1000 entities (accounts, organizations, OUs; it has 0, the rules add 1002 more)"),
+            "{}",
+            p.limits[0]
+        );
+        // The organization (one entity for all its accounts) is never what is left out.
+        let Action::AddLaunchPermissions { permissions, .. } = &p.actions[1] else {
+            panic!("{p:#?}")
+        };
+        assert_eq!(permissions[0], org());
+        // What is there already counts.
+        let mut shared = img.clone();
+        shared.launch_permissions = Some(
+            (0..999)
+                .map(|i| account(&format!("3000000{i:05}")))
+                .collect(),
+        );
+        let mut wish = desired();
+        wish.launch_permissions = [account("210987654321"), account("210987654322")].into();
+        let p = plan(&wish, &observed(shared));
+        assert!(p.limits[0].contains("it has 999"), "{:?}", p.limits);
+        assert!(
+            p.limits[0].ends_with("Left out: account 210987654322"),
+            "{:?}",
+            p.limits
+        );
+    }
+
+    #[test]
+    fn public_sharing_is_a_call_of_its_own_so_its_refusal_keeps_the_other_shares() {
+        let mut wish = desired();
+        wish.launch_permissions.insert(LaunchPermission::Public);
+        let mut img = image(ImageState::Available);
+        img.public_sharing_blocked = Some(false);
+        let p = plan(&wish, &observed(img));
+        let shares: Vec<&Vec<LaunchPermission>> = p
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::AddLaunchPermissions { permissions, .. } => Some(permissions),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            shares,
+            [
+                &vec![org(), account("210987654321")],
+                &vec![LaunchPermission::Public]
+            ]
+        );
+    }
 
     #[test]
     fn an_untouched_available_image_gets_one_tag_call_and_one_share_call() {
@@ -805,13 +1058,14 @@ mod tests {
             ..desired()
         };
         let added = |p: &Plan| {
+            // Every share call's permissions (public sharing is a call of its own).
             p.actions
                 .iter()
-                .find_map(|a| match a {
-                    Action::AddLaunchPermissions { permissions, .. } => Some(permissions.clone()),
-                    _ => None,
+                .flat_map(|a| match a {
+                    Action::AddLaunchPermissions { permissions, .. } => permissions.clone(),
+                    _ => Vec::new(),
                 })
-                .unwrap_or_default()
+                .collect::<Vec<_>>()
         };
         let mut img = image(ImageState::Available);
         img.public_sharing_blocked = Some(false);

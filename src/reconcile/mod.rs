@@ -121,11 +121,14 @@ impl<A: Aws> Reconciler<'_, A> {
                 ));
             }
             // EC2 is eventually consistent: an image an event has just announced may not be visible yet.
-            Ok(ImageLookup::NotFound) if event.kind != EventKind::Direct => {
+            Ok(ImageLookup::NotFound)
+                if !matches!(event.kind, EventKind::Direct | EventKind::TagsChanged) =>
+            {
                 return outcome.retry_later(format!(
                     "EC2 does not show {image_id} in {region} yet (it is eventually consistent); if it persists, the image was deregistered or the event names another region"
                 ));
             }
+            // An image that could be tagged was visible: gone now, it was deregistered since.
             Ok(ImageLookup::NotFound) => {
                 return outcome.skipped(format!("no such image in {region}"));
             }
@@ -163,7 +166,9 @@ impl<A: Aws> Reconciler<'_, A> {
     ) -> Outcome {
         let created_by = match kind {
             EventKind::ApiCall(created_by) => *created_by,
-            EventKind::StateChange { .. } | EventKind::Direct => image.created_by,
+            EventKind::StateChange { .. } | EventKind::TagsChanged | EventKind::Direct => {
+                image.created_by
+            }
         };
         // (what EC2 contradicts in its marks, whether it may be a copy all the same)
         let disputed = match provenance(&image) {
@@ -320,6 +325,7 @@ impl<A: Aws> Reconciler<'_, A> {
         outcome.deferred = plan.deferred;
         outcome.blocked = plan.blocked;
         outcome.notes.extend(plan.notes);
+        outcome.limits.extend(plan.limits);
         if self.mode == Mode::DryRun {
             outcome.dry_run = true;
             outcome.not_done = plan.actions;

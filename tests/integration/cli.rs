@@ -181,7 +181,8 @@ async fn plan_on_each_sample_event_against_the_demo_state_prints_the_actions_and
         .unwrap();
         // Events that name an image get the demo's image.
         let names_an_image = raw["detail"].get("ImageId").is_some()
-            || raw["detail"]["responseElements"].get("imageId").is_some();
+            || raw["detail"]["responseElements"].get("imageId").is_some()
+            || file == "create-tags.json";
         let event = if names_an_image {
             sample_event(file, &image, REGION)
         } else {
@@ -207,6 +208,7 @@ async fn plan_on_each_sample_event_against_the_demo_state_prints_the_actions_and
             "create-image.json"
             | "register-image.json"
             | "copy-image.json"
+            | "create-tags.json"
             | "ami-state-available.json" => {
                 assert_eq!(out.status.code(), Some(0), "{file}: {stderr}");
                 // One line per action, readable at a glance.
@@ -224,6 +226,15 @@ async fn plan_on_each_sample_event_against_the_demo_state_prints_the_actions_and
                 assert_eq!(stdout.lines().collect::<Vec<_>>(), expected, "{file}");
                 planned.push(file.clone());
             }
+            "create-tags-instance.json" => {
+                assert_eq!(out.status.code(), Some(0), "{file}: {stderr}");
+                assert!(
+                    stdout.starts_with(
+                        "nothing to do: CreateTags names no AMI (i-0123456789abcdef0)"
+                    ),
+                    "{file}: {stdout}"
+                );
+            }
             "create-image-failed.json" => {
                 assert_eq!(out.status.code(), Some(0), "{file}: {stderr}");
                 assert!(
@@ -239,7 +250,7 @@ async fn plan_on_each_sample_event_against_the_demo_state_prints_the_actions_and
         }
     }
     std::fs::remove_dir_all(&dir).unwrap();
-    assert_eq!(planned.len(), 4, "{planned:?}");
+    assert_eq!(planned.len(), 5, "{planned:?}");
     assert_eq!(
         emulator.mutating_requests_since(before),
         Vec::<String>::new(),

@@ -206,20 +206,23 @@ fn check_event(event: &Value) {
                 "a rejection that names no problem: {text}"
             );
         }
-        Ok(Trigger::Image(image)) => {
-            let id = &image.image.image_id;
-            let hex = id
-                .strip_prefix("ami-")
-                .unwrap_or_else(|| panic!("accepted image id {id:?}"));
-            assert!(
-                matches!(hex.len(), 8 | 17) && hex.bytes().all(|b| b.is_ascii_hexdigit()),
-                "accepted image id {id:?}"
-            );
-            if let Some(region) = &image.image.region {
+        Ok(Trigger::Images(images)) => {
+            assert!(!images.is_empty(), "an image trigger that names no image");
+            for image in &images {
+                let id = &image.image.image_id;
+                let hex = id
+                    .strip_prefix("ami-")
+                    .unwrap_or_else(|| panic!("accepted image id {id:?}"));
                 assert!(
-                    ami_share::distribution::RegionName::try_from(region.clone()).is_ok(),
-                    "accepted region {region:?}"
+                    matches!(hex.len(), 8 | 17) && hex.bytes().all(|b| b.is_ascii_hexdigit()),
+                    "accepted image id {id:?}"
                 );
+                if let Some(region) = &image.image.region {
+                    assert!(
+                        ami_share::distribution::RegionName::try_from(region.clone()).is_ok(),
+                        "accepted region {region:?}"
+                    );
+                }
             }
         }
         Ok(Trigger::Ignore { reason }) => assert!(!reason.is_empty()),

@@ -340,3 +340,64 @@ async fn events_of_other_accounts_and_of_regions_the_stack_does_not_serve_are_sk
         tags(&[("shared", "yes")])
     );
 }
+
+#[tokio::test]
+async fn a_tag_written_after_the_ami_was_made_shares_it_within_that_tag_event_and_an_instances_tags_are_skipped()
+ {
+    let emulator = Emulator::start();
+    let org = emulator.organization(&["eng"]);
+    let org_arn = org["arn"].as_str().unwrap();
+    let ec2 = emulator.ec2().await;
+    // As Packer does: the AMI is made without tags, and tagged once it is available.
+    let (image, _) = create_image(&ec2, "golden-al2023", &[]).await;
+    let config = write_config(&format!(
+        "[[rule]]\nname = \"tagged\"\nmatch.tags = {{ share = \"org\" }}\nshare.organizations = [\"{org_arn}\"]\n"
+    ));
+    let mut api = RuntimeApi::start();
+    let mut env = emulator.aws_env();
+    env.push(("AMI_SHARE_CONFIG", config.env()));
+    let _function = Function::start(&binary(), &api, &env);
+
+    let created = api.invoke(sample_event("create-image.json", &image, REGION));
+    assert_eq!(created.body["status"], "skipped", "{created:?}");
+    assert_eq!(launch_permissions(&ec2, &image).await, Default::default());
+
+    ec2.create_tags()
+        .resources(&image)
+        .tags(
+            aws_sdk_ec2::types::Tag::builder()
+                .key("share")
+                .value("org")
+                .build(),
+        )
+        .send()
+        .await
+        .expect("CreateTags");
+    let tagged = api.invoke(sample_event("create-tags.json", &image, REGION));
+    assert_eq!(tagged.kind, "response", "{tagged:?}");
+    assert_eq!(tagged.body["status"], "done", "{tagged:?}");
+    assert_eq!(tagged.body["outcome"]["rules"], json!(["tagged"]));
+    assert_eq!(
+        launch_permissions(&ec2, &image).await,
+        [format!("org={org_arn}")].into()
+    );
+
+    // An instance's tags: skipped without an error and without a call to AWS.
+    let before = emulator.requests().len();
+    let instance = api.invoke(
+        serde_json::from_str(
+            &std::fs::read_to_string(repo_path("events/create-tags-instance.json")).unwrap(),
+        )
+        .unwrap(),
+    );
+    assert_eq!(instance.kind, "response", "{instance:?}");
+    assert_eq!(instance.body["status"], "ignored");
+    assert!(
+        instance.body["reason"]
+            .as_str()
+            .unwrap()
+            .contains("names no AMI (i-0123456789abcdef0)"),
+        "{instance:?}"
+    );
+    assert_eq!(emulator.requests().len(), before);
+}

@@ -10,6 +10,7 @@ mod cli;
 mod deputy_moto;
 mod emulator_fidelity;
 mod encrypted_moto;
+mod event_pattern;
 mod faults_moto;
 mod fuzz;
 mod handler_moto;

@@ -61,8 +61,9 @@ where
                 || code.as_deref() == Some("InvalidAMIID.Unavailable")
                 // KMS could not reach the key's store in time.
                 || code.as_deref() == Some("DependencyTimeoutException")
-                // Too many copies in progress: one finishing makes room.
-                || code.as_deref() == Some("ResourceLimitExceeded")
+                // Too many copies in progress: one finishing makes room. From any other call (sharing
+                // past the public-AMI quota, say) it is a quota, which no retry raises.
+                || (code.as_deref() == Some("ResourceLimitExceeded") && operation == "CopyImage")
                 // An earlier attempt already made this copy (with other parameters): the next event finds it.
                 || code.as_deref() == Some("IdempotentParameterMismatch")
         }

@@ -516,6 +516,10 @@ pub fn sample_event(file: &str, image_id: &str, region: &str) -> Value {
     if detail.get("ImageId").is_some() {
         detail["ImageId"] = json!(image_id);
         event["resources"] = json!([format!("arn:aws:ec2:{region}::image/{image_id}")]);
+    } else if detail["requestParameters"].get("resourcesSet").is_some() {
+        // CreateTags / DeleteTags: the resources the call named.
+        detail["awsRegion"] = json!(region);
+        detail["requestParameters"]["resourcesSet"]["items"] = json!([{ "resourceId": image_id }]);
     } else {
         detail["awsRegion"] = json!(region);
         detail["responseElements"]["imageId"] = json!(image_id);
