@@ -791,6 +791,39 @@ mod tests {
     }
 
     #[test]
+    fn rules_that_cannot_fit_aws_limits_are_warned_about_with_the_fix() {
+        let tags = |n: usize| {
+            (0..n)
+                .map(|i| format!("t{i:02} = \"v\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let accounts = (0..1001)
+            .map(|i| format!("\"2000000{i:05}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let text = format!(
+            "[[rule]]\nname = \"fits\"\nshare.accounts = [\"444455556666\"]\ntags = {{ {} }}\n\
+             [[rule]]\nname = \"crowded\"\nshare.accounts = [\"444455556666\"]\ntags = {{ {} }}\n\
+             [[rule]]\nname = \"copies\"\nshare.accounts = [\"444455556666\"]\ncopy.regions = [{{ region = \"us-west-2\" }}]\ntags = {{ {} }}\n\
+             [[rule]]\nname = \"many\"\nshare.accounts = [{accounts}]\n",
+            tags(47),
+            tags(48),
+            tags(46),
+        );
+        let warnings = Config::parse(&text).unwrap().warnings(None);
+        assert_eq!(warnings.len(), 3, "{warnings:#?}");
+        assert!(warnings[0].starts_with("rule #2 (\"crowded\"): 48 tags, and ami-share's own marks may need 3 more on its AMIs: EC2 allows 50 per resource"), "{}", warnings[0]);
+        assert!(
+            warnings[0].ends_with("keep it to 47 tags"),
+            "{}",
+            warnings[0]
+        );
+        assert!(warnings[1].starts_with("rule #3 (\"copies\"): 46 tags, and ami-share's own marks may need 5 more on its copies"), "{}", warnings[1]);
+        assert!(warnings[2].starts_with("rule #4 (\"many\"): 1001 share targets: AWS shares an AMI with at most 1000 entities, so 1 of them will be left out"), "{}", warnings[2]);
+    }
+
+    #[test]
     fn approved_keys_are_those_listed_and_those_rules_name() {
         let config = Config::parse(
             "[keys]\napproved = [\"alias/golden-images\"]\n[[rule]]\nname = \"a\"\nshare.accounts = [\"444455556666\"]\nreencrypt.kms_key = \"alias/ami-share\"\ncopy.regions = [{ region = \"us-west-2\", kms_key = \"alias/ami-share\" }, { region = \"eu-west-1\" }]\n",

@@ -655,6 +655,57 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_of_an_image_whose_rules_bring_47_tags_carries_at_most_50_with_its_marks_and_names_the_rest()
+     {
+        let mut wish = distributing();
+        wish.image_tags = (0..47)
+            .map(|i| (format!("t{i:02}"), "v".to_string()))
+            .collect();
+        wish.snapshot_tags = (0..55)
+            .map(|i| (format!("s{i:02}"), "v".to_string()))
+            .collect();
+        let mut source = image(ImageState::Available);
+        source.tags = tags(&[("os", "al2023")]);
+        let west = ObservedCopies {
+            copies: vec![],
+            key: Some(Some(key(WEST_KEY, KeyManager::Customer))),
+            ..ObservedCopies::default()
+        };
+        let p = plan(&wish, &with_regions(source, Some(west)));
+        let made = copies(&p);
+        assert_eq!(made.len(), 2, "{p:#?}");
+        for copy in &made {
+            assert_eq!(copy.tags.len(), TAGS_PER_RESOURCE, "{copy:#?}");
+            assert_eq!(copy.snapshot_tags.len(), TAGS_PER_RESOURCE, "{copy:#?}");
+            for mark in [
+                markers::COPY_KIND,
+                markers::SOURCE_IMAGE,
+                markers::SOURCE_REGION,
+            ] {
+                assert!(copy.tags.contains_key(mark), "{mark} kept");
+            }
+        }
+        let west: Vec<&String> = p
+            .limits
+            .iter()
+            .filter(|l| l.contains("us-west-2"))
+            .collect();
+        assert_eq!(west.len(), 2, "{:#?}", p.limits);
+        assert!(
+            west[0].starts_with("1 tag(s) left out of the copy of ami-12345678 in us-west-2: EC2 allows 50 tags per resource, and ami-share's copy marks take 3")
+                && west[0].ends_with("Left out: os"),
+            "the rules' tags win over the source's own: {}",
+            west[0]
+        );
+        assert!(
+            west[1]
+                .starts_with("5 snapshot tag(s) left out of the copy of ami-12345678 in us-west-2"),
+            "{}",
+            west[1]
+        );
+    }
+
+    #[test]
     fn copies_wait_for_an_available_source() {
         let p = plan(
             &distributing(),

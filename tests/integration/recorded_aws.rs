@@ -714,3 +714,84 @@ async fn a_region_at_its_copy_limit_fails_alone_and_a_pending_copy_is_shared_onc
     assert_eq!(frankfurt_shares.num_calls(), 1);
     assert_eq!(frankfurt_copies.num_calls(), 1);
 }
+
+#[tokio::test]
+async fn the_public_ami_quota_is_a_final_named_failure_and_the_other_shares_stand() {
+    // Recorded: the emulator has no public-AMI quota (AWS answers ResourceLimitExceeded to the share
+    // that would make a sixth AMI of the region public, by default).
+    let unencrypted = DESCRIBE_IMAGES.replace(
+        "<encrypted>true</encrypted>",
+        "<encrypted>false</encrypted>",
+    );
+    let images = mock!(aws_sdk_ec2::Client::describe_images)
+        .then_http_response(move || response(200, unencrypted.clone()));
+    let permissions = mock!(aws_sdk_ec2::Client::describe_image_attribute)
+        .then_http_response(|| response(200, NO_LAUNCH_PERMISSIONS));
+    let unblocked = mock!(aws_sdk_ec2::Client::get_image_block_public_access_state)
+        .then_http_response(|| {
+            response(
+                200,
+                r#"<GetImageBlockPublicAccessStateResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"><requestId>5e1c2b7a-example</requestId><imageBlockPublicAccessState>unblocked</imageBlockPublicAccessState></GetImageBlockPublicAccessStateResponse>"#,
+            )
+        });
+    let account_share = mock!(aws_sdk_ec2::Client::modify_image_attribute)
+        .match_requests(|req| {
+            req.launch_permission()
+                .is_some_and(|p| p.add().iter().all(|lp| lp.user_id().is_some()))
+        })
+        .then_http_response(|| response(200, MODIFY_IMAGE_ATTRIBUTE));
+    let public_share = mock!(aws_sdk_ec2::Client::modify_image_attribute)
+        .match_requests(|req| {
+            req.launch_permission()
+                .is_some_and(|p| p.add().iter().any(|lp| lp.group().is_some()))
+        })
+        .then_http_response(|| {
+            ec2_error(
+                "ResourceLimitExceeded",
+                "You have reached the maximum number of public images for this Region.",
+            )
+        });
+    let handler = handler_in(
+        r#"
+        [[rule]]
+        name = "public"
+        share.accounts = ["210987654321"]
+        share.public = true
+        "#,
+        &[(
+            REGION,
+            &[
+                &images,
+                &permissions,
+                &unblocked,
+                &account_share,
+                &public_share,
+            ],
+            &[],
+        )],
+    );
+    // Not retried: no retry raises a quota. The invocation succeeds with status failed, naming it.
+    let answer = handler
+        .handle(event())
+        .await
+        .expect("a final failure is not retried");
+    assert_eq!(answer["status"], "failed", "{answer:#}");
+    let summary = answer["summary"].as_str().unwrap();
+    assert!(
+        summary.contains("failed with ResourceLimitExceeded")
+            && summary.contains("5 public AMIs per region by default")
+            && summary.contains("Service Quotas"),
+        "{summary}"
+    );
+    assert!(
+        summary
+            .contains("done: share ami-0abcdef1234567890 in us-east-1 with account 210987654321"),
+        "{summary}"
+    );
+    assert_eq!(
+        account_share.num_calls(),
+        1,
+        "the account share is a call of its own"
+    );
+    assert_eq!(public_share.num_calls(), 1);
+}
