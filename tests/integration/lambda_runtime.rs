@@ -401,3 +401,57 @@ async fn a_tag_written_after_the_ami_was_made_shares_it_within_that_tag_event_an
     );
     assert_eq!(emulator.requests().len(), before);
 }
+
+#[tokio::test]
+async fn rules_past_aws_limits_leave_fifty_tags_and_a_thousand_shares_and_the_summary_names_each_limit()
+ {
+    let emulator = Emulator::start();
+    let ec2 = emulator.ec2().await;
+    let (image, snapshots) = create_image(&ec2, "golden-al2023", &[]).await;
+    let tags = |prefix: &str| {
+        (0..30)
+            .map(|i| format!("{prefix}{i:02} = \"v\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let accounts = (0..1001)
+        .map(|i| format!("\"2000000{i:05}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let config = write_config(&format!(
+        "[[rule]]\nname = \"a\"\nmatch.name = [\"golden-*\"]\ntags = {{ {} }}\nshare.accounts = [{accounts}]\n\
+         [[rule]]\nname = \"b\"\nmatch.name = [\"golden-*\"]\ntags = {{ {} }}\n",
+        tags("a"),
+        tags("b")
+    ));
+    let mut api = RuntimeApi::start();
+    let mut env = emulator.aws_env();
+    env.push(("AMI_SHARE_CONFIG", config.env()));
+    let _function = Function::start(&binary(), &api, &env);
+
+    let answer = api.invoke(sample_event("create-image.json", &image, REGION));
+    assert_eq!(answer.kind, "response", "{answer:?}");
+    assert_eq!(answer.body["status"], "done", "{answer:?}");
+    assert_eq!(image_tags(&ec2, &image).await.len(), 50);
+    assert_eq!(snapshot_tags(&ec2, &snapshots[0]).await.len(), 50);
+    assert_eq!(launch_permissions(&ec2, &image).await.len(), 1000);
+    let summary = answer.body["summary"].as_str().unwrap();
+    assert!(
+        summary.contains(&format!("over a limit: 10 of the rules' tags left out of {image} in us-east-1: EC2 allows 50 tags per resource")),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("over a limit: 1 share target(s) left out of")
+            && summary.contains("AWS shares an AMI with at most 1000 entities"),
+        "{summary}"
+    );
+    // A second delivery changes nothing and says the same.
+    let before = emulator.requests().len();
+    let again = api.invoke(sample_event("create-image.json", &image, REGION));
+    assert_eq!(again.body["outcome"]["done"], json!([]), "{again:?}");
+    assert_eq!(again.body["outcome"]["limits"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        emulator.mutating_requests_since(before),
+        Vec::<String>::new()
+    );
+}
