@@ -213,6 +213,8 @@ pub struct SourceImage {
 pub struct ObservedParameter {
     /// Its value; `None`: there is no such parameter yet.
     pub value: Option<String>,
+    /// Its version when it was read (SSM counts each write): what a write after it must not undo.
+    pub version: Option<i64>,
     /// The `CreationDate` of the image the value names, when that is another image of this account in
     /// the region: a newer one is never replaced by an older one (events arrive in any order).
     pub value_created: Option<Timestamp>,

@@ -609,9 +609,8 @@ mod tests {
         let tag_writes = aws.writes().iter().filter(|w| **w == "CreateTags").count();
         assert_eq!(tag_writes, 2, "{:?}", aws.writes());
         assert_eq!(
-            aws.state.lock().unwrap().parameters
-                [&(REGION.to_string(), "/ami-share/golden/latest".to_string())],
-            IMAGE
+            aws.parameter(REGION, "/ami-share/golden/latest").as_deref(),
+            Some(IMAGE)
         );
         assert!(report.is_complete(), "{}", report.headline());
     }

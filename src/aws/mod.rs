@@ -19,6 +19,13 @@ use crate::plan::ImageCopy;
 use crate::targets::{LaunchPermission, VolumePermission};
 use crate::time::Timestamp;
 
+/// One version of an SSM parameter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredParameter {
+    pub value: String,
+    pub version: i64,
+}
+
 /// What DescribeImages found for an image id in a region.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageLookup {
@@ -152,20 +159,27 @@ pub trait Aws: Send + Sync {
         deprecate_at: Timestamp,
     ) -> impl Future<Output = Result<(), AwsError>> + Send;
 
-    /// SSM GetParameter: its value, `None` when there is no such parameter.
+    /// SSM GetParameter: its value and version, `None` when there is no such parameter.
     fn get_parameter(
         &self,
         region: &str,
         name: &str,
-    ) -> impl Future<Output = Result<Option<String>, AwsError>> + Send;
+    ) -> impl Future<Output = Result<Option<StoredParameter>, AwsError>> + Send;
 
-    /// SSM PutParameter with DataType `aws:ec2:image`, overwriting.
+    /// SSM PutParameter with DataType `aws:ec2:image`, overwriting: the version it made.
     fn put_parameter(
         &self,
         region: &str,
         name: &str,
         image_id: &str,
-    ) -> impl Future<Output = Result<(), AwsError>> + Send;
+    ) -> impl Future<Output = Result<i64, AwsError>> + Send;
+
+    /// SSM GetParameterHistory: every version SSM keeps of the parameter (its last 100), oldest first.
+    fn parameter_history(
+        &self,
+        region: &str,
+        name: &str,
+    ) -> impl Future<Output = Result<Vec<StoredParameter>, AwsError>> + Send;
 
     /// KMS DescribeKey (`key` as key ARN, alias or id). `None`: no such key in the region. The policy is
     /// not read here.

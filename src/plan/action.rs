@@ -72,6 +72,10 @@ pub enum Action {
         region: String,
         name: String,
         image_id: String,
+        /// The version read before deciding: the writes after it are the ones to check ours against.
+        after_version: Option<i64>,
+        /// When the image's family began (what makes one image newer than another).
+        created: Option<Timestamp>,
     },
     /// EC2 CreateTags of ami-share's status tags: applied last, and only if every other action succeeded,
     /// so the status never claims what did not happen.
@@ -215,6 +219,7 @@ impl fmt::Display for Action {
                 region,
                 name,
                 image_id,
+                ..
             } => write!(f, "point SSM parameter {name} in {region} at {image_id}"),
         }
     }

@@ -348,6 +348,8 @@ pub(super) fn parameter_actions(desired: &Desired, image: &ObservedImage, plan: 
             region: image.region.clone(),
             name: name.clone(),
             image_id: image.image_id.clone(),
+            after_version: current.version,
+            created: desired.family_created,
         });
     }
 }
@@ -826,6 +828,7 @@ mod tests {
             "/ami-share/r/latest".into(),
             crate::observed::ObservedParameter {
                 value: Some("ami-older".into()),
+                version: Some(3),
                 value_created: Timestamp::parse("2026-01-01T00:00:00.000Z"),
             },
         );
@@ -918,6 +921,7 @@ mod tests {
             "/p".into(),
             crate::observed::ObservedParameter {
                 value: Some("ami-newercopy".into()),
+                version: Some(1),
                 value_created: Timestamp::parse("2026-11-20T00:00:00.000Z"),
             },
         );

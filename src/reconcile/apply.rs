@@ -1,5 +1,6 @@
-//! What the reconciler writes: the plan's actions in three phases, each region held back on its own, and
-//! the key policy write confirmed by reading it back.
+//! What the reconciler writes: the plan's actions in three phases, each region held back on its own, the
+//! key policy write confirmed by reading it back, and a parameter write checked against the writes made
+//! beside it.
 
 use super::*;
 
@@ -54,6 +55,59 @@ impl<A: Aws> Reconciler<'_, A> {
         });
         outcome.not_done.extend(held);
         self.apply_phase(last, outcome).await;
+    }
+
+    /// PutParameter, and then the writes made since the version read before deciding. SSM has no
+    /// conditional write: two deliveries for two images of one rule may both read the same version and
+    /// both write, in either order. The one that writes last sees the other's write in the history
+    /// (GetParameterHistory); if that named a newer image (by its family's `CreationDate`), it writes
+    /// that image again. Whatever the order, the parameter ends on the newest image.
+    async fn put_newest(
+        &self,
+        region: &str,
+        name: &str,
+        image_id: &str,
+        after_version: Option<i64>,
+        created: Option<Timestamp>,
+    ) -> Result<(), AwsError> {
+        let (mut ours, mut ours_created, mut after) =
+            (image_id.to_string(), created, after_version);
+        for _ in 0..MAX_PARAMETER_WRITES {
+            let version = self.aws.put_parameter(region, name, &ours).await?;
+            let history = self.aws.parameter_history(region, name).await?;
+            let mut beside: Vec<&str> = history
+                .iter()
+                .filter(|p| after.is_none_or(|a| p.version > a) && p.version < version)
+                .map(|p| p.value.as_str())
+                .filter(|v| *v != ours && v.starts_with("ami-"))
+                .collect();
+            beside.sort_unstable();
+            beside.dedup();
+            let mut newer: Option<(String, Timestamp)> = None;
+            for id in beside {
+                let ImageLookup::Owned(image) = self.aws.describe_image(region, id).await? else {
+                    continue;
+                };
+                let Some(theirs) = self.family_created(&image).await? else {
+                    continue;
+                };
+                if ours_created.is_none_or(|o| theirs > o)
+                    && newer.as_ref().is_none_or(|(_, n)| theirs > *n)
+                {
+                    newer = Some((id.to_string(), theirs));
+                }
+            }
+            let Some((id, theirs)) = newer else {
+                return Ok(());
+            };
+            tracing::info!(
+                parameter = name,
+                region,
+                "{ours} was written to {name} after {id}, which is newer: writing {id} again"
+            );
+            (ours, ours_created, after) = (id, Some(theirs), Some(version));
+        }
+        Ok(())
     }
 
     pub(super) async fn apply_phase(&self, actions: Vec<Action>, outcome: &mut Outcome) {
@@ -152,7 +206,12 @@ impl<A: Aws> Reconciler<'_, A> {
                 region,
                 name,
                 image_id,
-            } => self.aws.put_parameter(region, name, image_id).await?,
+                after_version,
+                created,
+            } => {
+                self.put_newest(region, name, image_id, *after_version, *created)
+                    .await?
+            }
             Action::CopyImage(copy) => {
                 let copy_id = match self.aws.copy_image(copy).await {
                     // The name is taken there by an image ami-share did not make (its own copies are
@@ -262,3 +321,6 @@ impl<A: Aws> Reconciler<'_, A> {
 /// At most this many calls of one apply phase run at once: many regions' copies and shares go out
 /// together without meeting EC2's request rate limits all at once.
 pub(super) const MAX_CONCURRENT_CALLS: usize = 8;
+
+/// Writes of one parameter in one reconciliation: ours, and corrections after concurrent writes.
+const MAX_PARAMETER_WRITES: usize = 3;

@@ -760,19 +760,16 @@ mod tests {
         assert!(outcome.retryable(), "throttled: worth a retry");
         // The source, in its region: shared and its parameter set.
         assert_eq!(aws.image(IMAGE).launch_permissions, Some(partner()));
-        let parameters = aws.state.lock().unwrap().parameters.clone();
         assert_eq!(
-            parameters.get(&(REGION.to_string(), "/ami-share/golden/latest".to_string())),
-            Some(&IMAGE.to_string())
+            aws.parameter(REGION, "/ami-share/golden/latest").as_deref(),
+            Some(IMAGE)
         );
         // The copy, in WEST: its key could not admit the receivers, so no share and no parameter there.
         assert_eq!(
             aws.image("ami-0west").launch_permissions,
             Some(BTreeSet::new())
         );
-        assert!(
-            !parameters.contains_key(&(WEST.to_string(), "/ami-share/golden/latest".to_string()))
-        );
+        assert_eq!(aws.parameter(WEST, "/ami-share/golden/latest"), None);
         assert_eq!(outcome.regions[WEST].status, RegionStatus::Failed);
         assert!(
             outcome

@@ -294,7 +294,9 @@ impl<A: Aws> Reconciler<'_, A> {
     ) -> Result<BTreeMap<String, ObservedParameter>, AwsError> {
         let names: Vec<&String> = desired.ssm_parameters.iter().collect();
         let observed = join_all(names.iter().map(|name| async move {
-            let value = self.aws.get_parameter(region, name).await?;
+            let stored = self.aws.get_parameter(region, name).await?;
+            let version = stored.as_ref().map(|s| s.version);
+            let value = stored.map(|s| s.value);
             let value_created = match value.as_deref() {
                 Some(id) if id.starts_with("ami-") => {
                     match self.aws.describe_image(region, id).await? {
@@ -306,6 +308,7 @@ impl<A: Aws> Reconciler<'_, A> {
             };
             Ok::<_, AwsError>(ObservedParameter {
                 value,
+                version,
                 value_created,
             })
         }))

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
-use crate::aws::{Aws, AwsError, ImageLookup};
+use crate::aws::{Aws, AwsError, ImageLookup, StoredParameter};
 use crate::config::Config;
 use crate::markers;
 use crate::markers::CopyKind;
@@ -47,7 +47,7 @@ pub struct FakeState {
     /// Snapshot id → who has createVolumePermission.
     pub volume_permissions: BTreeMap<String, BTreeSet<VolumePermission>>,
     /// (region, name) → value.
-    pub parameters: BTreeMap<(String, String), String>,
+    pub parameters: BTreeMap<(String, String), Vec<StoredParameter>>,
 }
 
 /// An in-memory AWS account in one region: images, snapshots, keys. Records every call and can fail
@@ -168,6 +168,15 @@ impl FakeAws {
 
     pub fn image(&self, id: &str) -> ObservedImage {
         self.state.lock().unwrap().images[id].clone()
+    }
+
+    /// A parameter's value now (its newest version).
+    pub fn parameter(&self, region: &str, name: &str) -> Option<String> {
+        let state = self.state.lock().unwrap();
+        let versions = state
+            .parameters
+            .get(&(region.to_string(), name.to_string()))?;
+        versions.last().map(|v| v.value.clone())
     }
 
     pub fn policy(&self, arn: &str) -> String {
@@ -457,26 +466,49 @@ impl Aws for FakeAws {
         state.images.get_mut(image_id).unwrap().deprecation_time = Some(at);
         Ok(())
     }
-    async fn get_parameter(&self, region: &str, name: &str) -> Result<Option<String>, AwsError> {
+    async fn get_parameter(
+        &self,
+        region: &str,
+        name: &str,
+    ) -> Result<Option<StoredParameter>, AwsError> {
         self.call("GetParameter", region)?;
         let state = self.state.lock().unwrap();
         Ok(state
             .parameters
             .get(&(region.to_string(), name.to_string()))
-            .cloned())
+            .and_then(|versions| versions.last().cloned()))
     }
     async fn put_parameter(
         &self,
         region: &str,
         name: &str,
         image_id: &str,
-    ) -> Result<(), AwsError> {
+    ) -> Result<i64, AwsError> {
         self.call("PutParameter", region)?;
         let mut state = self.state.lock().unwrap();
-        state
+        let versions = state
             .parameters
-            .insert((region.to_string(), name.to_string()), image_id.to_string());
-        Ok(())
+            .entry((region.to_string(), name.to_string()))
+            .or_default();
+        let version = versions.last().map_or(1, |v| v.version + 1);
+        versions.push(StoredParameter {
+            value: image_id.to_string(),
+            version,
+        });
+        Ok(version)
+    }
+    async fn parameter_history(
+        &self,
+        region: &str,
+        name: &str,
+    ) -> Result<Vec<StoredParameter>, AwsError> {
+        self.call("GetParameterHistory", region)?;
+        let state = self.state.lock().unwrap();
+        Ok(state
+            .parameters
+            .get(&(region.to_string(), name.to_string()))
+            .cloned()
+            .unwrap_or_default())
     }
     async fn describe_key(&self, region: &str, key: &str) -> Result<Option<ObservedKey>, AwsError> {
         self.call("DescribeKey", region)?;

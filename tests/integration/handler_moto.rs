@@ -562,3 +562,63 @@ async fn public_sharing_only_with_share_public_and_never_encrypted_or_while_bloc
         "{answer:#}"
     );
 }
+
+#[tokio::test]
+async fn two_amis_of_a_rule_announced_at_once_leave_its_parameter_on_the_newer_every_time() {
+    // SSM has no conditional write: both deliveries read the parameter before either writes, and the
+    // older AMI's write may land last. Repeated on 12 rules (a parameter each) to catch every order.
+    const ROUNDS: usize = 12;
+    let s = setup().await;
+    let rules: String = (0..ROUNDS)
+        .map(|k| {
+            format!(
+                "[[rule]]\nname = \"race{k}\"\nmatch.name = [\"race{k}-*\"]\nshare.organizations = [\"{}\"]\nssm_parameter = \"/ami-share/{{rule}}/latest\"\n",
+                s.org_arn
+            )
+        })
+        .collect();
+    let handler = || async {
+        Handler::new(
+            Config::parse(&rules).unwrap(),
+            SdkAws::new(s.emulator.sdk_config().await),
+            REGION,
+        )
+    };
+    let (first, second) = (handler().await, handler().await);
+    let mut older = Vec::new();
+    for k in 0..ROUNDS {
+        older.push(create_image(&s.ec2, &format!("race{k}-older"), &[]).await.0);
+    }
+    // EC2 dates images to the second or finer: a second later, every "newer" AMI is newer.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let mut newer = Vec::new();
+    for k in 0..ROUNDS {
+        newer.push(create_image(&s.ec2, &format!("race{k}-newer"), &[]).await.0);
+    }
+    let races = (0..ROUNDS).map(|k| {
+        let (first, second) = (&first, &second);
+        let (older, newer) = (older[k].clone(), newer[k].clone());
+        async move {
+            // Alternate which delivery starts first.
+            let (a, b) = match k % 2 {
+                0 => (older, newer),
+                _ => (newer, older),
+            };
+            let (x, y) = futures::join!(
+                first.handle(sample_event("create-image.json", &a, REGION)),
+                second.handle(sample_event("create-image.json", &b, REGION)),
+            );
+            x.expect("first delivery");
+            y.expect("second delivery");
+        }
+    });
+    futures::future::join_all(races).await;
+    for k in 0..ROUNDS {
+        assert_eq!(
+            ssm_parameter(&s.emulator, REGION, &format!("/ami-share/race{k}/latest")).await,
+            Some(newer[k].clone()),
+            "round {k}: the parameter is on the older AMI {}",
+            older[k]
+        );
+    }
+}

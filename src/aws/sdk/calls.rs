@@ -366,12 +366,18 @@ impl Aws for SdkAws {
         Ok(())
     }
 
-    async fn get_parameter(&self, region: &str, name: &str) -> Result<Option<String>, AwsError> {
+    async fn get_parameter(
+        &self,
+        region: &str,
+        name: &str,
+    ) -> Result<Option<StoredParameter>, AwsError> {
         match self.ssm(region).get_parameter().name(name).send().await {
-            Ok(output) => Ok(output
-                .parameter()
-                .and_then(|p| p.value())
-                .map(str::to_string)),
+            Ok(output) => Ok(output.parameter().and_then(|p| {
+                Some(StoredParameter {
+                    value: p.value()?.to_string(),
+                    version: p.version(),
+                })
+            })),
             Err(e) if e.code() == Some("ParameterNotFound") => Ok(None),
             Err(e) => Err(aws_error("GetParameter", region, name, e)),
         }
@@ -382,8 +388,9 @@ impl Aws for SdkAws {
         region: &str,
         name: &str,
         image_id: &str,
-    ) -> Result<(), AwsError> {
-        self.ssm(region)
+    ) -> Result<i64, AwsError> {
+        let output = self
+            .ssm(region)
             .put_parameter()
             .name(name)
             .value(image_id)
@@ -393,7 +400,37 @@ impl Aws for SdkAws {
             .send()
             .await
             .map_err(|e| aws_error("PutParameter", region, name, e))?;
-        Ok(())
+        Ok(output.version())
+    }
+
+    async fn parameter_history(
+        &self,
+        region: &str,
+        name: &str,
+    ) -> Result<Vec<StoredParameter>, AwsError> {
+        // SSM keeps a parameter's last 100 versions: two pages of 50 at most.
+        let pages: Vec<_> = self
+            .ssm(region)
+            .get_parameter_history()
+            .name(name)
+            .max_results(50)
+            .into_paginator()
+            .send()
+            .collect::<Result<_, _>>()
+            .await
+            .map_err(|e| aws_error("GetParameterHistory", region, name, e))?;
+        let mut versions: Vec<StoredParameter> = pages
+            .iter()
+            .flat_map(|page: &aws_sdk_ssm::operation::get_parameter_history::GetParameterHistoryOutput| page.parameters())
+            .filter_map(|p| {
+                Some(StoredParameter {
+                    value: p.value()?.to_string(),
+                    version: p.version(),
+                })
+            })
+            .collect();
+        versions.sort_by_key(|p| p.version);
+        Ok(versions)
     }
 
     async fn describe_key(&self, region: &str, key: &str) -> Result<Option<ObservedKey>, AwsError> {

@@ -12,7 +12,7 @@ use aws_config::SdkConfig;
 use aws_sdk_ec2::config::Region;
 use aws_sdk_ec2::types::LaunchPermissionModifications;
 
-use super::{Aws, AwsError, ImageLookup};
+use super::{Aws, AwsError, ImageLookup, StoredParameter};
 use crate::markers::{self, CopyKind};
 use crate::observed::CreatedBy;
 use crate::observed::{
