@@ -162,11 +162,25 @@ impl<A: Aws> Handler<A> {
             }
             Trigger::Images(events) => events,
         };
-        let mut answers: Vec<ImageAnswer> = futures::stream::iter(&events)
+        let (events, past_cap) = events.split_at(events.len().min(MAX_IMAGES_PER_EVENT));
+        let mut answers: Vec<ImageAnswer> = futures::stream::iter(events)
             .map(|event| self.handle_image(event, invocation))
             .buffered(IMAGES_AT_ONCE)
             .collect()
             .await;
+        for event in past_cap {
+            let region = event.image.region.as_deref().unwrap_or(&self.home_region);
+            let outcome = Outcome::not_reconciled(
+                &event.image.image_id,
+                region,
+                format!(
+                    "one event reconciles at most {MAX_IMAGES_PER_EVENT} AMIs and this one names {}: the sweep (SweepSchedule, or `ami-share sweep`) or `ami-share apply --image-id` reaches the rest",
+                    events.len() + past_cap.len()
+                ),
+            );
+            log_summary(&outcome, event.event_id.as_deref());
+            answers.push(ImageAnswer::of(&outcome));
+        }
         if answers.len() == 1 {
             return answers.pop().expect("one answer").into_result();
         }
@@ -214,6 +228,11 @@ impl<A: Aws> Handler<A> {
 
 /// AMIs of one tag event reconciled at once (a CreateTags call may name many).
 const IMAGES_AT_ONCE: usize = 4;
+
+/// AMIs one event may have reconciled. A CreateTags call may name any number of resources, and anyone
+/// who may tag may make one: past this, the invocation could not finish in its time (and would be
+/// retried to time out again). A pipeline's call names one.
+pub const MAX_IMAGES_PER_EVENT: usize = 25;
 
 /// What the handler answers for one image, and whether Lambda should deliver the event again.
 struct ImageAnswer {

@@ -622,3 +622,43 @@ async fn two_amis_of_a_rule_announced_at_once_leave_its_parameter_on_the_newer_e
         );
     }
 }
+
+#[tokio::test]
+async fn a_tag_event_naming_more_amis_than_one_invocation_can_finish_reconciles_the_first_and_names_the_rest()
+ {
+    let s = setup().await;
+    let (image, _) = create_image(&s.ec2, "golden-tagged", &[("stage", "release")]).await;
+    let cap = ami_share::handler::MAX_IMAGES_PER_EVENT;
+    let mut ids = vec![image.clone()];
+    ids.extend((1..=cap).map(|i| format!("ami-{i:017x}")));
+    let mut event = sample_event("create-tags.json", &image, REGION);
+    event["detail"]["requestParameters"]["resourcesSet"]["items"] = ids
+        .iter()
+        .map(|id| json!({ "resourceId": id }))
+        .collect::<Vec<_>>()
+        .into();
+    let before = s.emulator.requests().len();
+    let answer = s.handler.handle(event).await.expect("not retried");
+    let images = answer["images"].as_array().unwrap();
+    assert_eq!(images.len(), cap + 1);
+    assert_eq!(images[0]["outcome"]["image_id"], image.as_str());
+    assert_eq!(images[0]["status"], "done", "{:#}", images[0]);
+    let last = &images[cap];
+    assert_eq!(last["status"], "skipped");
+    assert!(
+        last["summary"].as_str().unwrap().contains(&format!(
+            "one event reconciles at most {cap} AMIs and this one names {}",
+            cap + 1
+        )),
+        "{last:#}"
+    );
+    // Only the first `cap` were looked at: one DescribeImages each (the real one may read a little more).
+    let described = s.emulator.requests()[before..]
+        .iter()
+        .filter(|r| *r == "ec2:DescribeImages")
+        .count();
+    assert!(
+        (cap..=cap + 2).contains(&described),
+        "{described} DescribeImages"
+    );
+}

@@ -86,25 +86,6 @@ proptest! {
     }
 }
 
-/// template.yaml as CloudFormation reads it (intrinsic functions as `Fn::…` objects), via cfn-lint's
-/// loader from the test virtualenv.
-fn template() -> Value {
-    let out = std::process::Command::new(python())
-        .args([
-            "-c",
-            "import json, sys\nfrom cfnlint.decode import decode\ntemplate, problems = decode(sys.argv[1])\nassert not problems, problems\nprint(json.dumps(template, default=str))",
-        ])
-        .arg(repo_path("template.yaml"))
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 fn strings(value: &Value) -> Vec<String> {
     match value {
         Value::String(s) => vec![s.clone()],

@@ -684,3 +684,22 @@ pub async fn register_on_snapshot(
         .unwrap()
         .to_string()
 }
+
+/// template.yaml as CloudFormation reads it (intrinsic functions as `Fn::…` objects), via cfn-lint's
+/// loader from the test virtualenv.
+pub fn template() -> Value {
+    let out = std::process::Command::new(python())
+        .args([
+            "-c",
+            "import json, sys\nfrom cfnlint.decode import decode\ntemplate, problems = decode(sys.argv[1])\nassert not problems, problems\nprint(json.dumps(template, default=str))",
+        ])
+        .arg(repo_path("template.yaml"))
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
