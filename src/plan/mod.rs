@@ -170,11 +170,27 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
             }
         }
     }
-    let missing_status: Tags = status
+    let mut missing_status: Tags = status
         .unwrap_or_default()
         .into_iter()
         .filter(|(k, v)| image.tags.get(k) != Some(v))
         .collect();
+    // The status has room before any rule's tag, but not beyond what the image carries already: a
+    // write EC2 would refuse (TagLimitExceeded) is named instead.
+    let has = image.tags.keys().filter(|k| counts_as_user_tag(k)).count();
+    let new_keys = missing_status
+        .keys()
+        .filter(|k| !image.tags.contains_key(*k))
+        .count();
+    if new_keys > 0 && has + new_keys > TAGS_PER_RESOURCE {
+        plan.limits.push(format!(
+            "ami-share's status tags cannot be written on {} in {}: it has {has} tags, and EC2 allows {TAGS_PER_RESOURCE} per resource; remove {} of its tags so ami-share can say there why it is not shared (the summary says it meanwhile)",
+            image.image_id,
+            image.region,
+            has + new_keys - TAGS_PER_RESOURCE
+        ));
+        missing_status.clear();
+    }
     plan.actions.extend(tag_actions(
         &desired.image_tags,
         &desired.snapshot_tags,
@@ -613,6 +629,42 @@ mod tests {
             "{again:#?}"
         );
         assert_eq!(again.limits.len(), 1);
+    }
+
+    #[test]
+    fn a_status_that_cannot_fit_beside_the_images_own_tags_is_named_not_written() {
+        // 49 tags of its own (anyone who may tag it can do that), and a status of two new keys to write.
+        let mut full = encrypted(AWS_EBS, Some(key(AWS_EBS, KeyManager::Aws)));
+        full.tags = many_tags("own", 49);
+        let mut wish = desired();
+        wish.snapshot_tags = Tags::new();
+        let p = plan(&wish, &observed(full.clone()));
+        assert!(
+            !p.actions
+                .iter()
+                .any(|a| matches!(a, Action::SetStatus { .. })),
+            "EC2 would refuse it: {p:#?}"
+        );
+        assert!(
+            p.limits.iter().any(|l| l.starts_with(
+                "ami-share's status tags cannot be written on ami-12345678 in us-east-1: it has 49 tags, and EC2 allows 50 per resource; remove 1 of its tags"
+            )),
+            "{:?}",
+            p.limits
+        );
+        assert!(
+            !p.blocked.is_empty(),
+            "the summary still says why it is not shared"
+        );
+        // With room for them, they are written.
+        full.tags = many_tags("own", 48);
+        let p = plan(&wish, &observed(full));
+        assert!(
+            p.actions
+                .iter()
+                .any(|a| matches!(a, Action::SetStatus { .. })),
+            "{p:#?}"
+        );
     }
 
     #[test]

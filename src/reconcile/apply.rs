@@ -72,7 +72,7 @@ impl<A: Aws> Reconciler<'_, A> {
     ) -> Result<(), AwsError> {
         let (mut ours, mut ours_created, mut after) =
             (image_id.to_string(), created, after_version);
-        for _ in 0..MAX_PARAMETER_WRITES {
+        for write in 1..=MAX_PARAMETER_WRITES {
             let version = self.aws.put_parameter(region, name, &ours).await?;
             let history = self.aws.parameter_history(region, name).await?;
             let mut beside: Vec<&str> = history
@@ -85,11 +85,27 @@ impl<A: Aws> Reconciler<'_, A> {
             beside.dedup();
             let mut newer: Option<(String, Timestamp)> = None;
             for id in beside {
-                let ImageLookup::Owned(image) = self.aws.describe_image(region, id).await? else {
-                    continue;
+                // A value that cannot be looked at now cannot be shown newer: it is passed over (and
+                // said), rather than failing a write that succeeded.
+                let image = match self.aws.describe_image(region, id).await {
+                    Ok(ImageLookup::Owned(image)) => image,
+                    Ok(_) => continue,
+                    Err(e) => {
+                        tracing::warn!(
+                            parameter = name,
+                            region,
+                            "could not compare {id} with {ours}: {e}"
+                        );
+                        continue;
+                    }
                 };
-                let Some(theirs) = self.family_created(&image).await? else {
-                    continue;
+                let theirs = match self.family_created(&image).await {
+                    Ok(Some(theirs)) => theirs,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::warn!(parameter = name, region, "could not date {id}: {e}");
+                        continue;
+                    }
                 };
                 if ours_created.is_none_or(|o| theirs > o)
                     && newer.as_ref().is_none_or(|(_, n)| theirs > *n)
@@ -100,6 +116,20 @@ impl<A: Aws> Reconciler<'_, A> {
             let Some((id, theirs)) = newer else {
                 return Ok(());
             };
+            if write == MAX_PARAMETER_WRITES {
+                // Still overtaken after as many writes as one reconciliation makes: have the event
+                // delivered again rather than claim the parameter is right.
+                return Err(AwsError {
+                    operation: "PutParameter",
+                    region: region.to_string(),
+                    resource: name.to_string(),
+                    code: None,
+                    message: format!(
+                        "{name} was written {write} times and concurrent writes still left it on {ours}, older than {id}"
+                    ),
+                    retryable: true,
+                });
+            }
             tracing::info!(
                 parameter = name,
                 region,

@@ -64,6 +64,9 @@ where
                 // Too many copies in progress: one finishing makes room. From any other call (sharing
                 // past the public-AMI quota, say) it is a quota, which no retry raises.
                 || (code.as_deref() == Some("ResourceLimitExceeded") && operation == "CopyImage")
+                // SSM: another write of the same parameter at that moment (two AMIs of one rule at once);
+                // the next attempt reads the parameter again.
+                || code.as_deref() == Some("TooManyUpdates")
                 // An earlier attempt already made this copy (with other parameters): the next event finds it.
                 || code.as_deref() == Some("IdempotentParameterMismatch")
         }
