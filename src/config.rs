@@ -19,7 +19,7 @@ use crate::limits::{
     SHARING_ENTITIES_PER_IMAGE, TAG_KEY_CHARS, TAG_VALUE_CHARS, TAGS_PER_RESOURCE,
 };
 use crate::markers;
-use crate::observed::CreatedBy;
+use crate::observed::{CreatedBy, Protection};
 use crate::targets::{AccountId, LaunchPermission, OrganizationArn, OrganizationalUnitArn};
 
 /// Environment variable naming the config file in the deployed function and for the CLI.
@@ -110,6 +110,11 @@ pub struct Rule {
     /// EnableImageDeprecation): a deprecated AMI stays launchable but drops out of listings.
     #[serde(default)]
     pub deprecate_after_days: Option<u32>,
+    /// Turn on EC2's deregistration protection on the AMI and its copies (`true`), optionally with AWS's
+    /// 24-hour cooldown after it is turned off (`"with-cooldown"`), so an AMI receivers launch from is
+    /// not deregistered by mistake. ami-share turns it on, never off.
+    #[serde(default, deserialize_with = "protection")]
+    pub deregistration_protection: Protection,
     /// The SSM parameter that holds the latest AMI id of this rule, in each region where the rule has an
     /// AMI (`{rule}`: the rule's name), written once the AMI is shared there.
     #[serde(default)]
@@ -126,6 +131,27 @@ pub struct Reencrypt {
     /// The customer managed key of this account to encrypt the copy with. An alias (`alias/…`) names a
     /// key in whichever region the AMI is.
     pub kms_key: KeyRef,
+}
+
+/// `deregistration_protection`: `true`, `false` or `"with-cooldown"`.
+fn protection<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Protection, D::Error> {
+    struct Wanted;
+    impl serde::de::Visitor<'_> for Wanted {
+        type Value = Protection;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str(r#"true, false or "with-cooldown""#)
+        }
+        fn visit_bool<E: serde::de::Error>(self, on: bool) -> Result<Protection, E> {
+            Ok(if on { Protection::On } else { Protection::Off })
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Protection, E> {
+            match v {
+                "with-cooldown" => Ok(Protection::WithCooldown),
+                _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+            }
+        }
+    }
+    d.deserialize_any(Wanted)
 }
 
 fn yes() -> bool {
@@ -740,6 +766,30 @@ mod tests {
         assert_error(
             &rule("copy.regions = [{ region = \"us-west-2\", key = \"alias/x\" }]"),
             &["unknown field `key`", "kms_key"],
+        );
+    }
+
+    #[test]
+    fn deregistration_protection_is_true_false_or_with_cooldown() {
+        let protection = |value: &str| {
+            Config::parse(&format!(
+                "[[rule]]\nname = \"r\"\ntags = {{ a = \"b\" }}\nderegistration_protection = {value}\n"
+            ))
+            .map(|c| c.rules[0].deregistration_protection)
+        };
+        assert_eq!(protection("true").unwrap(), Protection::On);
+        assert_eq!(protection("false").unwrap(), Protection::Off);
+        assert_eq!(
+            protection("\"with-cooldown\"").unwrap(),
+            Protection::WithCooldown
+        );
+        assert_error(
+            "[[rule]]\nname = \"r\"\ntags = { a = \"b\" }\nderegistration_protection = \"yes\"\n",
+            &["line 4", "\"yes\"", r#"true, false or "with-cooldown""#],
+        );
+        assert_error(
+            "[[rule]]\nname = \"r\"\ntags = { a = \"b\" }\nderegistration_protection = 1\n",
+            &["line 4", r#"true, false or "with-cooldown""#],
         );
     }
 

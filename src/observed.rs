@@ -162,6 +162,34 @@ impl ObservedKey {
     }
 }
 
+/// EC2's deregistration protection of an image, weakest first: while it is on, DeregisterImage refuses
+/// the image; with the cooldown, it stays on for 24 hours after someone turns it off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protection {
+    #[default]
+    Off,
+    On,
+    WithCooldown,
+}
+
+impl Protection {
+    pub fn is_off(&self) -> bool {
+        *self == Self::Off
+    }
+
+    /// DescribeImages' `DeregistrationProtection`: `enabled-with-cooldown`, `enabled-without-cooldown`
+    /// (or `enabled`), `disabled`, or absent. A protection turned off whose cooldown still runs reads as
+    /// off: it ends on its own, and turning it on again is what a rule asks.
+    pub fn from_ec2(value: Option<&str>) -> Self {
+        match value {
+            Some("enabled-with-cooldown") => Self::WithCooldown,
+            Some(v) if v.starts_with("enabled") => Self::On,
+            _ => Self::Off,
+        }
+    }
+}
+
 /// The image as DescribeImages (plus the attribute and snapshot reads) showed it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ObservedImage {
@@ -173,6 +201,8 @@ pub struct ObservedImage {
     pub creation_date: Option<Timestamp>,
     /// EC2's `DeprecationTime`, when deprecation is set.
     pub deprecation_time: Option<Timestamp>,
+    /// EC2's `DeregistrationProtection`.
+    pub protection: Protection,
     /// Its product codes (Marketplace): such an AMI can never be public.
     pub product_codes: Vec<String>,
     /// Whether the region's image block public access is on (GetImageBlockPublicAccessState); read only

@@ -12,8 +12,7 @@ use serde::Serialize;
 use crate::config::{Config, Rule};
 use crate::distribution::Template;
 use crate::keys::KeyRef;
-use crate::observed::CreatedBy;
-use crate::observed::Tags;
+use crate::observed::{CreatedBy, Protection, Tags};
 use crate::targets::{AccountId, LaunchPermission};
 use crate::time::Timestamp;
 
@@ -49,6 +48,9 @@ pub struct Desired {
     /// the source image's creation.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deprecate_at: Option<Timestamp>,
+    /// The strongest deregistration protection a selecting rule asks for (on the image and its copies).
+    #[serde(skip_serializing_if = "Protection::is_off")]
+    pub protection: Protection,
     /// Whether a selecting rule is exclusive: launch permissions beyond `launch_permissions` (what all
     /// selecting rules grant together) are removed.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -183,6 +185,7 @@ pub fn desired_for(config: &Config, image: &ImageFacts) -> Desired {
         {
             desired.deprecate_at = Some(at);
         }
+        desired.protection = desired.protection.max(rule.deregistration_protection);
         if let Some(parameter) = &rule.ssm_parameter {
             desired
                 .ssm_parameters
@@ -296,6 +299,7 @@ mod tests {
             share.accounts = ["111122223333"]
             share.create_volume_permission = true
             deprecate_after_days = 30
+            deregistration_protection = "with-cooldown"
             ssm_parameter = "/ami-share/{rule}/latest"
             copy.name = "{name}-{region}"
             copy.regions = [{ region = "us-east-1", kms_key = "alias/a" }, { region = "eu-central-1" }]
@@ -304,6 +308,7 @@ mod tests {
             name = "second"
             share.accounts = ["444455556666"]
             deprecate_after_days = 7
+            deregistration_protection = true
             copy.regions = [{ region = "us-east-1", kms_key = "alias/b" }, { region = "ap-south-1" }]
             "#,
         );
@@ -330,6 +335,7 @@ mod tests {
             .map(|a| a.as_str())
             .collect();
         assert_eq!(accounts, ["111122223333"], "only the rule that opts in");
+        assert_eq!(d.protection, Protection::WithCooldown, "the strongest");
         assert_eq!(
             d.deprecate_at.map(|t| t.to_string()).as_deref(),
             Some("2026-12-02T10:00:00Z"),

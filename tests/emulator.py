@@ -334,6 +334,49 @@ def enable_image_deprecation_response(self):
     return ActionResult({"Return": True})
 
 
+def enable_image_deregistration_protection_response(self):
+    """AWS EnableImageDeregistrationProtection: DescribeImages then reports DeregistrationProtection
+    (`enabled-with-cooldown` with WithCooldown, else `enabled-without-cooldown`), and DeregisterImage
+    refuses the image until it is turned off (and, with the cooldown, for 24 hours after); only the owner
+    may. moto: not implemented."""
+    image_id = self._get_param("ImageId")
+    cooldown = self._get_bool_param("WithCooldown", False)
+    self.error_on_dryrun()
+    image = self.ec2_backend.describe_images(ami_ids=[image_id])[0]
+    if image.owner_id != self.current_account:
+        raise EC2ClientError("AuthFailure", f"Not authorized for image:{image_id}")
+    image.deregistration_protection = "enabled-with-cooldown" if cooldown else "enabled-without-cooldown"
+    return ActionResult({"Return": "true"})
+
+
+def disable_image_deregistration_protection_response(self):
+    """AWS DisableImageDeregistrationProtection: off at once, or 24 hours later when it was turned on
+    with the cooldown (DescribeImages: `disabled` meanwhile, and DeregisterImage still refuses)."""
+    image_id = self._get_param("ImageId")
+    self.error_on_dryrun()
+    image = self.ec2_backend.describe_images(ami_ids=[image_id])[0]
+    if getattr(image, "deregistration_protection", None) == "enabled-with-cooldown":
+        image.protected_until = datetime.now(timezone.utc) + timedelta(hours=24)
+    image.deregistration_protection = "disabled"
+    return ActionResult({"Return": "true"})
+
+
+_deregister_image = AmiBackend.deregister_image
+
+
+def deregister_image(self, ami_id):
+    """AWS refuses to deregister a protected AMI (moto has no protection)."""
+    image = self.amis.get(ami_id)
+    protected = getattr(image, "deregistration_protection", "disabled").startswith("enabled")
+    cooling = getattr(image, "protected_until", None)
+    if protected or (cooling and cooling > datetime.now(timezone.utc)):
+        raise EC2ClientError(
+            "InvalidParameterValue",
+            f"The AMI {ami_id} has deregistration protection enabled. Disable it to deregister the AMI.",
+        )
+    return _deregister_image(self, ami_id)
+
+
 _create_alias = KmsBackend.create_alias
 
 
@@ -432,6 +475,9 @@ AmisResponse.copy_image = copy_image_response
 AmisResponse.register_image = register_image_response
 Ami.get_filter_value = ami_filter_value
 AmisResponse.enable_image_deprecation = enable_image_deprecation_response
+AmisResponse.enable_image_deregistration_protection = enable_image_deregistration_protection_response
+AmisResponse.disable_image_deregistration_protection = disable_image_deregistration_protection_response
+AmiBackend.deregister_image = deregister_image
 AmisResponse.get_image_block_public_access_state = get_image_block_public_access_state_response
 AmisResponse.enable_image_block_public_access = enable_image_block_public_access_response
 KmsBackend.create_alias = create_alias

@@ -159,6 +159,15 @@ pub trait Aws: Send + Sync {
         deprecate_at: Timestamp,
     ) -> impl Future<Output = Result<(), AwsError>> + Send;
 
+    /// EC2 EnableImageDeregistrationProtection (`WithCooldown`: it stays on for 24 hours after it is
+    /// turned off).
+    fn enable_image_deregistration_protection(
+        &self,
+        region: &str,
+        image_id: &str,
+        with_cooldown: bool,
+    ) -> impl Future<Output = Result<(), AwsError>> + Send;
+
     /// SSM GetParameter: its value and version, `None` when there is no such parameter.
     fn get_parameter(
         &self,

@@ -66,6 +66,12 @@ pub enum Action {
         image_id: String,
         deprecate_at: Timestamp,
     },
+    /// EC2 EnableImageDeregistrationProtection (`WithCooldown` when `with_cooldown`).
+    ProtectImage {
+        region: String,
+        image_id: String,
+        with_cooldown: bool,
+    },
     /// SSM PutParameter (DataType `aws:ec2:image`): the rule's latest AMI in the region. Applied last,
     /// once the image is shared, so a launch template never follows it to an AMI it cannot launch.
     PutParameter {
@@ -215,6 +221,18 @@ impl fmt::Display for Action {
                 image_id,
                 deprecate_at,
             } => write!(f, "deprecate {image_id} in {region} at {deprecate_at}"),
+            Self::ProtectImage {
+                region,
+                image_id,
+                with_cooldown,
+            } => write!(
+                f,
+                "protect {image_id} in {region} from deregistration{}",
+                match with_cooldown {
+                    true => " (with the 24-hour cooldown)",
+                    false => "",
+                }
+            ),
             Self::PutParameter {
                 region,
                 name,
@@ -236,6 +254,7 @@ impl Action {
             | Self::AddCreateVolumePermission { region, .. }
             | Self::RemoveCreateVolumePermission { region, .. }
             | Self::DeprecateImage { region, .. }
+            | Self::ProtectImage { region, .. }
             | Self::PutParameter { region, .. }
             | Self::SetStatus { region, .. } => region,
             Self::CopyImage(copy) => &copy.region,

@@ -137,6 +137,23 @@ impl ImageCopy {
     pub fn renamed(&self, salt: u64) -> ImageCopy {
         let salt = salt.to_string();
         let hash = stable_hash(&[self.client_token.as_str(), "renamed", salt.as_str()]);
+        self.suffixed(hash, format!("{}-r", self.client_token))
+    }
+
+    /// The copy again after CopyImage answered with `dead`, an earlier copy under this token that is gone
+    /// or failed: a client token of its own, derived from this one and the dead copy's id (so a later
+    /// event that meets the same dead copy derives the same token, and finds the copy made here), and a
+    /// name of its own (a failed copy keeps its name).
+    pub fn after_lost(&self, dead: &str) -> ImageCopy {
+        let hash = stable_hash(&[self.client_token.as_str(), "lost", dead]);
+        self.suffixed(
+            hash,
+            format!("ami-share-{}-{hash:016x}", self.source_image_id),
+        )
+    }
+
+    /// This copy with `client_token` and its name suffixed from `hash` (within EC2's name length).
+    fn suffixed(&self, hash: u64, client_token: String) -> ImageCopy {
         let suffix = format!("-{:08x}", hash >> 32);
         let name: String = self
             .name
@@ -145,7 +162,7 @@ impl ImageCopy {
             .collect();
         ImageCopy {
             name: format!("{name}{suffix}"),
-            client_token: format!("{}-r", self.client_token),
+            client_token,
             ..self.clone()
         }
     }

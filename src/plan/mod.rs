@@ -24,7 +24,7 @@ use crate::keys::{APPROVAL_TAG, APPROVAL_TAG_VALUE, KeyArn, KeyRef, approval};
 use crate::limits::{SHARING_ENTITIES_PER_IMAGE, TAGS_PER_RESOURCE, counts_as_user_tag, fit_tags};
 use crate::markers::{self, CopyKind, Status};
 use crate::observed::{
-    ImageState, KeyManager, Observed, ObservedCopies, ObservedImage, ObservedKey, Tags,
+    ImageState, KeyManager, Observed, ObservedCopies, ObservedImage, ObservedKey, Protection, Tags,
 };
 use crate::provenance::{Provenance, provenance};
 use crate::rules::{CopyWanted, Desired};
@@ -38,8 +38,8 @@ mod keys;
 mod reads;
 
 pub use action::{Action, ImageCopy};
-pub use copies::desired_for_copy;
 use copies::*;
+pub use copies::{MAX_FAILED_COPIES, desired_for_copy};
 use image_copy::*;
 use keys::*;
 pub use keys::{Blocker, key_patches};
@@ -203,6 +203,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
         .extend(exclusive_volume_actions(desired, image));
     plan.actions
         .extend(deprecation_action(desired, image, observed.now));
+    plan.actions.extend(protection_action(desired, image));
     plan.actions.extend(after_tags);
     if !missing_status.is_empty() {
         plan.actions.push(Action::SetStatus {
@@ -250,6 +251,20 @@ pub(super) fn deprecation_action(
         region: image.region.clone(),
         image_id: image.image_id.clone(),
         deprecate_at: at,
+    })
+}
+
+/// EnableImageDeregistrationProtection, when the image is available and less protected than a selecting
+/// rule asks. Stronger protection is kept, and none is ever turned off: whoever turned it on (a person, a
+/// pipeline, an earlier rule) may have had reasons ami-share cannot see.
+pub(super) fn protection_action(desired: &Desired, image: &ObservedImage) -> Option<Action> {
+    if image.state != ImageState::Available || image.protection >= desired.protection {
+        return None;
+    }
+    Some(Action::ProtectImage {
+        region: image.region.clone(),
+        image_id: image.image_id.clone(),
+        with_cooldown: desired.protection == Protection::WithCooldown,
     })
 }
 
@@ -952,6 +967,34 @@ mod tests {
         obs.image.state = ImageState::Pending;
         obs.image.deprecation_time = None;
         assert_eq!(deprecation(&plan(&d, &obs)), None, "a pending image waits");
+    }
+
+    #[test]
+    fn deregistration_protection_is_turned_on_up_to_the_strongest_asked_and_never_off() {
+        let protects = |d: &Desired, obs: &Observed| {
+            plan(d, obs).actions.into_iter().find_map(|a| match a {
+                Action::ProtectImage { with_cooldown, .. } => Some(with_cooldown),
+                _ => None,
+            })
+        };
+        let mut d = desired();
+        let mut obs = observed(image(ImageState::Available));
+        assert_eq!(protects(&d, &obs), None, "no rule asks");
+        d.protection = Protection::On;
+        assert_eq!(protects(&d, &obs), Some(false));
+        obs.image.protection = Protection::On;
+        assert_eq!(protects(&d, &obs), None, "on already");
+        d.protection = Protection::WithCooldown;
+        assert_eq!(protects(&d, &obs), Some(true), "the cooldown is added");
+        obs.image.protection = Protection::WithCooldown;
+        d.protection = Protection::On;
+        assert_eq!(protects(&d, &obs), None, "a stronger protection is kept");
+        d.protection = Protection::Off;
+        assert_eq!(protects(&d, &obs), None, "never turned off");
+        obs.image.protection = Protection::Off;
+        d.protection = Protection::On;
+        obs.image.state = ImageState::Pending;
+        assert_eq!(protects(&d, &obs), None, "a pending image waits");
     }
 
     #[test]

@@ -232,6 +232,15 @@ impl<A: Aws> Reconciler<'_, A> {
                     .enable_image_deprecation(region, image_id, *deprecate_at)
                     .await?
             }
+            Action::ProtectImage {
+                region,
+                image_id,
+                with_cooldown,
+            } => {
+                self.aws
+                    .enable_image_deregistration_protection(region, image_id, *with_cooldown)
+                    .await?
+            }
             Action::PutParameter {
                 region,
                 name,
@@ -242,42 +251,90 @@ impl<A: Aws> Reconciler<'_, A> {
                 self.put_newest(region, name, image_id, *after_version, *created)
                     .await?
             }
-            Action::CopyImage(copy) => {
-                let copy_id = match self.aws.copy_image(copy).await {
-                    // The name is taken there by an image ami-share did not make (its own copies are
-                    // found by their marks): the copy gets a name of its own rather than failing for good.
-                    // The suffix is random: a name anyone can compute in advance could be taken too.
-                    // (A retry finds the copy by its marks, so a new name makes no second copy.)
-                    Err(e) if e.code.as_deref() == Some("InvalidAMIName.Duplicate") => {
-                        let salt = std::hash::BuildHasher::hash_one(
-                            &std::collections::hash_map::RandomState::new(),
-                            &copy.client_token,
-                        );
-                        let renamed = copy.renamed(salt);
-                        tracing::warn!(
-                            copy_region = %copy.region,
-                            "the name {:?} is taken in {}: copying as {:?}",
-                            copy.name,
-                            copy.region,
-                            renamed.name
-                        );
-                        self.aws.copy_image(&renamed).await?
-                    }
-                    other => other?,
-                };
-                tracing::info!(
-                    image_id = %copy.source_image_id,
-                    copy_id = %copy_id,
-                    copy_region = %copy.region,
-                    "made {} copy {copy_id} of {} in {}",
-                    copy.kind,
-                    copy.source_image_id,
-                    copy.region
-                );
-                return Ok(Some(copy_id));
-            }
+            Action::CopyImage(copy) => return self.copy_image(copy).await.map(Some),
         }
         Ok(None)
+    }
+
+    /// Makes a copy and returns its id, making sure the id names a copy that lives. A client token EC2 has
+    /// seen answers with the copy it made then, even when that copy has since been deregistered or failed
+    /// (EC2's idempotency has no expiry for CopyImage): that copy would be waited on for ever. So the
+    /// answer is read back (one DescribeImages), and a copy that is gone or failed is made again under a
+    /// token chained on the dead copy's id, which a later event derives the same way (so it finds the
+    /// same new copy, not a third). At most [`MAX_FAILED_COPIES`] dead answers; then the error names them.
+    async fn copy_image(&self, copy: &ImageCopy) -> Result<String, AwsError> {
+        let mut attempt = copy.clone();
+        let mut dead: Vec<String> = Vec::new();
+        loop {
+            let copy_id = self.copy_once(&attempt).await?;
+            let why = match self.aws.describe_image(&attempt.region, &copy_id).await? {
+                ImageLookup::Owned(image) if image.state.is_terminal() => image.state.to_string(),
+                ImageLookup::Owned(_) | ImageLookup::NotOwned { .. } => {
+                    tracing::info!(
+                        image_id = %copy.source_image_id,
+                        copy_id = %copy_id,
+                        copy_region = %copy.region,
+                        "made {} copy {copy_id} of {} in {}",
+                        copy.kind,
+                        copy.source_image_id,
+                        copy.region
+                    );
+                    return Ok(copy_id);
+                }
+                ImageLookup::NotFound => "gone (deregistered)".to_string(),
+            };
+            tracing::warn!(
+                image_id = %copy.source_image_id,
+                copy_id = %copy_id,
+                copy_region = %copy.region,
+                "CopyImage answered with {copy_id}, an earlier copy of {} in {} that is {why}: copying again under a new client token",
+                copy.source_image_id,
+                copy.region
+            );
+            dead.push(format!("{copy_id} ({why})"));
+            if dead.len() >= MAX_FAILED_COPIES {
+                return Err(AwsError {
+                    operation: "CopyImage",
+                    region: copy.region.clone(),
+                    resource: copy.source_image_id.clone(),
+                    code: None,
+                    message: format!(
+                        "CopyImage answered {} times with an earlier copy that can no longer be used: {}; look at why the copies of {} in {} end this way (a cleanup deregistering them, a failing snapshot copy)",
+                        dead.len(),
+                        dead.join(", "),
+                        copy.source_image_id,
+                        copy.region
+                    ),
+                    retryable: false,
+                });
+            }
+            attempt = attempt.after_lost(&copy_id);
+        }
+    }
+
+    /// One CopyImage. A name taken in the copy's region by an image ami-share did not make (its own
+    /// copies are found by their marks) gets the copy a name of its own rather than failing for good.
+    /// The suffix is random: a name anyone can compute in advance could be taken too. (A retry finds
+    /// the copy by its marks, so a new name makes no second copy.)
+    async fn copy_once(&self, copy: &ImageCopy) -> Result<String, AwsError> {
+        match self.aws.copy_image(copy).await {
+            Err(e) if e.code.as_deref() == Some("InvalidAMIName.Duplicate") => {
+                let salt = std::hash::BuildHasher::hash_one(
+                    &std::collections::hash_map::RandomState::new(),
+                    &copy.client_token,
+                );
+                let renamed = copy.renamed(salt);
+                tracing::warn!(
+                    copy_region = %copy.region,
+                    "the name {:?} is taken in {}: copying as {:?}",
+                    copy.name,
+                    copy.region,
+                    renamed.name
+                );
+                self.aws.copy_image(&renamed).await
+            }
+            other => other,
+        }
     }
 
     /// Admits `grantees` to the key: reads the policy, merges, writes, and after a pause reads it again to

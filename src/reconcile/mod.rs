@@ -30,7 +30,9 @@ use crate::observed::{
     ObservedParameter, OtherImages,
 };
 pub use crate::outcome::Outcome;
-use crate::plan::{self, Action, desired_for_copy, keys_to_read, reads_needed};
+use crate::plan::{
+    self, Action, ImageCopy, MAX_FAILED_COPIES, desired_for_copy, keys_to_read, reads_needed,
+};
 use crate::provenance::{self, Provenance, provenance};
 use crate::rules::{Desired, ImageFacts, desired_for};
 use crate::time::Timestamp;
@@ -682,6 +684,54 @@ mod tests {
         )
         .await;
         assert_eq!(aws.writes().len(), writes, "converged: {:?}", aws.writes());
+    }
+
+    #[tokio::test]
+    async fn a_copy_deregistered_before_its_source_recorded_it_is_made_again_under_a_new_token() {
+        let aws = FakeAws::new(ImageState::Available, Some(AWS_EBS));
+        let config = reencrypting_config();
+        apply(&aws, &config).await;
+        let lost = aws.only_copy();
+        // Deregistered before the source named it: nothing on the source says a copy was ever made,
+        // so the plan repeats the first token, and EC2 answers with the dead copy.
+        aws.deregister(&lost);
+        let calls = aws.calls().len();
+        let outcome = apply(&aws, &config).await;
+        assert!(outcome.failures.is_empty(), "{}", outcome.headline());
+        let copy = aws.only_copy();
+        assert_ne!(copy, lost, "a new copy");
+        let made: Vec<&str> = aws.calls()[calls..]
+            .iter()
+            .copied()
+            .filter(|c| *c == "CopyImage")
+            .collect();
+        assert_eq!(made.len(), 2, "{:?}", aws.calls());
+        assert_eq!(aws.image(&copy).tags[markers::SOURCE_IMAGE], IMAGE);
+        assert_ne!(aws.image(&copy).name, Some("golden-1-reencrypted".into()));
+        // The next events find the new copy: no third.
+        for _ in 0..2 {
+            apply(&aws, &config).await;
+        }
+        assert_eq!(aws.only_copy(), copy);
+    }
+
+    #[tokio::test]
+    async fn copies_that_keep_vanishing_end_in_a_final_error_naming_them() {
+        let aws = FakeAws::new(ImageState::Available, Some(AWS_EBS));
+        aws.state.lock().unwrap().lose_copies = true;
+        let outcome = apply(&aws, &reencrypting_config()).await;
+        let count = aws.calls().iter().filter(|c| **c == "CopyImage").count();
+        assert_eq!(count, MAX_FAILED_COPIES, "{:?}", aws.calls());
+        let failure = &outcome.failures[0];
+        assert_eq!(failure.operation, "CopyImage");
+        assert!(!failure.retryable);
+        assert!(
+            failure
+                .message
+                .contains("ami-c0000001 (gone (deregistered))")
+                && failure.message.contains("ami-c0000003"),
+            "{failure}"
+        );
     }
 
     #[tokio::test]

@@ -9,7 +9,9 @@ use crate::aws::{Aws, AwsError, ImageLookup, StoredParameter};
 use crate::config::Config;
 use crate::markers;
 use crate::markers::CopyKind;
-pub use crate::observed::{CreatedBy, ImageState, KeyManager, ObservedImage, ObservedKey};
+pub use crate::observed::{
+    CreatedBy, ImageState, KeyManager, ObservedImage, ObservedKey, Protection,
+};
 use crate::observed::{ObservedSnapshot, SnapshotFacts, SourceImage, Tags};
 use crate::outcome::Outcome;
 use crate::plan::ImageCopy;
@@ -42,8 +44,11 @@ pub struct FakeState {
     pub aliases: BTreeMap<(String, String), String>,
     /// Puts after which a "concurrent writer" puts back the policy it read before them.
     pub overwrites_left: usize,
-    /// CopyImage client tokens and the copies they made.
+    /// CopyImage client tokens and the copies they made (as EC2, a token names its copy for good, even
+    /// once the copy is deregistered).
     pub copy_tokens: BTreeMap<String, String>,
+    /// Every copy is deregistered as soon as it is made (a cleanup job racing ami-share).
+    pub lose_copies: bool,
     /// Snapshot id → who has createVolumePermission.
     pub volume_permissions: BTreeMap<String, BTreeSet<VolumePermission>>,
     /// (region, name) → value.
@@ -190,6 +195,16 @@ impl FakeAws {
         let copy = others.next().expect("a copy").clone();
         assert!(others.next().is_none(), "one copy");
         copy
+    }
+
+    /// Someone deregisters the image: EC2 no longer lists it.
+    pub fn deregister(&self, id: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .images
+            .remove(id)
+            .expect("an image");
     }
 
     pub fn set_state(&self, id: &str, state: ImageState) {
@@ -371,7 +386,13 @@ impl Aws for FakeAws {
                 retryable: false,
             });
         }
-        let id = format!("ami-c{:07}", state.images.len());
+        // A new id, never one a deregistered copy had (EC2 never reuses one).
+        let id = (state.images.len()..)
+            .map(|n| format!("ami-c{n:07}"))
+            .find(|id| {
+                !state.images.contains_key(id) && !state.copy_tokens.values().any(|v| v == id)
+            })
+            .unwrap();
         state
             .copy_tokens
             .insert(copy.client_token.clone(), id.clone());
@@ -397,7 +418,9 @@ impl Aws for FakeAws {
             create_volume_permissions: None,
             other_images: None,
         }];
-        state.images.insert(id.clone(), image);
+        if !state.lose_copies {
+            state.images.insert(id.clone(), image);
+        }
         state.snapshots.insert(
             snapshot,
             SnapshotFacts {
@@ -464,6 +487,20 @@ impl Aws for FakeAws {
         self.call("EnableImageDeprecation", region)?;
         let mut state = self.state.lock().unwrap();
         state.images.get_mut(image_id).unwrap().deprecation_time = Some(at);
+        Ok(())
+    }
+    async fn enable_image_deregistration_protection(
+        &self,
+        region: &str,
+        image_id: &str,
+        with_cooldown: bool,
+    ) -> Result<(), AwsError> {
+        self.call("EnableImageDeregistrationProtection", region)?;
+        let mut state = self.state.lock().unwrap();
+        state.images.get_mut(image_id).unwrap().protection = match with_cooldown {
+            true => Protection::WithCooldown,
+            false => Protection::On,
+        };
         Ok(())
     }
     async fn get_parameter(

@@ -385,6 +385,95 @@ async fn enable_image_deprecation_is_reported_rounded_to_the_minute() {
 }
 
 #[tokio::test]
+async fn deregistration_protection_is_reported_and_refuses_deregistration_through_its_cooldown() {
+    let emulator = Emulator::start();
+    let ec2 = emulator.ec2().await;
+    let protection = async |image: &str| {
+        ec2.describe_images()
+            .image_ids(image)
+            .send()
+            .await
+            .unwrap()
+            .images()[0]
+            .deregistration_protection()
+            .map(str::to_string)
+    };
+    let deregister = async |image: &str| ec2.deregister_image().image_id(image).send().await;
+    let enable = async |image: &str, cooldown: bool| {
+        ec2.enable_image_deregistration_protection()
+            .image_id(image)
+            .with_cooldown(cooldown)
+            .send()
+            .await
+            .expect("moto alone does not implement it")
+    };
+    let disable = async |image: &str| {
+        ec2.disable_image_deregistration_protection()
+            .image_id(image)
+            .send()
+            .await
+            .unwrap()
+    };
+
+    let (plain, _) = create_image(&ec2, "protected", &[]).await;
+    assert_eq!(protection(&plain).await, None);
+    enable(&plain, false).await;
+    assert_eq!(
+        protection(&plain).await.as_deref(),
+        Some("enabled-without-cooldown")
+    );
+    let refused = deregister(&plain).await.expect_err("protected");
+    assert!(format!("{refused:?}").contains("deregistration protection"));
+    disable(&plain).await;
+    deregister(&plain).await.expect("no cooldown: at once");
+
+    let (cooled, _) = create_image(&ec2, "cooled", &[]).await;
+    enable(&cooled, true).await;
+    assert_eq!(
+        protection(&cooled).await.as_deref(),
+        Some("enabled-with-cooldown")
+    );
+    disable(&cooled).await;
+    deregister(&cooled)
+        .await
+        .expect_err("the cooldown keeps it protected for 24 hours");
+}
+
+#[tokio::test]
+async fn a_client_token_names_its_copy_even_after_the_copy_is_deregistered() {
+    // EC2: a retried request with the same token and parameters succeeds with the original result,
+    // with no further action (the idempotency guide documents no expiry for CopyImage's token).
+    let emulator = Emulator::start();
+    let ec2 = emulator.ec2().await;
+    let (image, _) = create_image(&ec2, "source", &[]).await;
+    let copy = async || {
+        ec2.copy_image()
+            .source_image_id(&image)
+            .source_region(REGION)
+            .name("copied")
+            .client_token("a-token")
+            .send()
+            .await
+            .unwrap()
+            .image_id()
+            .unwrap()
+            .to_string()
+    };
+    let first = copy().await;
+    ec2.deregister_image()
+        .image_id(&first)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(copy().await, first, "the dead copy's id, and no new copy");
+    let listed = ec2.describe_images().owners("self").send().await.unwrap();
+    assert!(
+        listed.images().iter().all(|i| i.image_id() != Some(&first)),
+        "deregistered images are not listed"
+    );
+}
+
+#[tokio::test]
 async fn an_encrypted_ami_copied_to_another_region_without_a_key_gets_that_regions_default_key() {
     let emulator = Emulator::start();
     let ec2 = emulator.ec2().await;

@@ -605,9 +605,12 @@ async fn a_region_at_its_copy_limit_fails_alone_and_a_pending_copy_is_shared_onc
     });
     let west_find =
         mock!(aws_sdk_ec2::Client::describe_images).then_http_response(|| response(200, NO_IMAGES));
+    // Looking for a copy (none), CopyImage's answer read back (pending), the redelivery's look (still
+    // pending), then available.
     let frankfurt_find = mock!(aws_sdk_ec2::Client::describe_images)
         .sequence()
         .http_response(|| response(200, NO_IMAGES))
+        .http_response(|| response(200, frankfurt_copy("pending")))
         .http_response(|| response(200, frankfurt_copy("pending")))
         .http_response(|| response(200, frankfurt_copy("available")))
         .repeatedly()

@@ -349,6 +349,126 @@ async fn a_region_without_its_key_is_blocked_and_the_other_regions_go_on() {
 }
 
 #[tokio::test]
+async fn a_copy_someone_deregistered_is_made_again_on_the_next_event_and_the_region_never_waits_on_it()
+ {
+    let s = setup().await;
+    let handler = s
+        .handler(&format!(r#"copy.regions = [{{ region = "{WEST}" }}]"#))
+        .await;
+    let (image, _) = create_image(&s.ec2, "golden-3", &[]).await;
+    let answer = deliver(&handler, "ami-state-available.json", &image, REGION).await;
+    assert_eq!(regions(&answer)[WEST], "copying", "{answer:#}");
+    let [(lost, _)] = &s.copies_in(WEST, &image).await[..] else {
+        panic!("one copy in {WEST}");
+    };
+    // A cleanup job deregisters the copy. The emulator remembers the client token as EC2 does: the
+    // same CopyImage request answers with the dead copy's id.
+    s.emulator
+        .ec2_in(WEST)
+        .await
+        .deregister_image()
+        .image_id(lost)
+        .send()
+        .await
+        .expect("DeregisterImage");
+
+    let before = s.requests();
+    let answer = deliver(&handler, "ami-state-available.json", &image, REGION).await;
+    assert_eq!(regions(&answer)[WEST], "copying", "{answer:#}");
+    let copies = s.copies_in(WEST, &image).await;
+    let [(copy, _)] = &copies[..] else {
+        panic!("one live copy in {WEST}: {copies:?}, {answer:#}");
+    };
+    assert_ne!(copy, lost);
+    assert_eq!(
+        answer["outcome"]["regions"][WEST]["image_id"].as_str(),
+        Some(copy.as_str()),
+        "the region names the live copy: {answer:#}"
+    );
+    assert_eq!(
+        copy_requests(&s, before).len(),
+        2,
+        "the dead answer, then a new token"
+    );
+
+    // Later events find the new copy by its marks: no third copy.
+    let before = s.requests();
+    deliver(&handler, "ami-state-available.json", &image, REGION).await;
+    assert!(copy_requests(&s, before).is_empty());
+    assert_eq!(s.copies_in(WEST, &image).await.len(), 1);
+}
+
+#[tokio::test]
+async fn deregistration_protection_covers_the_ami_and_its_copy_once_each_and_holds() {
+    let s = setup().await;
+    let handler = s
+        .handler(&format!(
+            r#"
+            deregistration_protection = "with-cooldown"
+            copy.regions = [{{ region = "{WEST}" }}]
+            "#
+        ))
+        .await;
+    let protection = async |region: &str, image: &str| {
+        s.emulator
+            .ec2_in(region)
+            .await
+            .describe_images()
+            .image_ids(image)
+            .send()
+            .await
+            .unwrap()
+            .images()[0]
+            .deregistration_protection()
+            .map(str::to_string)
+    };
+    let protections = |since: usize| -> Vec<String> {
+        s.emulator
+            .mutating_requests_since(since)
+            .into_iter()
+            .filter(|r| r.ends_with("EnableImageDeregistrationProtection"))
+            .collect()
+    };
+    let (image, _) = create_image(&s.ec2, "golden-5", &[]).await;
+    let before = s.requests();
+    deliver(&handler, "ami-state-available.json", &image, REGION).await;
+    assert_eq!(
+        protection(REGION, &image).await.as_deref(),
+        Some("enabled-with-cooldown")
+    );
+    assert_eq!(protections(before).len(), 1);
+    let (copy, _) = s.copies_in(WEST, &image).await.remove(0);
+    assert_eq!(protection(WEST, &copy).await, None, "a pending copy waits");
+
+    s.emulator.set_image_state(WEST, &copy, "available");
+    let before = s.requests();
+    deliver(&handler, "ami-state-available.json", &copy, WEST).await;
+    assert_eq!(
+        protection(WEST, &copy).await.as_deref(),
+        Some("enabled-with-cooldown")
+    );
+    assert_eq!(protections(before).len(), 1, "the copy, once");
+    let refused = s
+        .emulator
+        .ec2_in(WEST)
+        .await
+        .deregister_image()
+        .image_id(&copy)
+        .send()
+        .await;
+    assert!(refused.is_err(), "protected: {refused:?}");
+
+    // Every event again: nothing to do.
+    let before = s.requests();
+    deliver(&handler, "ami-state-available.json", &image, REGION).await;
+    deliver(&handler, "ami-state-available.json", &copy, WEST).await;
+    assert_eq!(
+        s.emulator.mutating_requests_since(before),
+        Vec::<String>::new()
+    );
+}
+
+#[tokio::test]
 async fn an_unreachable_region_fails_alone_retryably_and_a_redelivery_finishes_the_job() {
     let s = setup().await;
     let handler = s

@@ -366,6 +366,22 @@ impl Aws for SdkAws {
         Ok(())
     }
 
+    async fn enable_image_deregistration_protection(
+        &self,
+        region: &str,
+        image_id: &str,
+        with_cooldown: bool,
+    ) -> Result<(), AwsError> {
+        self.ec2(region)
+            .enable_image_deregistration_protection()
+            .image_id(image_id)
+            .with_cooldown(with_cooldown)
+            .send()
+            .await
+            .map_err(|e| aws_error("EnableImageDeregistrationProtection", region, image_id, e))?;
+        Ok(())
+    }
+
     async fn get_parameter(
         &self,
         region: &str,

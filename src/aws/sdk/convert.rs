@@ -2,6 +2,8 @@
 
 use aws_sdk_ec2::types::{self as ec2};
 
+use crate::observed::Protection;
+
 use super::*;
 
 pub(super) fn tags_of(tags: &[ec2::Tag]) -> Tags {
@@ -64,6 +66,7 @@ pub(super) fn observed_image(region: &str, image: &ec2::Image) -> ObservedImage 
         description: image.description().map(str::to_string),
         creation_date: image.creation_date().and_then(Timestamp::parse),
         deprecation_time: image.deprecation_time().and_then(Timestamp::parse),
+        protection: Protection::from_ec2(image.deregistration_protection()),
         product_codes: image
             .product_codes()
             .iter()
