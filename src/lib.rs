@@ -13,6 +13,7 @@
 //! every AWS call is in `aws`.
 
 pub mod aws;
+pub mod check;
 pub mod config;
 pub mod distribution;
 pub mod handler;
