@@ -221,7 +221,17 @@ fn allowed(view: &ReceiverView) -> Check {
         .map(|i| i.owner_id.clone())
         .or_else(|| view.owner_hint.clone());
     let verdict = match &view.image {
-        Some(image) => Some(admits(criteria, image, view.now)),
+        // EC2's own answer, when it gives one, over this evaluation (which judges no watermarks or
+        // scan results, and may lag behind new criteria).
+        Some(image) => Some(match (image.image_allowed, admits(criteria, image, view.now)) {
+            (Some(false), Admission::Admitted(why)) => Admission::Refused(vec![format!(
+                "EC2 reports ImageAllowed = false (by this check's reading, {why}: look at the criteria it does not judge)"
+            )]),
+            (Some(true), Admission::Refused(_)) => {
+                Admission::Admitted("EC2 reports ImageAllowed = true".into())
+            }
+            (_, admission) => admission,
+        }),
         None => owner.as_ref().map(|owner| {
             // Not visible: only the owner can be judged.
             let as_owner = SeenImage {
@@ -239,8 +249,12 @@ fn allowed(view: &ReceiverView) -> Check {
         }),
     };
     let where_to_fix = match by_policy {
-        true => "the organization's declarative policy sets it (ec2_attributes.allowed_images_settings): its administrators add",
-        false => "add, with ec2:ReplaceImageCriteriaInAllowedImagesSettings or the EC2 console (AMIs > Allowed AMIs),",
+        true => {
+            "the organization's declarative policy sets it (ec2_attributes.allowed_images_settings): its administrators add"
+        }
+        false => {
+            "add, with ec2:ReplaceImageCriteriaInAllowedImagesSettings or the EC2 console (AMIs > Allowed AMIs),"
+        }
     };
     let owner_text = owner.as_deref().unwrap_or("<owner account>");
     match (verdict, enforced) {
@@ -255,11 +269,17 @@ fn allowed(view: &ReceiverView) -> Check {
         ),
         (Some(Admission::Admitted(why)), true) => ok(
             "allowed-amis",
-            format!("Allowed AMIs is enabled in {} and admits it: {why}", view.region),
+            format!(
+                "Allowed AMIs is enabled in {} and admits it: {why}",
+                view.region
+            ),
         ),
         (Some(Admission::Admitted(why)), false) => ok(
             "allowed-amis",
-            format!("Allowed AMIs is in audit mode in {} and would admit it: {why}", view.region),
+            format!(
+                "Allowed AMIs is in audit mode in {} and would admit it: {why}",
+                view.region
+            ),
         ),
         (Some(Admission::Refused(why)), enforced) => {
             let detail = format!(
@@ -275,7 +295,9 @@ fn allowed(view: &ReceiverView) -> Check {
                 true => problem("allowed-amis", detail, fix),
                 false => ok(
                     "allowed-amis",
-                    format!("{detail} (audit mode: launches still work; they would not once it is enabled: {fix})"),
+                    format!(
+                        "{detail} (audit mode: launches still work; they would not once it is enabled: {fix})"
+                    ),
                 ),
             }
         }
@@ -316,9 +338,10 @@ fn admits(criteria: &[Criterion], image: &SeenImage, now: Timestamp) -> Admissio
 }
 
 fn provider_matches(criterion: &Criterion, image: &SeenImage) -> bool {
-    criterion.providers.iter().any(|p| {
-        *p == image.owner_id || image.owner_alias.as_deref() == Some(p.as_str())
-    })
+    criterion
+        .providers
+        .iter()
+        .any(|p| *p == image.owner_id || image.owner_alias.as_deref() == Some(p.as_str()))
 }
 
 /// Why `criterion` refuses the image, or `None` when it admits it.
@@ -407,7 +430,10 @@ fn deprecation(image: &SeenImage, now: Timestamp) -> Check {
                 "deprecated since {at}: still launchable by its id, but listed only with IncludeDeprecated (and Allowed AMIs' DeprecationTimeCondition counts from then)"
             ),
         ),
-        Some(at) => ok("deprecation", format!("not deprecated (deprecation set for {at})")),
+        Some(at) => ok(
+            "deprecation",
+            format!("not deprecated (deprecation set for {at})"),
+        ),
         None => ok("deprecation", "not deprecated".into()),
     }
 }
@@ -416,7 +442,7 @@ fn key(view: &KeyView) -> Check {
     match view {
         KeyView::Described { arn, state } if state == "Enabled" => ok(
             "key",
-            format!("{arn} is enabled and admits this account (KMS answered DescribeKey)"),
+            format!("{arn} is enabled, and its policy admits this account (KMS answered DescribeKey; EBS's own use of it, through EC2, cannot be tried from here)"),
         ),
         KeyView::Described { arn, state } => problem(
             "key",
@@ -520,7 +546,11 @@ mod tests {
     fn a_visible_image_with_allowed_amis_off_and_no_key_is_ready() {
         let checks = checks(&view(AllowedImages::Disabled));
         assert!(is_ready(&checks), "{}", render(&checks));
-        assert_eq!(checks.len(), 4, "image, allowed-amis, deprecation, block-public-access");
+        assert_eq!(
+            checks.len(),
+            4,
+            "image, allowed-amis, deprecation, block-public-access"
+        );
     }
 
     #[test]
@@ -530,7 +560,11 @@ mod tests {
             providers(&[OWNER]),
         ])));
         assert!(is_ready(&admitted), "{}", render(&admitted));
-        assert!(verdict_of(&admitted, "allowed-amis").1.contains("criterion 2 matches"));
+        assert!(
+            verdict_of(&admitted, "allowed-amis")
+                .1
+                .contains("criterion 2 matches")
+        );
 
         let refused = checks(&view(enabled(vec![providers(&["amazon", "111122223333"])])));
         let (verdict, text) = verdict_of(&refused, "allowed-amis");
@@ -549,24 +583,35 @@ mod tests {
         }));
         let (verdict, text) = verdict_of(&by_policy, "allowed-amis");
         assert_eq!(verdict, Verdict::Problem);
-        assert!(text.contains("no criteria") && text.contains("declarative policy"), "{text}");
+        assert!(
+            text.contains("no criteria") && text.contains("declarative policy"),
+            "{text}"
+        );
     }
 
     #[test]
     fn names_ages_and_deprecation_narrow_a_criterion() {
         let mut named = providers(&[OWNER]);
         named.names = vec!["golden-*-us-east-1".into()];
-        let (verdict, text) = verdict_of(&checks(&view(enabled(vec![named.clone()]))), "allowed-amis");
+        let (verdict, text) =
+            verdict_of(&checks(&view(enabled(vec![named.clone()]))), "allowed-amis");
         assert_eq!(verdict, Verdict::Problem);
-        assert!(text.contains(r#"does not match its name "golden-al2023-us-west-2""#), "{text}");
+        assert!(
+            text.contains(r#"does not match its name "golden-al2023-us-west-2""#),
+            "{text}"
+        );
         named.names.push("golden-?l2023-*".into());
         assert!(is_ready(&checks(&view(enabled(vec![named])))));
 
         let mut young = providers(&[OWNER]);
         young.max_days_since_created = Some(7);
-        let (verdict, text) = verdict_of(&checks(&view(enabled(vec![young.clone()]))), "allowed-amis");
+        let (verdict, text) =
+            verdict_of(&checks(&view(enabled(vec![young.clone()]))), "allowed-amis");
         assert_eq!(verdict, Verdict::Problem);
-        assert!(text.contains("up to 7 days old; it is 10 days old"), "{text}");
+        assert!(
+            text.contains("up to 7 days old; it is 10 days old"),
+            "{text}"
+        );
         young.max_days_since_created = Some(10);
         assert!(is_ready(&checks(&view(enabled(vec![young])))));
 
@@ -578,7 +623,11 @@ mod tests {
         let (verdict, text) = verdict_of(&checks, "allowed-amis");
         assert_eq!(verdict, Verdict::Problem);
         assert!(text.contains("deprecated 2 days ago"), "{text}");
-        assert!(verdict_of(&checks, "deprecation").1.contains("still launchable by its id"));
+        assert!(
+            verdict_of(&checks, "deprecation")
+                .1
+                .contains("still launchable by its id")
+        );
     }
 
     #[test]
@@ -589,7 +638,10 @@ mod tests {
         }));
         assert!(is_ready(&checks));
         let (_, text) = verdict_of(&checks, "allowed-amis");
-        assert!(text.contains("audit mode") && text.contains("would not once it is enabled"), "{text}");
+        assert!(
+            text.contains("audit mode") && text.contains("would not once it is enabled"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -646,7 +698,11 @@ mod tests {
             ("golden", "golden-1", false),
             ("*", "", true),
         ] {
-            assert_eq!(wildcard_matches(pattern, text), expected, "{pattern} {text}");
+            assert_eq!(
+                wildcard_matches(pattern, text),
+                expected,
+                "{pattern} {text}"
+            );
         }
     }
 }

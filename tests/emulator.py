@@ -32,6 +32,8 @@ Test-only control endpoints (never part of any AWS API), under /_ami_share/:
          answered by a fault or a broken answer (never served by moto) has "fault" set
 """
 
+import copy
+import fnmatch
 import io
 import json
 import random
@@ -56,7 +58,7 @@ from moto.core import responses as moto_responses  # noqa: E402 (moto after the 
 from moto.core import utils as moto_utils
 from moto.core.exceptions import JsonRESTError
 from moto.core.responses import ActionResult
-from moto.ec2.exceptions import EC2ClientError, UnvailableAMIIdError
+from moto.ec2.exceptions import EC2ClientError, InvalidAMIIdError, UnvailableAMIIdError
 from moto.ec2.models import ec2_backends
 from moto.ec2.models.amis import Ami, AmiBackend
 from moto.ec2.models.elastic_block_store import EBSBackend
@@ -134,12 +136,121 @@ _describe_images = AmiBackend.describe_images
 
 
 def describe_images(self, ami_ids=None, filters=None, exec_users=None, owners=None):
-    """AWS applies Owners together with ImageIds; moto ignores Owners (and filters) when ImageIds are given."""
+    """AWS applies Owners together with ImageIds; moto ignores Owners (and filters) when ImageIds are given.
+    AWS also lists, by id, another account's image whose launch permissions admit the caller (its account,
+    its organization or OU, or everyone), unless the caller's Allowed AMIs criteria hide it, and reports
+    ImageAllowed while Allowed AMIs is on; moto knows only the caller's own images."""
+    foreign = []
+    if ami_ids:
+        foreign = [s for s in (shared_with(self, i) for i in ami_ids if i not in self.amis) if s is not None]
+        wanted, ami_ids = ami_ids, [i for i in ami_ids if i in self.amis]
+        if not ami_ids:
+            if not foreign:
+                raise InvalidAMIIdError(wanted)
+            return foreign
     images = _describe_images(self, ami_ids=ami_ids, filters=filters, exec_users=exec_users, owners=owners)
     if ami_ids and owners:
         owners = [self.account_id if o == "self" else o for o in owners]
         images = [i for i in images if i.owner_id in owners or i.owner_alias in owners]
-    return images
+    return images + foreign
+
+
+# account -> {"org": organization id, "ous": [OU ids from the root down]}: the emulator's organization.
+_org_members = {}
+
+
+def admitted_by(permissions, account):
+    """Whether launch permissions admit `account` (AWS: its id, its organization's ARN, an OU ARN on its
+    path, or everyone)."""
+    member = _org_members.get(account, {})
+    for p in permissions:
+        if p.get("Group") == "all" or p.get("UserId") == account:
+            return True
+        org_arn = p.get("OrganizationArn", "")
+        if member and org_arn.endswith(f"organization/{member['org']}"):
+            return True
+        ou_arn = p.get("OrganizationalUnitArn", "")
+        if member and any(ou_arn.endswith(f"/{member['org']}/{ou}") for ou in member["ous"]):
+            return True
+    return False
+
+
+def shared_with(backend, image_id):
+    """Another account's image `image_id` in this region, as the caller sees it, or None."""
+    caller = backend.account_id
+    for account, regions in list(ec2_backends.items()):
+        if account == caller or backend.region_name not in regions:
+            continue
+        image = regions[backend.region_name].amis.get(image_id)
+        if image is None or not admitted_by(image.launch_permissions, caller):
+            continue
+        settings = _allowed_images.get((caller, backend.region_name), {"state": "disabled"})
+        if settings["state"] == "disabled":
+            return image
+        allowed = image_allowed(settings.get("criteria", []), image)
+        if settings["state"] == "enabled" and not allowed:
+            return None
+        seen = copy.copy(image)
+        seen.image_allowed = allowed
+        return seen
+    return None
+
+
+# (account, region) -> {"state": ..., "criteria": [ImageCriterion dicts]}
+_allowed_images = {}
+
+
+def image_allowed(criteria, image):
+    """Allowed AMIs: an image is allowed when one criterion matches, each criterion's parameters all
+    matching (image providers, names with * and ?, creation-date and deprecation-time conditions)."""
+    now = datetime.now(timezone.utc)
+
+    def parsed(value):
+        if isinstance(value, datetime):
+            return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+
+    for criterion in criteria:
+        providers = criterion.get("ImageProviders") or []
+        if providers and image.owner_id not in providers and getattr(image, "owner_alias", None) not in providers:
+            continue
+        names = criterion.get("ImageNames") or []
+        if names and not any(fnmatch.fnmatchcase(image.name or "", n) for n in names):
+            continue
+        created = (criterion.get("CreationDateCondition") or {}).get("MaximumDaysSinceCreated")
+        creation = parsed(getattr(image, "creation_date", None))
+        if created is not None and (creation is None or (now - creation).days > int(created)):
+            continue
+        deprecated = (criterion.get("DeprecationTimeCondition") or {}).get("MaximumDaysSinceDeprecated")
+        deprecation = parsed(getattr(image, "deprecation_time", None))
+        if deprecated is not None and deprecation and deprecation <= now and (now - deprecation).days > int(deprecated):
+            continue
+        return True
+    return False
+
+
+def get_allowed_images_settings_response(self):
+    """AWS GetAllowedImagesSettings (moto: not implemented): disabled until enabled."""
+    settings = _allowed_images.get((self.current_account, self.region), {"state": "disabled", "criteria": []})
+    return ActionResult(
+        {"State": settings["state"], "ImageCriteria": settings.get("criteria", []), "ManagedBy": "account"}
+    )
+
+
+def enable_allowed_images_settings_response(self):
+    """AWS EnableAllowedImagesSettings: `enabled` or `audit-mode`."""
+    state = self._get_param("AllowedImagesSettingsState")
+    self.error_on_dryrun()
+    _allowed_images.setdefault((self.current_account, self.region), {"criteria": []})["state"] = state
+    return ActionResult({"AllowedImagesSettingsState": state})
+
+
+def replace_image_criteria_in_allowed_images_settings_response(self):
+    """AWS ReplaceImageCriteriaInAllowedImagesSettings: the criteria, whatever the state."""
+    criteria = self._get_param("ImageCriteria", []) or []
+    self.error_on_dryrun()
+    _allowed_images.setdefault((self.current_account, self.region), {"state": "disabled"})["criteria"] = criteria
+    return ActionResult({"ReturnValue": True})
 
 
 _copy_image = AmiBackend.copy_image
@@ -377,6 +488,75 @@ def deregister_image(self, ami_id):
     return _deregister_image(self, ami_id)
 
 
+_describe_key = KmsResponse.describe_key
+
+
+def describe_key(self):
+    """AWS KMS, for a key of another account named by its ARN, evaluates the key policy for the caller
+    (moto looks for the key among the caller's own and answers NotFoundException). The subset evaluated:
+    Allow statements naming kms:DescribeKey (or kms:*), the principal `*` or the caller's account, and the
+    conditions aws:PrincipalOrgID, aws:PrincipalOrgPaths and aws:PrincipalAccount; any other condition
+    (kms:ViaService, which a direct call never carries) leaves the statement out."""
+    key_id = self._get_param("KeyId")
+    parts = key_id.split(":") if key_id.startswith("arn:") else []
+    if len(parts) < 6 or parts[4] == self.current_account:
+        return _describe_key(self)
+    owner, region = parts[4], parts[3]
+    backend = kms_backends[owner][region]
+    try:
+        key = backend.describe_key(backend.get_key_id(key_id))
+    except Exception:
+        raise JsonRESTError("NotFoundException", f"Key '{key_id}' does not exist")
+    if not key_policy_admits(json.loads(key.policy), self.current_account, "kms:DescribeKey"):
+        raise JsonRESTError(
+            "AccessDeniedException",
+            f"User: arn:aws:sts::{self.current_account}:assumed-role/receiver/check is not authorized to "
+            f"perform: kms:DescribeKey on resource: {key_id} because no resource-based policy allows the "
+            "kms:DescribeKey action",
+        )
+    return json.dumps(key.to_dict())
+
+
+def key_policy_admits(policy, account, action):
+    member = _org_members.get(account, {})
+    context = {
+        "aws:principalorgid": [member["org"]] if member else [],
+        "aws:principalorgpaths": [member["path"]] if member else [],
+        "aws:principalaccount": [account],
+    }
+    statements = policy.get("Statement", [])
+    for s in statements if isinstance(statements, list) else [statements]:
+        actions = s.get("Action", [])
+        actions = [actions] if isinstance(actions, str) else actions
+        principal = s.get("Principal", {})
+        aws = principal.get("AWS", []) if isinstance(principal, dict) else principal
+        aws = [aws] if isinstance(aws, str) else aws
+        if s.get("Effect") != "Allow" or not any(fnmatch.fnmatchcase(action, a) for a in actions):
+            continue
+        if not any(p in ("*", account, f"arn:aws:iam::{account}:root") for p in aws):
+            continue
+        if all(condition_holds(op, values, context) for op, values in s.get("Condition", {}).items()):
+            return True
+    return False
+
+
+def condition_holds(operator, values, context):
+    for key, wanted in values.items():
+        wanted = [wanted] if isinstance(wanted, str) else wanted
+        have = context.get(key.lower())
+        if have is None:
+            return False
+        if operator in ("StringEquals", "ForAnyValue:StringEquals"):
+            if not any(h in wanted for h in have):
+                return False
+        elif operator in ("StringLike", "ForAnyValue:StringLike"):
+            if not any(fnmatch.fnmatchcase(h, w) for h in have for w in wanted):
+                return False
+        else:
+            return False
+    return True
+
+
 _create_alias = KmsBackend.create_alias
 
 
@@ -475,12 +655,16 @@ AmisResponse.copy_image = copy_image_response
 AmisResponse.register_image = register_image_response
 Ami.get_filter_value = ami_filter_value
 AmisResponse.enable_image_deprecation = enable_image_deprecation_response
+AmisResponse.get_allowed_images_settings = get_allowed_images_settings_response
+AmisResponse.enable_allowed_images_settings = enable_allowed_images_settings_response
+AmisResponse.replace_image_criteria_in_allowed_images_settings = replace_image_criteria_in_allowed_images_settings_response
 AmisResponse.enable_image_deregistration_protection = enable_image_deregistration_protection_response
 AmisResponse.disable_image_deregistration_protection = disable_image_deregistration_protection_response
 AmiBackend.deregister_image = deregister_image
 AmisResponse.get_image_block_public_access_state = get_image_block_public_access_state_response
 AmisResponse.enable_image_block_public_access = enable_image_block_public_access_response
 KmsBackend.create_alias = create_alias
+KmsResponse.describe_key = describe_key
 KmsResponse.put_key_policy = put_key_policy
 KmsResponse.get_key_policy = get_key_policy
 
@@ -674,6 +858,30 @@ class Emulator:
         backend = kms_backends[ACCOUNT][region]
         _key_policy_edits[(ACCOUNT, region, backend.get_key_id(key_id))] = statement
         return {"key_id": key_id}
+
+    def control_member(self, account, org_id, ou_ids=()):
+        """Makes `account` a member of the organization, under the OUs `ou_ids` (root first)."""
+        root = self.control_organization()["root_id"]
+        path = "/".join([org_id, root, *ou_ids]) + "/"
+        _org_members[account] = {"org": org_id, "ous": list(ou_ids), "path": path}
+        return _org_members[account]
+
+    def control_credentials(self, account):
+        """Credentials of a principal in `account` (moto's STS maps an assumed role's keys to the role's
+        account)."""
+        import boto3
+
+        sts = boto3.client(
+            "sts",
+            region_name="us-east-1",
+            endpoint_url=self.endpoint,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        creds = sts.assume_role(RoleArn=f"arn:aws:iam::{account}:role/receiver", RoleSessionName="check")
+        c = creds["Credentials"]
+        return {"access_key_id": c["AccessKeyId"], "secret_access_key": c["SecretAccessKey"],
+                "session_token": c["SessionToken"]}
 
     def control_organization(self, ous=()):
         import boto3

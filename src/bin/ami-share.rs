@@ -47,6 +47,32 @@ enum Command {
     /// Reconcile every AMI this account owns in the given regions (backfill, missed events, a changed
     /// config). Prints each image that changed, failed or is blocked, then a summary.
     Sweep(SweepArgs),
+    /// Run with a receiving account's credentials: can this account launch this AMI, and if not, what
+    /// exactly to fix (visibility, Allowed AMIs, deprecation, snapshot keys). Exit 0 ready, 1 a
+    /// problem, 3 nothing wrong found but something could not be checked from this account.
+    Check(CheckArgs),
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// The AMI (ami-…).
+    #[arg(long)]
+    image_id: String,
+    /// Its region (default: the AWS config's).
+    #[arg(long)]
+    region: Option<String>,
+    /// A key that encrypts its snapshots (repeatable): a receiver sees which only with create-volume
+    /// permission on the snapshots.
+    #[arg(long = "kms-key")]
+    kms_keys: Vec<String>,
+    /// The owner's account id, to judge Allowed AMIs when the image cannot be seen at all.
+    #[arg(long, value_parser = parse_account)]
+    owner: Option<String>,
+    #[command(flatten)]
+    connection: Connection,
+    /// Print the checks as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Where AWS is: like the AWS CLI's options of the same names.
@@ -115,6 +141,80 @@ async fn main() -> ExitCode {
         Command::Plan(target) => run(target, Mode::DryRun).await,
         Command::Apply(target) => run(target, Mode::Apply).await,
         Command::Sweep(args) => sweep(args).await,
+        Command::Check(args) => check(args).await,
+    }
+}
+
+async fn check(args: CheckArgs) -> ExitCode {
+    if !args.image_id.starts_with("ami-") {
+        eprintln!("--image-id {:?}: expected an AMI id (ami-…)", args.image_id);
+        return ExitCode::from(2);
+    }
+    if let Some(key) = args.kms_keys.iter().find(|k| !k.starts_with("arn:")) {
+        eprintln!(
+            "--kms-key {key:?}: expected a key ARN (arn:aws:kms:<region>:<account>:key/<id>)"
+        );
+        return ExitCode::from(2);
+    }
+    let retry = aws_config::retry::RetryConfig::standard();
+    let aws = connect(&args.connection, args.region.as_deref(), retry).await;
+    let region = match aws.home_region() {
+        Ok(region) => region.to_string(),
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let view = match aws
+        .receiver_view(&region, &args.image_id, &args.kms_keys, args.owner)
+        .await
+    {
+        Ok(view) => view,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    let checks = ami_share::check::checks(&view);
+    let ready = ami_share::check::is_ready(&checks);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"image_id": view.image_id, "region": view.region, "ready": ready, "checks": checks})
+        );
+    } else {
+        print!("{}", ami_share::check::render(&checks));
+        println!(
+            "{}",
+            match ready {
+                true => format!(
+                    "ready: this account can launch {} in {region}",
+                    view.image_id
+                ),
+                false
+                    if checks
+                        .iter()
+                        .any(|c| c.verdict == ami_share::check::Verdict::Problem) =>
+                    format!(
+                        "not ready: fix the problems above ({} in {region})",
+                        view.image_id
+                    ),
+                false => format!(
+                    "nothing wrong found, but not everything could be checked from this account ({} in {region}): see above",
+                    view.image_id
+                ),
+            }
+        );
+    }
+    if ready {
+        ExitCode::SUCCESS
+    } else if checks
+        .iter()
+        .any(|c| c.verdict == ami_share::check::Verdict::Problem)
+    {
+        ExitCode::from(1)
+    } else {
+        ExitCode::from(3)
     }
 }
 

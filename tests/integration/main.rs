@@ -6,6 +6,7 @@
 
 mod common;
 
+mod check_moto;
 mod cli;
 mod deputy_moto;
 mod emulator_fidelity;

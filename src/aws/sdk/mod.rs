@@ -145,6 +145,7 @@ impl SdkAws {
 mod calls;
 mod convert;
 mod errors;
+mod receiver;
 
 use convert::*;
 use errors::*;
