@@ -63,13 +63,21 @@ pub struct Criterion {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyView {
     /// KMS described it to this account: its `KeyState` (`Enabled`, `Disabled`, `PendingDeletion`, …).
-    Described { arn: String, state: String },
+    /// `on_snapshot`: this account saw the key on the snapshot; otherwise the operator named it
+    /// (`--kms-key`), and whether it is the snapshot's key cannot be seen from here.
+    Described {
+        arn: String,
+        state: String,
+        on_snapshot: bool,
+    },
     /// KMS refused (AccessDenied): its message.
     Refused { arn: String, message: String },
     /// No such key (deleted, or a wrong ARN).
     Missing { arn: String },
     /// Which key encrypts the snapshot is not visible from this account.
     Unseen { snapshot_id: String },
+    /// KMS answered DescribeKey with another error: its message.
+    Unreadable { arn: String, message: String },
 }
 
 /// Everything the check judges.
@@ -239,8 +247,8 @@ fn allowed(view: &ReceiverView) -> Check {
                 ..SeenImage::default()
             };
             match criteria.iter().any(|c| c.providers.is_empty() || provider_matches(c, &as_owner)) {
-                true => Admission::Admitted(
-                    "a criterion admits images of this owner (its other parameters cannot be judged without seeing the image)".into(),
+                true => Admission::Undecided(
+                    "a criterion admits images of this owner, but its other parameters (names, age, deprecation) cannot be judged without seeing the image".into(),
                 ),
                 false => Admission::Refused(vec![format!(
                     "no criterion's ImageProviders names owner {owner}"
@@ -266,6 +274,11 @@ fn allowed(view: &ReceiverView) -> Check {
                 view.region
             ),
             "run the check again with --owner <the AMI owner's account id>".into(),
+        ),
+        (Some(Admission::Undecided(why)), _) => unknown(
+            "allowed-amis",
+            format!("Allowed AMIs is {} in {}: {why}", if enforced { "enabled" } else { "in audit mode" }, view.region),
+            "make the image visible to this account first (see the image check), then run the check again".into(),
         ),
         (Some(Admission::Admitted(why)), true) => ok(
             "allowed-amis",
@@ -306,6 +319,8 @@ fn allowed(view: &ReceiverView) -> Check {
 
 enum Admission {
     Admitted(String),
+    /// Not decidable from what this account sees: why.
+    Undecided(String),
     /// Why each criterion refuses.
     Refused(Vec<String>),
 }
@@ -375,7 +390,10 @@ fn refusal(criterion: &Criterion, image: &SeenImage, now: Timestamp) -> Option<S
     }
     if let Some(days) = criterion.max_days_since_created {
         let age = image.creation_date.map(|c| days_between(c, now));
-        if age.is_none_or(|age| age > i64::from(days)) {
+        let too_old = image
+            .creation_date
+            .is_none_or(|c| now.secs() - c.secs() > i64::from(days) * 86_400);
+        if too_old {
             return Some(format!(
                 "CreationDateCondition allows images up to {days} days old; it is {}",
                 age.map_or("of unknown age".into(), |a| format!("{a} days old"))
@@ -386,7 +404,7 @@ fn refusal(criterion: &Criterion, image: &SeenImage, now: Timestamp) -> Option<S
         && let Some(deprecated) = image.deprecation_time.filter(|t| *t <= now)
     {
         let since = days_between(deprecated, now);
-        if since > i64::from(days) {
+        if now.secs() - deprecated.secs() > i64::from(days) * 86_400 {
             return Some(format!(
                 "DeprecationTimeCondition allows images deprecated up to {days} days ago; it was deprecated {since} days ago"
             ));
@@ -440,11 +458,29 @@ fn deprecation(image: &SeenImage, now: Timestamp) -> Check {
 
 fn key(view: &KeyView) -> Check {
     match view {
-        KeyView::Described { arn, state } if state == "Enabled" => ok(
+        KeyView::Described {
+            arn,
+            state,
+            on_snapshot: true,
+        } if state == "Enabled" => ok(
             "key",
-            format!("{arn} is enabled, and its policy admits this account (KMS answered DescribeKey; EBS's own use of it, through EC2, cannot be tried from here)"),
+            format!("{arn} encrypts the snapshot, is enabled, and its policy lets this account call DescribeKey (the calls EBS makes with it at launch, through EC2, cannot be tried from here)"),
         ),
-        KeyView::Described { arn, state } => problem(
+        KeyView::Described {
+            arn,
+            state,
+            on_snapshot: false,
+        } if state == "Enabled" => unknown(
+            "key",
+            format!("{arn} is enabled and its policy lets this account call DescribeKey, but this account cannot see whether it is the key of the AMI's snapshots (--kms-key)"),
+            "ask the owner to confirm the key (aws ec2 describe-snapshots in the owner account), or to grant this account create-volume permission on the snapshots so the check can see it".into(),
+        ),
+        KeyView::Unreadable { arn, message } => unknown(
+            "key",
+            format!("KMS answered DescribeKey on {arn} with an error: {message}"),
+            "run the check again; if it persists, look at the error".into(),
+        ),
+        KeyView::Described { arn, state, .. } => problem(
             "key",
             format!("{arn} is {state}: EBS cannot decrypt the snapshot, so a launch fails"),
             "its owner enables the key (or cancels its deletion)".into(),
@@ -656,6 +692,17 @@ mod tests {
         let (verdict, text) = verdict_of(&checks(&v), "allowed-amis");
         assert_eq!(verdict, Verdict::Problem);
         assert!(text.contains("names owner 123456789012"), "{text}");
+        v.allowed = enabled(vec![providers(&[OWNER])]);
+        let (verdict, text) = verdict_of(&checks(&v), "allowed-amis");
+        assert_eq!(
+            verdict,
+            Verdict::Unknown,
+            "names and ages cannot be judged unseen"
+        );
+        assert!(
+            text.contains("cannot be judged without seeing the image"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -665,11 +712,25 @@ mod tests {
         v.keys = vec![KeyView::Described {
             arn: arn.clone(),
             state: "Enabled".into(),
+            on_snapshot: true,
         }];
         assert!(is_ready(&checks(&v)));
         v.keys = vec![KeyView::Described {
             arn: arn.clone(),
+            state: "Enabled".into(),
+            on_snapshot: false,
+        }];
+        let named = checks(&v);
+        assert_eq!(
+            verdict_of(&named, "key").0,
+            Verdict::Unknown,
+            "a key only named by the operator"
+        );
+        assert!(!is_ready(&named));
+        v.keys = vec![KeyView::Described {
+            arn: arn.clone(),
             state: "PendingDeletion".into(),
+            on_snapshot: false,
         }];
         assert_eq!(verdict_of(&checks(&v), "key").0, Verdict::Problem);
         v.keys = vec![KeyView::Missing { arn: arn.clone() }];

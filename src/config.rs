@@ -473,6 +473,9 @@ impl Config {
                 true => (markers::MARKS_ON_A_COPY, "its copies"),
                 false => (markers::MARKS_ON_A_SOURCE, "its AMIs"),
             };
+            let marks = marks
+                + usize::from(!rule.deregistration_protection.is_off())
+                + usize::from(rule.share.exclusive);
             if rule.tags.len() + marks > TAGS_PER_RESOURCE {
                 warnings.push(format!(
                     "{at}: {} tags, and ami-share's own marks may need {marks} more on {on}: EC2 allows {TAGS_PER_RESOURCE} per resource, so the last of the rule's tags (in key order) may be left out; keep it to {} tags",

@@ -27,6 +27,18 @@ pub const SOURCE_CREATED: &str = "ami-share:source-created";
 /// where EC2's own record of the image agrees.
 pub const COPY_KIND: &str = "ami-share:copy-kind";
 
+/// On an image an exclusive rule selected (`true`): when no exclusive rule selects it any more, the grants
+/// of the config's exclusive rules that no selecting rule makes are removed, and the mark becomes `false`.
+/// (Forged, it can only make ami-share remove grants to the exclusive rules' own targets that no rule
+/// selecting the image makes; the service control policy in `policies/` keeps it ami-share's.)
+pub const EXCLUSIVE: &str = "ami-share:exclusive";
+
+/// On an image whose deregistration protection ami-share turned on (value `true`, written once it did):
+/// protection found off on such an image was turned off by someone on purpose (to deregister it), so it is
+/// left off and reported, not turned on again. (Forged, it can only keep ami-share from protecting an
+/// image, never make it act.)
+pub const PROTECTED: &str = "ami-share:protected";
+
 /// Why ami-share made a copy: the value of [`COPY_KIND`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum CopyKind {
@@ -61,10 +73,11 @@ impl fmt::Display for CopyKind {
     }
 }
 
-/// The most marks ami-share writes on an AMI it shares: [`STATUS`], [`STATUS_REASON`], [`REENCRYPTED_COPY`].
+/// The most marks ami-share writes on an AMI it shares: [`STATUS`], [`STATUS_REASON`], [`REENCRYPTED_COPY`]
+/// (and [`PROTECTED`] under a rule with deregistration protection, [`EXCLUSIVE`] under an exclusive rule).
 pub const MARKS_ON_A_SOURCE: usize = 3;
 /// The most marks ami-share writes on a copy it makes: [`SOURCE_IMAGE`], [`SOURCE_REGION`],
-/// [`COPY_KIND`], and the status ([`STATUS`], [`STATUS_REASON`]).
+/// [`COPY_KIND`], and the status ([`STATUS`], [`STATUS_REASON`]) (and [`PROTECTED`], as on a source).
 pub const MARKS_ON_A_COPY: usize = 5;
 
 /// Whether a tag key is one of ami-share's own ([`RESERVED`]): a mark, never left out for want of room.
@@ -73,7 +86,7 @@ pub fn is_mark(key: &str) -> bool {
 }
 
 /// Tag keys a rule may not set: ami-share's own bookkeeping would be overwritten.
-pub const RESERVED: [&str; 7] = [
+pub const RESERVED: [&str; 9] = [
     STATUS,
     STATUS_REASON,
     REENCRYPTED_COPY,
@@ -81,6 +94,8 @@ pub const RESERVED: [&str; 7] = [
     SOURCE_REGION,
     SOURCE_CREATED,
     COPY_KIND,
+    PROTECTED,
+    EXCLUSIVE,
 ];
 
 use crate::limits::TAG_VALUE_CHARS as MAX_TAG_VALUE_CHARS;

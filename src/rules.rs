@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::config::{Config, Rule};
 use crate::distribution::Template;
 use crate::keys::KeyRef;
+use crate::markers;
 use crate::observed::{CreatedBy, Protection, Tags};
 use crate::targets::{AccountId, LaunchPermission};
 use crate::time::Timestamp;
@@ -25,6 +26,13 @@ pub struct ImageFacts<'a> {
     pub created_by: CreatedBy,
     /// EC2's `CreationDate`: deprecation is counted from it.
     pub creation_date: Option<Timestamp>,
+}
+
+/// What the config's exclusive rules grant: all an image they no longer select may lose.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ExclusiveScope {
+    pub launch_permissions: BTreeSet<LaunchPermission>,
+    pub create_volume_accounts: BTreeSet<AccountId>,
 }
 
 /// What the selecting rules want for one image.
@@ -55,6 +63,11 @@ pub struct Desired {
     /// selecting rules grant together) are removed.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub exclusive: bool,
+    /// An image an exclusive rule selected before ([`markers::EXCLUSIVE`]) that none selects now: the
+    /// removals are limited to what the config's exclusive rules grant (these targets), and the mark is
+    /// then set to `false`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exclusive_scope: Option<ExclusiveScope>,
     /// When the image's family began, as EC2 dates it: the image's own `CreationDate`, or, for
     /// ami-share's copy, its source's. An SSM parameter never moves to an image of an older family.
     #[serde(skip)]
@@ -87,8 +100,9 @@ pub struct CopyWanted {
 }
 
 impl Desired {
+    /// Nothing to do: no rule selects the image, and no exclusive rule's grants are to be taken back.
     pub fn is_empty(&self) -> bool {
-        self.rules.is_empty()
+        self.rules.is_empty() && self.exclusive_scope.is_none()
     }
 }
 
@@ -207,6 +221,29 @@ pub fn desired_for(config: &Config, image: &ImageFacts) -> Desired {
     if !selecting.is_empty() {
         desired.approved_keys = config.approved_keys();
     }
+    match desired.exclusive {
+        true => {
+            desired
+                .image_tags
+                .insert(markers::EXCLUSIVE.to_string(), "true".to_string());
+        }
+        false if image.tags.get(markers::EXCLUSIVE).map(String::as_str) == Some("true") => {
+            let mut scope = ExclusiveScope::default();
+            for rule in config.rules.iter().filter(|r| r.share.exclusive) {
+                scope
+                    .launch_permissions
+                    .extend(rule.share.launch_permissions());
+                if rule.share.create_volume_permission {
+                    scope
+                        .create_volume_accounts
+                        .extend(rule.share.accounts.iter().cloned());
+                }
+            }
+            desired.exclusive = true;
+            desired.exclusive_scope = Some(scope);
+        }
+        false => {}
+    }
     // The owner launches its own AMIs and copies its own snapshots: EC2 needs (and shows) no grant for it.
     let owner = desired
         .launch_permissions
@@ -261,6 +298,47 @@ mod tests {
             created_by: CreatedBy::CreateImage,
             creation_date: Timestamp::parse("2026-11-25T10:00:00.000Z"),
         }
+    }
+
+    #[test]
+    fn an_exclusive_rule_marks_what_it_selects_and_its_grants_are_the_scope_once_it_does_not() {
+        let c = config(
+            r#"
+            [[rule]]
+            name = "exclusive"
+            match.tags = { share = "org" }
+            share.organizations = ["arn:aws:organizations::123456789012:organization/o-a1b2c3d4e5"]
+            share.accounts = ["111122223333"]
+            share.create_volume_permission = true
+            share.exclusive = true
+
+            [[rule]]
+            name = "partner"
+            match.name = ["golden-*"]
+            share.accounts = ["444455556666"]
+            "#,
+        );
+        let selected = tags(&[("share", "org")]);
+        let d = desired_for(&c, &facts("golden-1", &selected));
+        assert!(d.exclusive && d.exclusive_scope.is_none());
+        assert_eq!(d.image_tags[markers::EXCLUSIVE], "true");
+
+        let marked = tags(&[(markers::EXCLUSIVE, "true")]);
+        let d = desired_for(&c, &facts("golden-1", &marked));
+        assert_eq!(d.rules, ["partner"]);
+        let scope = d.exclusive_scope.expect("de-selected");
+        assert_eq!(scope.launch_permissions.len(), 2, "{scope:?}");
+        assert_eq!(scope.create_volume_accounts.len(), 1);
+        assert!(!d.image_tags.contains_key(markers::EXCLUSIVE));
+
+        let unmarked = Tags::new();
+        let d = desired_for(&c, &facts("other", &unmarked));
+        assert!(d.is_empty(), "never exclusive: nothing to take back");
+        let d = desired_for(&c, &facts("other", &marked));
+        assert!(
+            !d.is_empty(),
+            "no rule selects it, but the exclusive rule's grants go"
+        );
     }
 
     #[test]

@@ -143,6 +143,8 @@ def describe_images(self, ami_ids=None, filters=None, exec_users=None, owners=No
     foreign = []
     if ami_ids:
         foreign = [s for s in (shared_with(self, i) for i in ami_ids if i not in self.amis) if s is not None]
+        listed = [self.account_id if o == "self" else o for o in owners or []]
+        foreign = [i for i in foreign if not listed or i.owner_id in listed]
         wanted, ami_ids = ami_ids, [i for i in ami_ids if i in self.amis]
         if not ami_ids:
             if not foreign:
@@ -215,7 +217,8 @@ def image_allowed(criteria, image):
         if providers and image.owner_id not in providers and getattr(image, "owner_alias", None) not in providers:
             continue
         names = criterion.get("ImageNames") or []
-        if names and not any(fnmatch.fnmatchcase(image.name or "", n) for n in names):
+        # AWS's wildcards are * and ? only: a [ is a character like any other.
+        if names and not any(fnmatch.fnmatchcase(image.name or "", n.replace("[", "[[]")) for n in names):
             continue
         created = (criterion.get("CreationDateCondition") or {}).get("MaximumDaysSinceCreated")
         creation = parsed(getattr(image, "creation_date", None))
@@ -466,6 +469,8 @@ def disable_image_deregistration_protection_response(self):
     image_id = self._get_param("ImageId")
     self.error_on_dryrun()
     image = self.ec2_backend.describe_images(ami_ids=[image_id])[0]
+    if image.owner_id != self.current_account:
+        raise EC2ClientError("AuthFailure", f"Not authorized for image:{image_id}")
     if getattr(image, "deregistration_protection", None) == "enabled-with-cooldown":
         image.protected_until = datetime.now(timezone.utc) + timedelta(hours=24)
     image.deregistration_protection = "disabled"

@@ -49,7 +49,8 @@ enum Command {
     Sweep(SweepArgs),
     /// Run with a receiving account's credentials: can this account launch this AMI, and if not, what
     /// exactly to fix (visibility, Allowed AMIs, deprecation, snapshot keys). Exit 0 ready, 1 a
-    /// problem, 3 nothing wrong found but something could not be checked from this account.
+    /// problem, 2 bad input, 3 nothing wrong found but something could not be checked from this
+    /// account, 4 the check could not run (an AWS error).
     Check(CheckArgs),
 }
 
@@ -171,8 +172,15 @@ async fn check(args: CheckArgs) -> ExitCode {
     {
         Ok(view) => view,
         Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(1);
+            // Not an answer about the image: the check itself could not run.
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"image_id": args.image_id, "region": region, "error": e.to_string()})
+                );
+            }
+            eprintln!("the check could not run: {e}");
+            return ExitCode::from(4);
         }
     };
     let checks = ami_share::check::checks(&view);

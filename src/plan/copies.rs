@@ -182,9 +182,9 @@ pub(super) fn duplicate_copies(
     })
 }
 
-/// At most this many copies of one image (re-encrypted, or in one region) may fail or be lost before
-/// ami-share stops making new ones: past that, something keeps ending them, and a person should look.
-pub const MAX_FAILED_COPIES: usize = 3;
+/// At most this many copies of one image (re-encrypted, or in one region) may fail before ami-share stops
+/// making new ones.
+pub(super) const MAX_FAILED_COPIES: usize = 3;
 
 /// The status tags for an image that cannot be shared as it is, and the plan of its re-encrypted copy.
 pub(super) fn status_and_reencrypted_copy(

@@ -137,7 +137,9 @@ impl ImageCopy {
     pub fn renamed(&self, salt: u64) -> ImageCopy {
         let salt = salt.to_string();
         let hash = stable_hash(&[self.client_token.as_str(), "renamed", salt.as_str()]);
-        self.suffixed(hash, format!("{}-r", self.client_token))
+        // A token of its own too: the same token under another name would be refused
+        // (IdempotentParameterMismatch) if this copy were ever lost and renamed again.
+        self.suffixed(hash, format!("{}-r{:08x}", self.client_token, hash >> 32))
     }
 
     /// The copy again after CopyImage answered with `dead`, an earlier copy under this token that is gone

@@ -38,8 +38,8 @@ mod keys;
 mod reads;
 
 pub use action::{Action, ImageCopy};
+pub use copies::desired_for_copy;
 use copies::*;
-pub use copies::{MAX_FAILED_COPIES, desired_for_copy};
 use image_copy::*;
 use keys::*;
 pub use keys::{Blocker, key_patches};
@@ -170,9 +170,21 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
             }
         }
     }
+    let protection = match shareable {
+        true => protection_action(desired, image),
+        false => ProtectionPlan::default(),
+    };
+    plan.notes.extend(protection.note);
     let mut missing_status: Tags = status
         .unwrap_or_default()
         .into_iter()
+        .chain(protection.mark)
+        .chain(
+            desired
+                .exclusive_scope
+                .is_some()
+                .then(|| (markers::EXCLUSIVE.to_string(), "false".to_string())),
+        )
         .filter(|(k, v)| image.tags.get(k) != Some(v))
         .collect();
     // The status has room before any rule's tag, but not beyond what the image carries already: a
@@ -203,7 +215,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
         .extend(exclusive_volume_actions(desired, image));
     plan.actions
         .extend(deprecation_action(desired, image, observed.now));
-    plan.actions.extend(protection_action(desired, image));
+    plan.actions.extend(protection.action);
     plan.actions.extend(after_tags);
     if !missing_status.is_empty() {
         plan.actions.push(Action::SetStatus {
@@ -254,18 +266,50 @@ pub(super) fn deprecation_action(
     })
 }
 
-/// EnableImageDeregistrationProtection, when the image is available and less protected than a selecting
-/// rule asks. Stronger protection is kept, and none is ever turned off: whoever turned it on (a person, a
-/// pipeline, an earlier rule) may have had reasons ami-share cannot see.
-pub(super) fn protection_action(desired: &Desired, image: &ObservedImage) -> Option<Action> {
-    if image.state != ImageState::Available || image.protection >= desired.protection {
-        return None;
+/// What deregistration protection needs: the call, the [`markers::PROTECTED`] mark (written with the
+/// status, so only once the region's calls succeeded), or a note.
+#[derive(Debug, Default)]
+pub(super) struct ProtectionPlan {
+    pub(super) action: Option<Action>,
+    pub(super) mark: Option<(String, String)>,
+    pub(super) note: Option<String>,
+}
+
+/// EnableImageDeregistrationProtection, for an image ami-share shares (a selecting rule cannot turn an
+/// image it does not share into one nobody may deregister), once available, when it is less protected
+/// than a selecting rule asks. Stronger protection is kept, and none is ever turned off. Protection
+/// found off on an image ami-share protected before ([`markers::PROTECTED`]) was turned off on purpose,
+/// to deregister it: it is left off, and the note says how to have it back.
+pub(super) fn protection_action(desired: &Desired, image: &ObservedImage) -> ProtectionPlan {
+    if image.state != ImageState::Available || desired.protection.is_off() {
+        return ProtectionPlan::default();
     }
-    Some(Action::ProtectImage {
-        region: image.region.clone(),
-        image_id: image.image_id.clone(),
-        with_cooldown: desired.protection == Protection::WithCooldown,
-    })
+    let mark = Some((markers::PROTECTED.to_string(), "true".to_string()));
+    if image.protection >= desired.protection {
+        return ProtectionPlan {
+            mark,
+            ..ProtectionPlan::default()
+        };
+    }
+    if image.tags.get(markers::PROTECTED).map(String::as_str) == Some("true") {
+        return ProtectionPlan {
+            note: Some(format!(
+                "deregistration protection of {} was turned down by someone after ami-share turned it on: left as it is (delete its {} tag to have ami-share turn it on again)",
+                image.image_id,
+                markers::PROTECTED
+            )),
+            ..ProtectionPlan::default()
+        };
+    }
+    ProtectionPlan {
+        action: Some(Action::ProtectImage {
+            region: image.region.clone(),
+            image_id: image.image_id.clone(),
+            with_cooldown: desired.protection == Protection::WithCooldown,
+        }),
+        mark,
+        note: None,
+    }
 }
 
 /// Exclusive mode: the launch permissions the image has that no selecting rule grants, as one removal.
@@ -280,6 +324,12 @@ pub(super) fn exclusive_action(desired: &Desired, image: &ObservedImage) -> Opti
         .as_ref()?
         .iter()
         .filter(|p| !desired.launch_permissions.contains(p))
+        .filter(|p| {
+            desired
+                .exclusive_scope
+                .as_ref()
+                .is_none_or(|scope| scope.launch_permissions.contains(p))
+        })
         .filter(|p| !matches!(p, LaunchPermission::Account(id) if id.as_str() == image.owner_id))
         .cloned()
         .collect();
@@ -313,8 +363,14 @@ pub(super) fn exclusive_volume_actions(desired: &Desired, image: &ObservedImage)
                         id.as_str() != image.owner_id
                             && !desired.create_volume_accounts.contains(id)
                             && !others.is_some_and(|o| o.create_volume_accounts.contains(id))
+                            && desired
+                                .exclusive_scope
+                                .as_ref()
+                                .is_none_or(|scope| scope.create_volume_accounts.contains(id))
                     }
-                    VolumePermission::Public => true,
+                    // No rule grants it; once no exclusive rule selects the image, it is not ami-share's
+                    // to take back.
+                    VolumePermission::Public => desired.exclusive_scope.is_none(),
                 })
                 .cloned()
                 .collect();
@@ -977,13 +1033,26 @@ mod tests {
                 _ => None,
             })
         };
+        let marked = |d: &Desired, obs: &Observed| {
+            plan(d, obs).actions.into_iter().any(|a| {
+                matches!(a, Action::SetStatus { tags, .. } if tags.get(markers::PROTECTED).map(String::as_str) == Some("true"))
+            })
+        };
         let mut d = desired();
         let mut obs = observed(image(ImageState::Available));
         assert_eq!(protects(&d, &obs), None, "no rule asks");
         d.protection = Protection::On;
         assert_eq!(protects(&d, &obs), Some(false));
+        assert!(
+            marked(&d, &obs),
+            "the mark goes with the status, after the call"
+        );
         obs.image.protection = Protection::On;
         assert_eq!(protects(&d, &obs), None, "on already");
+        assert!(
+            marked(&d, &obs),
+            "protected by someone else: ami-share's from now on"
+        );
         d.protection = Protection::WithCooldown;
         assert_eq!(protects(&d, &obs), Some(true), "the cooldown is added");
         obs.image.protection = Protection::WithCooldown;
@@ -995,6 +1064,34 @@ mod tests {
         d.protection = Protection::On;
         obs.image.state = ImageState::Pending;
         assert_eq!(protects(&d, &obs), None, "a pending image waits");
+
+        // Turned off by someone after ami-share turned it on: left off, and said.
+        obs.image.state = ImageState::Available;
+        obs.image
+            .tags
+            .insert(markers::PROTECTED.into(), "true".into());
+        let p = plan(&d, &obs);
+        assert_eq!(protects(&d, &obs), None);
+        assert!(
+            p.notes.iter().any(|n| n.contains("turned down by someone")),
+            "{:?}",
+            p.notes
+        );
+    }
+
+    #[test]
+    fn an_image_ami_share_cannot_share_is_not_protected_either() {
+        let mut d = desired();
+        d.protection = Protection::On;
+        let obs = observed(encrypted(AWS_EBS, Some(key(AWS_EBS, KeyManager::Aws))));
+        let p = plan(&d, &obs);
+        assert!(
+            !p.actions
+                .iter()
+                .any(|a| matches!(a, Action::ProtectImage { .. })),
+            "{:#?}",
+            p.actions
+        );
     }
 
     #[test]
@@ -1101,6 +1198,52 @@ mod tests {
             removal(&plan(&exclusive_without_volumes, &after)),
             Some(("snap-1".to_string(), vec![volume("210987654321")])),
             "no rule grants any: every account but the owner loses it"
+        );
+    }
+
+    #[test]
+    fn an_image_no_exclusive_rule_selects_any_more_loses_only_the_exclusive_rules_grants() {
+        let stranger = account("444455556666");
+        let partner = account("210987654321");
+        let mut img = image(ImageState::Available);
+        img.tags.insert(markers::EXCLUSIVE.into(), "true".into());
+        img.launch_permissions = Some([org(), partner.clone(), stranger.clone()].into());
+        // Only a rule granting the partner selects it now; the exclusive rules granted the org and
+        // the partner.
+        let d = Desired {
+            launch_permissions: [partner.clone()].into(),
+            exclusive: true,
+            exclusive_scope: Some(crate::rules::ExclusiveScope {
+                launch_permissions: [org(), partner.clone()].into(),
+                ..Default::default()
+            }),
+            ..desired()
+        };
+        let p = plan(&d, &observed(img.clone()));
+        let removed: Vec<_> = p
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::RemoveLaunchPermissions { permissions, .. } => Some(permissions.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            removed,
+            [vec![org()]],
+            "the org goes; what a selecting rule grants and what no exclusive rule grants stay"
+        );
+        assert!(
+            p.actions.iter().any(|a| matches!(a, Action::SetStatus { tags, .. } if tags[markers::EXCLUSIVE] == "false")),
+            "the mark turns false with the status, after the removal: {p:#?}"
+        );
+        let after = applied(observed(img), &p);
+        let p = plan(&d, &after);
+        assert!(
+            !p.actions
+                .iter()
+                .any(|a| matches!(a, Action::RemoveLaunchPermissions { .. })),
+            "converges"
         );
     }
 

@@ -258,48 +258,59 @@ impl<A: Aws> Reconciler<'_, A> {
 
     /// Makes a copy and returns its id, making sure the id names a copy that lives. A client token EC2 has
     /// seen answers with the copy it made then, even when that copy has since been deregistered or failed
-    /// (EC2's idempotency has no expiry for CopyImage): that copy would be waited on for ever. So the
-    /// answer is read back (one DescribeImages), and a copy that is gone or failed is made again under a
-    /// token chained on the dead copy's id, which a later event derives the same way (so it finds the
-    /// same new copy, not a third). At most [`MAX_FAILED_COPIES`] dead answers; then the error names them.
+    /// (EC2's idempotency has no expiry for CopyImage), and a token spent with other parameters (another
+    /// name, other tags) is refused: either way the region would wait for ever. So the answer is read back
+    /// (one DescribeImages; a copy not listed is looked for again over a few seconds, for EC2's eventual
+    /// consistency), and a copy that is gone or failed, or a spent token, is made again under a token
+    /// chained on it, which a later event derives the same way (so it finds the same new copy, not a
+    /// third). Dead answers cost no copy: at most [`MAX_LOST_COPIES`] of them, then the error names them.
     async fn copy_image(&self, copy: &ImageCopy) -> Result<String, AwsError> {
         let mut attempt = copy.clone();
         let mut dead: Vec<String> = Vec::new();
         loop {
-            let copy_id = self.copy_once(&attempt).await?;
-            let why = match self.aws.describe_image(&attempt.region, &copy_id).await? {
-                ImageLookup::Owned(image) if image.state.is_terminal() => image.state.to_string(),
-                ImageLookup::Owned(_) | ImageLookup::NotOwned { .. } => {
-                    tracing::info!(
-                        image_id = %copy.source_image_id,
-                        copy_id = %copy_id,
-                        copy_region = %copy.region,
-                        "made {} copy {copy_id} of {} in {}",
-                        copy.kind,
-                        copy.source_image_id,
-                        copy.region
-                    );
-                    return Ok(copy_id);
-                }
-                ImageLookup::NotFound => "gone (deregistered)".to_string(),
+            let (spent, why) = match self.copy_once(&attempt).await {
+                Ok(copy_id) => match self.read_back(&attempt.region, &copy_id).await? {
+                    ImageLookup::Owned(image) if image.state.is_terminal() => {
+                        (copy_id, image.state.to_string())
+                    }
+                    ImageLookup::Owned(image) => {
+                        self.restore_marks(&attempt, &image).await?;
+                        tracing::info!(
+                            image_id = %copy.source_image_id,
+                            copy_id = %copy_id,
+                            copy_region = %copy.region,
+                            "made {} copy {copy_id} of {} in {}",
+                            copy.kind,
+                            copy.source_image_id,
+                            copy.region
+                        );
+                        return Ok(copy_id);
+                    }
+                    ImageLookup::NotOwned { .. } => return Ok(copy_id),
+                    ImageLookup::NotFound => (copy_id, "gone (deregistered)".to_string()),
+                },
+                Err(e) if e.code.as_deref() == Some("IdempotentParameterMismatch") => (
+                    attempt.client_token.clone(),
+                    "a client token spent with other parameters".to_string(),
+                ),
+                Err(e) => return Err(e),
             };
             tracing::warn!(
                 image_id = %copy.source_image_id,
-                copy_id = %copy_id,
                 copy_region = %copy.region,
-                "CopyImage answered with {copy_id}, an earlier copy of {} in {} that is {why}: copying again under a new client token",
+                "CopyImage answered for the copy of {} in {} with {spent}, which is {why}: copying again under a new client token",
                 copy.source_image_id,
                 copy.region
             );
-            dead.push(format!("{copy_id} ({why})"));
-            if dead.len() >= MAX_FAILED_COPIES {
+            dead.push(format!("{spent} ({why})"));
+            if dead.len() >= MAX_LOST_COPIES {
                 return Err(AwsError {
                     operation: "CopyImage",
                     region: copy.region.clone(),
                     resource: copy.source_image_id.clone(),
                     code: None,
                     message: format!(
-                        "CopyImage answered {} times with an earlier copy that can no longer be used: {}; look at why the copies of {} in {} end this way (a cleanup deregistering them, a failing snapshot copy)",
+                        "CopyImage answered {} times with an earlier copy that can no longer be used: {}; something keeps ending the copies of {} in {} (a cleanup deregistering them, a failing snapshot copy): stop it, or turn on deregistration_protection for the rule",
                         dead.len(),
                         dead.join(", "),
                         copy.source_image_id,
@@ -308,8 +319,48 @@ impl<A: Aws> Reconciler<'_, A> {
                     retryable: false,
                 });
             }
-            attempt = attempt.after_lost(&copy_id);
+            attempt = attempt.after_lost(&spent);
         }
+    }
+
+    /// DescribeImages of the copy CopyImage answered with; not listed, it is looked for again after each
+    /// of the reconciler's read-back waits before it is taken for gone.
+    async fn read_back(&self, region: &str, copy_id: &str) -> Result<ImageLookup, AwsError> {
+        let mut lookup = self.aws.describe_image(region, copy_id).await?;
+        for wait in self.copy_read_back {
+            if lookup != ImageLookup::NotFound {
+                break;
+            }
+            tokio::time::sleep(*wait).await;
+            lookup = self.aws.describe_image(region, copy_id).await?;
+        }
+        Ok(lookup)
+    }
+
+    /// The copy CopyImage answered with is ami-share's (its client token says so): marks someone changed
+    /// or removed since are written again, or the copy's own events and the source's would not take it
+    /// for ami-share's copy while CopyImage keeps answering with it.
+    async fn restore_marks(&self, copy: &ImageCopy, image: &ObservedImage) -> Result<(), AwsError> {
+        let marks: Tags = copy
+            .tags
+            .iter()
+            .filter(|(k, v)| {
+                markers::COPY_MARKS.contains(&k.as_str()) && image.tags.get(*k) != Some(v)
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if marks.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(
+            copy_id = %image.image_id,
+            "the marks of {} were changed by someone: writing them again ({})",
+            image.image_id,
+            marks.keys().cloned().collect::<Vec<_>>().join(", ")
+        );
+        self.aws
+            .create_tags(&copy.region, std::slice::from_ref(&image.image_id), &marks)
+            .await
     }
 
     /// One CopyImage. A name taken in the copy's region by an image ami-share did not make (its own

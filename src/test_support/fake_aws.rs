@@ -47,6 +47,10 @@ pub struct FakeState {
     /// CopyImage client tokens and the copies they made (as EC2, a token names its copy for good, even
     /// once the copy is deregistered).
     pub copy_tokens: BTreeMap<String, String>,
+    /// The name each token was used with: as EC2, the token with another name is refused.
+    pub copy_token_names: BTreeMap<String, String>,
+    /// DescribeImages does not list a new copy for this many reads (EC2's eventual consistency).
+    pub unlisted_reads: usize,
     /// Every copy is deregistered as soon as it is made (a cleanup job racing ami-share).
     pub lose_copies: bool,
     /// Snapshot id → who has createVolumePermission.
@@ -215,7 +219,11 @@ impl FakeAws {
 impl Aws for FakeAws {
     async fn describe_image(&self, region: &str, id: &str) -> Result<ImageLookup, AwsError> {
         self.call("DescribeImages", region)?;
-        let state = self.state.lock().unwrap();
+        let mut state = self.state.lock().unwrap();
+        if state.unlisted_reads > 0 && state.copy_tokens.values().any(|c| c == id) {
+            state.unlisted_reads -= 1;
+            return Ok(ImageLookup::NotFound);
+        }
         Ok(match state.images.get(id).filter(|i| i.region == region) {
             Some(image) => {
                 let mut image = image.clone();
@@ -368,8 +376,19 @@ impl Aws for FakeAws {
     async fn copy_image(&self, copy: &ImageCopy) -> Result<String, AwsError> {
         self.call("CopyImage", &copy.region)?;
         let mut state = self.state.lock().unwrap();
-        // As EC2: a repeated client token returns the copy it made; AMI names are unique.
+        // As EC2: a repeated client token returns the copy it made, with other parameters it is refused;
+        // AMI names are unique.
         if let Some(id) = state.copy_tokens.get(&copy.client_token) {
+            if state.copy_token_names.get(&copy.client_token) != Some(&copy.name) {
+                return Err(AwsError {
+                    operation: "CopyImage",
+                    region: copy.region.clone(),
+                    resource: copy.source_image_id.clone(),
+                    code: Some("IdempotentParameterMismatch".into()),
+                    message: "The client token was already used with other parameters.".into(),
+                    retryable: true,
+                });
+            }
             return Ok(id.clone());
         }
         if state
@@ -396,6 +415,9 @@ impl Aws for FakeAws {
         state
             .copy_tokens
             .insert(copy.client_token.clone(), id.clone());
+        state
+            .copy_token_names
+            .insert(copy.client_token.clone(), copy.name.clone());
         let snapshot = format!("snap-{id}");
         let mut image = state.images[&copy.source_image_id].clone();
         image.image_id = id.clone();
@@ -644,10 +666,12 @@ pub fn partner() -> BTreeSet<LaunchPermission> {
 }
 
 pub fn reconciler<'a>(aws: &'a FakeAws, config: &'a Config, mode: Mode) -> Reconciler<'a, FakeAws> {
-    Reconciler::new(config, aws, REGION, mode).with_key_policy_writes(KeyPolicyWrites {
-        settle: Duration::ZERO,
-        max_writes: 3,
-    })
+    Reconciler::new(config, aws, REGION, mode)
+        .with_key_policy_writes(KeyPolicyWrites {
+            settle: Duration::ZERO,
+            max_writes: 3,
+        })
+        .with_copy_read_back(&[])
 }
 
 /// The source in REGION, unencrypted, and ami-share's available copy of it in WEST, encrypted with the

@@ -4,8 +4,9 @@
 //! `AMI_SHARE_BOOTSTRAP` names another binary to run instead: CI sets it to the `bootstrap` that
 //! `sam build` made (scripts/test), so the artifact SAM would deploy is the one tested.
 
-use crate::common::runtime_api::{Function, RuntimeApi};
+use crate::common::runtime_api::{Answer, Function, RuntimeApi};
 use crate::common::*;
+use ami_share::markers;
 use serde_json::json;
 
 fn binary() -> std::path::PathBuf {
@@ -453,5 +454,112 @@ async fn rules_past_aws_limits_leave_fifty_tags_and_a_thousand_shares_and_the_su
     assert_eq!(
         emulator.mutating_requests_since(before),
         Vec::<String>::new()
+    );
+}
+
+#[tokio::test]
+async fn a_copy_someone_deregistered_is_made_again_by_the_next_event_through_the_bootstrap() {
+    let emulator = Emulator::start();
+    let ec2 = emulator.ec2().await;
+    let (image, _) = create_image(&ec2, "golden-al2023", &[]).await;
+    let config = write_config(
+        "[[rule]]\nname = \"regional\"\nmatch.name = [\"golden-*\"]\ntags = { t = \"1\" }\ncopy.regions = [{ region = \"us-west-2\" }]\n",
+    );
+    let mut api = RuntimeApi::start();
+    let mut env = emulator.aws_env();
+    env.push(("AMI_SHARE_CONFIG", config.env()));
+    let _function = Function::start(&binary(), &api, &env);
+    let west = |answer: &Answer| answer.body["outcome"]["regions"]["us-west-2"].clone();
+
+    let first = api.invoke(sample_event("ami-state-available.json", &image, REGION));
+    assert_eq!(west(&first)["status"], "copying", "{first:?}");
+    let lost = west(&first)["image_id"].as_str().unwrap().to_string();
+    emulator
+        .ec2_in("us-west-2")
+        .await
+        .deregister_image()
+        .image_id(&lost)
+        .send()
+        .await
+        .expect("DeregisterImage");
+
+    let again = api.invoke(sample_event("ami-state-available.json", &image, REGION));
+    assert_eq!(west(&again)["status"], "copying", "{again:?}");
+    let copy = west(&again)["image_id"].as_str().unwrap().to_string();
+    assert_ne!(copy, lost, "a new copy, not the dead one: {again:?}");
+    let copies = copies_of(&emulator, "us-west-2", &image).await;
+    assert_eq!(
+        copies.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
+        [copy.as_str()]
+    );
+}
+
+#[tokio::test]
+async fn an_ami_an_exclusive_rule_stops_selecting_loses_that_rules_grants_on_its_delete_tags_event()
+{
+    let emulator = Emulator::start();
+    let org = emulator.organization(&[]);
+    let org_arn = org["arn"].as_str().unwrap();
+    let ec2 = emulator.ec2().await;
+    let (image, _) = create_image(&ec2, "golden-al2023", &[("share", "org")]).await;
+    let config = write_config(&format!(
+        "[[rule]]\nname = \"org-only\"\nmatch.tags = {{ share = \"org\" }}\nshare.organizations = [\"{org_arn}\"]\nshare.exclusive = true\n\n\
+         [[rule]]\nname = \"partner\"\nmatch.name = [\"golden-*\"]\nshare.accounts = [\"210987654321\"]\n"
+    ));
+    let mut api = RuntimeApi::start();
+    let mut env = emulator.aws_env();
+    env.push(("AMI_SHARE_CONFIG", config.env()));
+    let _function = Function::start(&binary(), &api, &env);
+
+    let first = api.invoke(sample_event("create-image.json", &image, REGION));
+    assert_eq!(first.body["status"], "done", "{first:?}");
+    assert_eq!(
+        launch_permissions(&ec2, &image).await,
+        [format!("org={org_arn}"), "account=210987654321".to_string()].into()
+    );
+    assert_eq!(image_tags(&ec2, &image).await[markers::EXCLUSIVE], "true");
+
+    // The tag goes: the exclusive rule no longer selects the AMI. Someone also shares it by hand.
+    ec2.delete_tags()
+        .resources(&image)
+        .tags(aws_sdk_ec2::types::Tag::builder().key("share").build())
+        .send()
+        .await
+        .expect("DeleteTags");
+    ec2.modify_image_attribute()
+        .image_id(&image)
+        .launch_permission(
+            aws_sdk_ec2::types::LaunchPermissionModifications::builder()
+                .add(
+                    aws_sdk_ec2::types::LaunchPermission::builder()
+                        .user_id("333344445555")
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut deleted = sample_event("create-tags.json", &image, REGION);
+    deleted["detail"]["eventName"] = json!("DeleteTags");
+    let answer = api.invoke(deleted.clone());
+    assert_eq!(answer.kind, "response", "{answer:?}");
+    assert_eq!(
+        launch_permissions(&ec2, &image).await,
+        [
+            "account=210987654321".to_string(),
+            "account=333344445555".to_string()
+        ]
+        .into(),
+        "the exclusive rule's organization goes; the other rule's account and the hand-made share stay: {answer:?}"
+    );
+    assert_eq!(image_tags(&ec2, &image).await[markers::EXCLUSIVE], "false");
+
+    let before = emulator.requests().len();
+    api.invoke(deleted);
+    assert_eq!(
+        emulator.mutating_requests_since(before),
+        Vec::<String>::new(),
+        "nothing more to take back"
     );
 }

@@ -34,18 +34,38 @@ impl SdkAws {
                 }
             }
         };
-        let keys = match (kms_keys, &image) {
-            ([], Some(image)) if !image.encrypted_snapshots.is_empty() => {
+        // The keys seen on the snapshots; where this account cannot see them, the ones the operator
+        // named (which it cannot tie to a snapshot), else the snapshot stays unseen.
+        let seen = match &image {
+            Some(image) if !image.encrypted_snapshots.is_empty() => {
                 self.snapshot_keys(region, &image.encrypted_snapshots).await
             }
-            _ => kms_keys.iter().map(|k| Ok(k.clone())).collect(),
+            _ => Vec::new(),
         };
-        let mut views = Vec::new();
-        for key in keys {
-            views.push(match key {
-                Ok(arn) => self.key_view(region, arn).await?,
-                Err(snapshot_id) => KeyView::Unseen { snapshot_id },
-            });
+        let named = || kms_keys.iter().map(|k| (k.clone(), false));
+        let mut keys: Vec<(String, bool)> = Vec::new();
+        let mut unseen = Vec::new();
+        for key in seen {
+            match key {
+                Ok(arn) => keys.push((arn, true)),
+                Err(snapshot_id) => unseen.push(snapshot_id),
+            }
+        }
+        if !unseen.is_empty() || image.is_none() {
+            match kms_keys.is_empty() {
+                true => {}
+                false => {
+                    keys.extend(named());
+                    unseen.clear();
+                }
+            }
+        }
+        let mut views: Vec<KeyView> = unseen
+            .into_iter()
+            .map(|snapshot_id| KeyView::Unseen { snapshot_id })
+            .collect();
+        for (arn, on_snapshot) in keys {
+            views.push(self.key_view(region, arn, on_snapshot).await);
         }
         Ok(ReceiverView {
             image_id: image_id.to_string(),
@@ -86,7 +106,7 @@ impl SdkAws {
         keys
     }
 
-    async fn key_view(&self, region: &str, arn: String) -> Result<KeyView, AwsError> {
+    async fn key_view(&self, region: &str, arn: String, on_snapshot: bool) -> KeyView {
         // A key lives in its own region: the one its ARN names.
         let key_region = arn
             .split(':')
@@ -100,22 +120,26 @@ impl SdkAws {
             .send()
             .await
         {
-            Ok(out) => Ok(KeyView::Described {
+            Ok(out) => KeyView::Described {
                 state: out
                     .key_metadata()
                     .and_then(|m| m.key_state())
                     .map_or("unknown".into(), |s| s.as_str().to_string()),
                 arn,
-            }),
+                on_snapshot,
+            },
             Err(e) => {
                 let e = aws_error("DescribeKey", key_region, &arn, e);
                 match e.code.as_deref() {
-                    Some("AccessDeniedException") => Ok(KeyView::Refused {
+                    Some("AccessDeniedException") => KeyView::Refused {
                         message: e.message.clone(),
                         arn,
-                    }),
-                    Some("NotFoundException") => Ok(KeyView::Missing { arn }),
-                    _ => Err(e),
+                    },
+                    Some("NotFoundException") => KeyView::Missing { arn },
+                    _ => KeyView::Unreadable {
+                        message: e.to_string(),
+                        arn,
+                    },
                 }
             }
         }
@@ -136,7 +160,10 @@ fn allowed_images(
             criteria,
             by_policy,
         },
-        _ => AllowedImages::Disabled,
+        Some("disabled") => AllowedImages::Disabled,
+        other => AllowedImages::Unread(format!(
+            "GetAllowedImagesSettings answered state {other:?}, which this version does not know"
+        )),
     }
 }
 
