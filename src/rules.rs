@@ -230,9 +230,13 @@ pub fn desired_for(config: &Config, image: &ImageFacts) -> Desired {
         false if image.tags.get(markers::EXCLUSIVE).map(String::as_str) == Some("true") => {
             let mut scope = ExclusiveScope::default();
             for rule in config.rules.iter().filter(|r| r.share.exclusive) {
-                scope
-                    .launch_permissions
-                    .extend(rule.share.launch_permissions());
+                // Never Group=all: taking an AMI back from the public is for a rule that selects it
+                // to decide, not for a mark.
+                scope.launch_permissions.extend(
+                    rule.share
+                        .launch_permissions()
+                        .filter(|p| *p != LaunchPermission::Public),
+                );
                 if rule.share.create_volume_permission {
                     scope
                         .create_volume_accounts

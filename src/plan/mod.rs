@@ -170,7 +170,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
             }
         }
     }
-    let protection = match shareable {
+    let protection = match shareable && shares_now(desired, image) {
         true => protection_action(desired, image),
         false => ProtectionPlan::default(),
     };
@@ -180,9 +180,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
         .into_iter()
         .chain(protection.mark)
         .chain(
-            desired
-                .exclusive_scope
-                .is_some()
+            (desired.exclusive_scope.is_some() && image.state == ImageState::Available)
                 .then(|| (markers::EXCLUSIVE.to_string(), "false".to_string())),
         )
         .filter(|(k, v)| image.tags.get(k) != Some(v))
@@ -1085,6 +1083,20 @@ mod tests {
         d.protection = Protection::On;
         let obs = observed(encrypted(AWS_EBS, Some(key(AWS_EBS, KeyManager::Aws))));
         let p = plan(&d, &obs);
+        assert!(
+            !p.actions
+                .iter()
+                .any(|a| matches!(a, Action::ProtectImage { .. })),
+            "{:#?}",
+            p.actions
+        );
+        // A rule that only tags (no share target) protects nothing either.
+        let tags_only = Desired {
+            launch_permissions: Default::default(),
+            protection: Protection::On,
+            ..desired()
+        };
+        let p = plan(&tags_only, &observed(image(ImageState::Available)));
         assert!(
             !p.actions
                 .iter()

@@ -274,7 +274,7 @@ impl<A: Aws> Reconciler<'_, A> {
                         (copy_id, image.state.to_string())
                     }
                     ImageLookup::Owned(image) => {
-                        self.restore_marks(&attempt, &image).await?;
+                        self.restore_marks(&attempt, &image).await;
                         tracing::info!(
                             image_id = %copy.source_image_id,
                             copy_id = %copy_id,
@@ -286,7 +286,9 @@ impl<A: Aws> Reconciler<'_, A> {
                         );
                         return Ok(copy_id);
                     }
-                    ImageLookup::NotOwned { .. } => return Ok(copy_id),
+                    // Not this account's: no copy ami-share made (EC2 answers a token with the copy it
+                    // made in this account), so none to wait on.
+                    ImageLookup::NotOwned { .. } => (copy_id, "not this account's".to_string()),
                     ImageLookup::NotFound => (copy_id, "gone (deregistered)".to_string()),
                 },
                 Err(e) if e.code.as_deref() == Some("IdempotentParameterMismatch") => (
@@ -337,10 +339,18 @@ impl<A: Aws> Reconciler<'_, A> {
         Ok(lookup)
     }
 
-    /// The copy CopyImage answered with is ami-share's (its client token says so): marks someone changed
-    /// or removed since are written again, or the copy's own events and the source's would not take it
-    /// for ami-share's copy while CopyImage keeps answering with it.
-    async fn restore_marks(&self, copy: &ImageCopy, image: &ObservedImage) -> Result<(), AwsError> {
+    /// The copy CopyImage answered with is ami-share's (its client token says so, and EC2's record of its
+    /// source agrees): marks someone changed or removed since are written again, or the copy's own events
+    /// and the source's would not take it for ami-share's copy while CopyImage keeps answering with it.
+    /// Best effort: the copy stands either way.
+    async fn restore_marks(&self, copy: &ImageCopy, image: &ObservedImage) {
+        let recorded = image.source.as_ref().is_some_and(|s| {
+            s.image_id == copy.source_image_id
+                && s.region.as_deref().is_none_or(|r| r == copy.source_region)
+        });
+        if !recorded {
+            return;
+        }
         let marks: Tags = copy
             .tags
             .iter()
@@ -350,7 +360,7 @@ impl<A: Aws> Reconciler<'_, A> {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         if marks.is_empty() {
-            return Ok(());
+            return;
         }
         tracing::warn!(
             copy_id = %image.image_id,
@@ -358,9 +368,13 @@ impl<A: Aws> Reconciler<'_, A> {
             image.image_id,
             marks.keys().cloned().collect::<Vec<_>>().join(", ")
         );
-        self.aws
+        if let Err(e) = self
+            .aws
             .create_tags(&copy.region, std::slice::from_ref(&image.image_id), &marks)
             .await
+        {
+            tracing::warn!(copy_id = %image.image_id, "could not write its marks again: {e}");
+        }
     }
 
     /// One CopyImage. A name taken in the copy's region by an image ami-share did not make (its own

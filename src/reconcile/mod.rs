@@ -297,7 +297,18 @@ impl<A: Aws> Reconciler<'_, A> {
     ) -> Outcome {
         outcome.copy_of = Some(format!("{} in {}", source.image_id, source.region));
         outcome.created_by = Some(source.created_by);
-        let desired = desired_for(self.config, &facts_of(&source, source.created_by));
+        // The source's rules, but the copy's own exclusive mark: the source may have been taken out of
+        // an exclusive rule (and its mark turned false) before this copy's grants were taken back.
+        let mut tags = source.tags.clone();
+        match copy.tags.get(markers::EXCLUSIVE) {
+            Some(value) => tags.insert(markers::EXCLUSIVE.to_string(), value.clone()),
+            None => tags.remove(markers::EXCLUSIVE),
+        };
+        let facts = ImageFacts {
+            tags: &tags,
+            ..facts_of(&source, source.created_by)
+        };
+        let desired = desired_for(self.config, &facts);
         if desired.is_empty() {
             return outcome.skipped(format!(
                 "no rule of this function's config selects its source {} (any more, or the config here differs from the source region's): the copy is left as it is",
@@ -777,6 +788,38 @@ mod tests {
                 .name
                 .is_some_and(|n| n.starts_with("golden-2-reencrypted-"))
         );
+    }
+
+    #[tokio::test]
+    async fn a_copy_loses_what_an_exclusive_rule_granted_once_its_source_is_out_of_that_rule() {
+        let aws = with_west_copy();
+        let partner: LaunchPermission = LaunchPermission::Account("210987654321".parse().unwrap());
+        let stranger: LaunchPermission = LaunchPermission::Account("444455556666".parse().unwrap());
+        {
+            let mut state = aws.state.lock().unwrap();
+            // The source no longer has the tag the exclusive rule selects, and was taken back already
+            // (its mark is false); the copy still has the partner's grant, and a hand-made share.
+            let source = state.images.get_mut(IMAGE).unwrap();
+            source
+                .tags
+                .insert(markers::EXCLUSIVE.into(), "false".into());
+            let copy = state.images.get_mut("ami-0west").unwrap();
+            copy.tags.insert(markers::EXCLUSIVE.into(), "true".into());
+            copy.launch_permissions = Some([partner.clone(), stranger.clone()].into());
+        }
+        let config = config(
+            "[keys]\napproved = [\"alias/ami-share\"]\n[[rule]]\nname = \"partner-only\"\nmatch.tags = { share = \"partner\" }\nshare.accounts = [\"210987654321\"]\nshare.exclusive = true\n[[rule]]\nname = \"tags\"\nmatch.name = [\"golden-*\"]\ntags = { t = \"1\" }\n",
+        );
+        let outcome = run(&aws, &config, &west_event("ami-0west"), Mode::Apply).await;
+        assert!(outcome.failures.is_empty(), "{}", outcome.headline());
+        let copy = aws.image("ami-0west");
+        assert_eq!(
+            copy.launch_permissions,
+            Some([stranger].into()),
+            "the exclusive rule's grant goes, the hand-made share stays: {}",
+            outcome.headline()
+        );
+        assert_eq!(copy.tags[markers::EXCLUSIVE], "false");
     }
 
     #[tokio::test]
