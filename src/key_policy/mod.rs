@@ -100,6 +100,10 @@ pub(super) enum Audience {
 pub(super) enum Purpose {
     UseKey,
     CreateGrant,
+    /// `kms:DescribeKey` called by the receiver itself, not through EC2: the key's metadata only (ARN,
+    /// state, spec; never the policy, nor any use of the key), so a receiving account can tell that the
+    /// key admits it (`ami-share check`). Everything that uses the key stays through EC2.
+    DescribeKey,
 }
 
 impl Purpose {
@@ -107,27 +111,34 @@ impl Purpose {
         match self {
             Self::UseKey => USE_ACTIONS.iter().map(|a| a.to_string()).collect(),
             Self::CreateGrant => ["kms:CreateGrant".to_string()].into(),
+            Self::DescribeKey => ["kms:DescribeKey".to_string()].into(),
         }
     }
 }
 
 /// ami-share's statements, in the order it writes them. A statement with one of these Sids is ami-share's.
-pub const OWNED_SIDS: [&str; 6] = [
+pub const OWNED_SIDS: [&str; 9] = [
     "AmiShareOrganizationsUseKey",
     "AmiShareOrganizationsCreateGrant",
     "AmiShareOrganizationalUnitsUseKey",
     "AmiShareOrganizationalUnitsCreateGrant",
     "AmiShareAccountsUseKey",
     "AmiShareAccountsCreateGrant",
+    "AmiShareOrganizationsDescribeKey",
+    "AmiShareOrganizationalUnitsDescribeKey",
+    "AmiShareAccountsDescribeKey",
 ];
 
-pub(super) const OWNED: [(Audience, Purpose); 6] = [
+pub(super) const OWNED: [(Audience, Purpose); 9] = [
     (Audience::Organizations, Purpose::UseKey),
     (Audience::Organizations, Purpose::CreateGrant),
     (Audience::OrganizationalUnits, Purpose::UseKey),
     (Audience::OrganizationalUnits, Purpose::CreateGrant),
     (Audience::Accounts, Purpose::UseKey),
     (Audience::Accounts, Purpose::CreateGrant),
+    (Audience::Organizations, Purpose::DescribeKey),
+    (Audience::OrganizationalUnits, Purpose::DescribeKey),
+    (Audience::Accounts, Purpose::DescribeKey),
 ];
 
 pub(super) fn owned(sid: &str) -> Option<(Audience, Purpose)> {
@@ -282,7 +293,7 @@ pub fn merge(
 ) -> Result<Option<Merged>, KeyPolicyError> {
     let (mut document, statements) = parse(current)?;
     let (foreign, owned) = split(statements, partition)?;
-    let missing = want.difference(&owned.admitted());
+    let missing = want.difference(&owned.complete());
     let limited_to_ec2 = !owned.legacy.is_empty();
     if missing.is_empty() && !limited_to_ec2 {
         return Ok(None);
@@ -291,12 +302,14 @@ pub fn merge(
     // of its two statements comes back only if an AMI wants it again.
     let use_key = owned.use_key.union(want);
     let create_grant = owned.create_grant.union(want);
+    let describe_key = owned.describe_key.union(want);
     let mut statements = foreign;
     statements.extend(OWNED.iter().filter_map(|(audience, purpose)| {
         let narrowing = owned.narrowings.get(sid_of(*audience, *purpose));
         let grantees = match purpose {
             Purpose::UseKey => &use_key,
             Purpose::CreateGrant => &create_grant,
+            Purpose::DescribeKey => &describe_key,
         };
         render(*audience, *purpose, grantees, partition, narrowing)
     }));
@@ -362,6 +375,7 @@ pub(super) fn parse(policy: &str) -> Result<(Map<String, Value>, Vec<Value>), Ke
 pub(super) struct OwnedGrants {
     use_key: KeyGrantees,
     create_grant: KeyGrantees,
+    describe_key: KeyGrantees,
     /// By Sid: the narrowing found in that statement (absent: none).
     narrowings: BTreeMap<&'static str, Narrowing>,
     /// Sids of statements without `kms:ViaService`.
@@ -372,6 +386,12 @@ impl OwnedGrants {
     /// A grantee counts as admitted only when both of its statements name it.
     fn admitted(&self) -> KeyGrantees {
         self.use_key.intersection(&self.create_grant)
+    }
+
+    /// Admitted, and able to see so itself: all three statements name it. (Keys opened before the
+    /// DescribeKey statements existed gain them on their next merge.)
+    fn complete(&self) -> KeyGrantees {
+        self.admitted().intersection(&self.describe_key)
     }
 }
 
@@ -394,6 +414,7 @@ pub(super) fn split(
         let into = match purpose {
             Purpose::UseKey => &mut owned_grants.use_key,
             Purpose::CreateGrant => &mut owned_grants.create_grant,
+            Purpose::DescribeKey => &mut owned_grants.describe_key,
         };
         into.set_mut(audience).extend(found.grantees);
         if found.legacy {
@@ -1025,7 +1046,7 @@ mod tests {
     fn owned_strategy() -> impl Strategy<Value = Vec<Value>> {
         (
             grantees_strategy(),
-            prop::collection::vec((0u8..3, narrowing_strategy()), 6),
+            prop::collection::vec((0u8..3, narrowing_strategy()), OWNED.len()),
         )
             .prop_map(|(earlier, forms)| {
                 OWNED
@@ -1041,10 +1062,11 @@ mod tests {
                             s
                         }),
                         _ => {
-                            // CreateGrant has one action: only conditions narrow it.
+                            // CreateGrant and DescribeKey have one action: only conditions narrow
+                            // them.
                             let narrowing = match p {
                                 Purpose::UseKey => narrowing,
-                                Purpose::CreateGrant => Narrowing {
+                                Purpose::CreateGrant | Purpose::DescribeKey => Narrowing {
                                     actions: None,
                                     ..narrowing
                                 },

@@ -99,10 +99,13 @@ pub(super) fn conditions(
             }
         }
     }
-    condition.insert(
-        VIA_SERVICE_OPERATOR.into(),
-        json!({ VIA_SERVICE_KEY: via_ec2(partition) }),
-    );
+    // Every use of the key only through EC2; describing it (metadata) the receiver may do itself.
+    if purpose != Purpose::DescribeKey {
+        condition.insert(
+            VIA_SERVICE_OPERATOR.into(),
+            json!({ VIA_SERVICE_KEY: via_ec2(partition) }),
+        );
+    }
     if purpose == Purpose::CreateGrant {
         condition.insert("Bool".into(), json!({ GRANT_FOR_AWS_RESOURCE: "true" }));
     }
@@ -133,6 +136,7 @@ pub(super) fn render(
     let mut action = match purpose {
         Purpose::UseKey => json!(USE_ACTIONS),
         Purpose::CreateGrant => json!("kms:CreateGrant"),
+        Purpose::DescribeKey => json!("kms:DescribeKey"),
     };
     if let Some(narrowing) = narrowing {
         if let Some(actions) = &narrowing.actions {
