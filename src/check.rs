@@ -485,13 +485,13 @@ fn key(view: &KeyView) -> Check {
             format!("{arn} is {state}: EBS cannot decrypt the snapshot, so a launch fails"),
             "its owner enables the key (or cancels its deletion)".into(),
         ),
-        // KMS cannot tell this account "you may use it through EC2" apart from "you may not": ami-share's
-        // statements (and any that carry kms:ViaService) admit receivers only in calls EC2 makes for
-        // them, so a direct DescribeKey is refused either way.
-        KeyView::Refused { arn, message } => unknown(
+        // ami-share's keys let their receivers call DescribeKey themselves (its DescribeKey statements):
+        // a refusal means this account is not among them. (A key whose owner admits receivers only
+        // through EC2, by hand, would be refused too: the detail says so.)
+        KeyView::Refused { arn, message } => problem(
             "key",
-            format!("KMS refuses this account a direct DescribeKey on {arn} ({message}): either the key policy does not admit this account (a launch would fail with Client.InternalError), or it admits it only through EC2, as ami-share's statements do (a launch works)"),
-            format!("only the owner can tell (aws kms get-key-policy --key-id {arn} --policy-name default, in the owner account); the key's policy must admit this account: with ami-share, this account (or its OU or organization) must be among the share targets of a rule that selects the AMI, and the key approved by its owner (the {APPROVAL_TAG}={APPROVAL_TAG_VALUE} tag, or an alias in ApprovedKeyAliases); this account's IAM policy must allow the KMS actions too (README, \"Encrypted AMIs\")"),
+            format!("KMS refuses this account DescribeKey on {arn} ({message}): the key's policy does not admit this account, so a launch would fail with Client.InternalError (unless its owner admits it only through EC2, which ami-share's statements never do alone)"),
+            format!("the key's policy must admit this account: with ami-share, this account (or its OU or organization) must be among the share targets of a rule that selects the AMI, and the key approved by its owner (the {APPROVAL_TAG}={APPROVAL_TAG_VALUE} tag, or an alias in ApprovedKeyAliases); this account's IAM policy must allow the KMS actions too (README, \"Encrypted AMIs\")"),
         ),
         KeyView::Missing { arn } => problem(
             "key",
@@ -740,7 +740,7 @@ mod tests {
             message: "AccessDeniedException".into(),
         }];
         let c = checks(&v);
-        assert_eq!(verdict_of(&c, "key").0, Verdict::Unknown);
+        assert_eq!(verdict_of(&c, "key").0, Verdict::Problem);
         assert!(!is_ready(&c));
         v.keys = vec![KeyView::Unseen {
             snapshot_id: "snap-1".into(),

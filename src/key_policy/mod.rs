@@ -1,18 +1,19 @@
 //! The key-policy merge: admit an AMI's share targets to the customer managed KMS key that encrypts its
 //! snapshots, through EC2 only, keeping every statement ami-share does not own exactly as it was.
 //!
-//! Pure. ami-share owns six statements, known by their Sids ([`OWNED_SIDS`]): for each audience
-//! (organizations, OUs, accounts) one statement for using the key and one for `kms:CreateGrant`, which needs
-//! its own condition. The merge reads the grantees already in those statements, unites them with the ones
-//! wanted, and writes the six back (those that are not empty) after all the other statements, in a fixed
-//! order, with sorted lists. Hence:
+//! Pure. ami-share owns nine statements, known by their Sids ([`OWNED_SIDS`]): for each audience
+//! (organizations, OUs, accounts) one statement for using the key, one for `kms:CreateGrant`, which needs
+//! its own condition, and one for `kms:DescribeKey` alone. The merge reads the grantees already in those
+//! statements, unites them with the ones wanted, and writes the nine back (those that are not empty) after
+//! all the other statements, in a fixed order, with sorted lists. Hence:
 //! - **idempotent**: a grantee already admitted changes nothing, and the merge then returns `None` (no write);
 //! - **order-independent**: admitting A then B gives byte-for-byte the policy B then A gives;
 //! - **monotonic**: a grantee is never removed. Several AMIs, shared by different rules, may use one key: a
 //!   grantee one AMI no longer needs may be needed by another. (Removing is an operator's decision.)
 //! - **never open**: a statement with `Principal: {"AWS": "*"}` is only ever written with an
 //!   `aws:PrincipalOrgID` condition naming at least one organization;
-//! - **through EC2 only**: every statement carries `"StringLike": {"kms:ViaService": "ec2.*.amazonaws.com"}`
+//! - **through EC2 only**: every statement that uses the key carries
+//!   `"StringLike": {"kms:ViaService": "ec2.*.amazonaws.com"}`
 //!   (`amazonaws.com.cn` in `aws-cn`), so the receivers' principals can use the key only in calls EC2 and
 //!   EBS make on their behalf (launching an instance, creating a volume, copying the AMI), never by calling
 //!   KMS themselves: an organization-wide `kms:Decrypt` on a key that may also encrypt other data would
@@ -21,7 +22,11 @@
 //!   key, and `kms:ViaService` is set only by AWS services, so `ec2.*.amazonaws.com` names EC2 in some
 //!   region and nothing else. Launches by Auto Scaling run under grants, which key policy conditions do not
 //!   govern (README, "Encrypted AMIs"). Statements written by earlier versions, without the condition, are
-//!   upgraded by the next merge.
+//!   upgraded by the next merge;
+//! - **described directly**: the DescribeKey statements carry no `kms:ViaService`, so a receiving account
+//!   can call DescribeKey itself and see that the key admits it (`ami-share check`). DescribeKey returns
+//!   the key's metadata (ARN, state, spec, dates), never its policy, and uses nothing; keys opened before
+//!   these statements existed gain them on their next merge.
 //!
 //! **An operator may narrow ami-share's statements**, and the merge keeps it: conditions ami-share does not
 //! write (IAM requires every condition of a statement, so an added one can only narrow it), a `kms:ViaService`
@@ -546,6 +551,17 @@ mod tests {
                        "Principal": {"AWS": ["arn:aws:iam::210987654321:root"]},
                        "Action": "kms:CreateGrant", "Resource": "*",
                        "Condition": {"StringLike": ec2, "Bool": grant}}),
+                // Describing the key (metadata), the receiver may do itself: no kms:ViaService.
+                json!({"Sid": "AmiShareOrganizationsDescribeKey", "Effect": "Allow", "Principal": {"AWS": "*"},
+                       "Action": "kms:DescribeKey", "Resource": "*",
+                       "Condition": {"StringEquals": {"aws:PrincipalOrgID": [ORG]}}}),
+                json!({"Sid": "AmiShareOrganizationalUnitsDescribeKey", "Effect": "Allow", "Principal": {"AWS": "*"},
+                       "Action": "kms:DescribeKey", "Resource": "*",
+                       "Condition": {"StringEquals": {"aws:PrincipalOrgID": [ORG]},
+                                     "ForAnyValue:StringLike": {"aws:PrincipalOrgPaths": [OU_PATH]}}}),
+                json!({"Sid": "AmiShareAccountsDescribeKey", "Effect": "Allow",
+                       "Principal": {"AWS": ["arn:aws:iam::210987654321:root"]},
+                       "Action": "kms:DescribeKey", "Resource": "*"}),
             ]
         );
         assert_eq!(admitted(&merged.policy, "aws").unwrap(), want);
@@ -591,7 +607,7 @@ mod tests {
         );
         assert_eq!(
             statements(&second.policy).len(),
-            2 + 4,
+            2 + 6,
             "no duplicate statements"
         );
     }
@@ -677,7 +693,11 @@ mod tests {
         let document: Value = serde_json::from_str(&merged.policy).unwrap();
         assert_eq!(document["Version"], "2012-10-17");
         assert_eq!(document["Statement"][0], single["Statement"]);
-        assert_eq!(document["Statement"].as_array().unwrap().len(), 3);
+        assert_eq!(
+            document["Statement"].as_array().unwrap().len(),
+            4,
+            "the root's, and the organization's UseKey, CreateGrant and DescribeKey"
+        );
     }
 
     #[test]
@@ -853,10 +873,11 @@ mod tests {
         owned_statements(g)
             .into_iter()
             .map(|mut s| {
-                let condition = s["Condition"].as_object_mut().unwrap();
-                condition.remove("StringLike");
-                if condition.is_empty() {
-                    s.as_object_mut().unwrap().remove("Condition");
+                if let Some(condition) = s.get_mut("Condition").and_then(Value::as_object_mut) {
+                    condition.remove("StringLike");
+                    if condition.is_empty() {
+                        s.as_object_mut().unwrap().remove("Condition");
+                    }
                 }
                 s
             })
@@ -932,7 +953,7 @@ mod tests {
         }
         assert!(e.to_string().contains("over KMS's limit of 32768"), "{e}");
         // Near the limit: the pretty form would not fit, the compact one does.
-        let near = padded(MAX_POLICY_BYTES - 2_400);
+        let near = padded(MAX_POLICY_BYTES - 3_200);
         let merged = merge(&near, &want, "aws").unwrap().unwrap();
         assert!(merged.policy.len() <= MAX_POLICY_BYTES);
         assert!(!merged.policy.contains('\n'), "compact");
@@ -1055,10 +1076,11 @@ mod tests {
                     .filter_map(|((a, p), (form, narrowing))| match form {
                         0 => render(*a, *p, &earlier, "aws", None),
                         1 => render(*a, *p, &earlier, "aws", None).map(|mut s| {
-                            s["Condition"]
-                                .as_object_mut()
-                                .unwrap()
-                                .remove(VIA_SERVICE_OPERATOR);
+                            if let Some(condition) =
+                                s.get_mut("Condition").and_then(Value::as_object_mut)
+                            {
+                                condition.remove(VIA_SERVICE_OPERATOR);
+                            }
                             s
                         }),
                         _ => {
@@ -1198,8 +1220,10 @@ mod tests {
             let mut statements = owned;
             prop_assume!(!statements.is_empty());
             let i = which.index(statements.len());
+            let describe = statements[i]["Sid"].as_str().and_then(super::owned).map(|(_, p)| p) == Some(Purpose::DescribeKey);
             let s = statements[i].as_object_mut().unwrap();
-            let condition = s["Condition"].as_object_mut().unwrap();
+            let mut no_condition = Value::Object(Map::new());
+            let condition = s.get_mut("Condition").unwrap_or(&mut no_condition).as_object_mut().unwrap();
             match widen {
                 0 => { s.insert("Action".into(), json!("kms:*")); }
                 1 => {
@@ -1227,7 +1251,8 @@ mod tests {
                     condition.remove(&ours[0]);
                 }
                 7 => {
-                    prop_assume!(condition.contains_key(VIA_SERVICE_OPERATOR));
+                    // (On DescribeKey, a kms:ViaService condition is the operator's, and narrows.)
+                    prop_assume!(!describe && condition.contains_key(VIA_SERVICE_OPERATOR));
                     condition[VIA_SERVICE_OPERATOR][VIA_SERVICE_KEY] = json!("*");
                 }
                 _ => {
@@ -1264,13 +1289,18 @@ mod tests {
         }
 
         #[test]
-        fn every_statement_ami_share_writes_admits_only_through_ec2(
+        fn every_statement_ami_share_writes_uses_the_key_only_through_ec2(
             (policy, _) in policy_strategy(),
             want in grantees_strategy(),
         ) {
             let after = apply(&policy, &want);
             for statement in statements(&after) {
-                if statement.get("Sid").and_then(Value::as_str).and_then(owned).is_some() {
+                let purpose = statement.get("Sid").and_then(Value::as_str).and_then(owned).map(|(_, p)| p);
+                // DescribeKey (metadata, called by the receiver itself) is the one action without it,
+                // alone in its statements.
+                if purpose == Some(Purpose::DescribeKey) {
+                    prop_assert_eq!(&statement["Action"], &json!("kms:DescribeKey"), "{}", statement);
+                } else if purpose.is_some() {
                     let via = &statement["Condition"][VIA_SERVICE_OPERATOR][VIA_SERVICE_KEY];
                     prop_assert!(
                         via == &json!(via_ec2("aws")) || names_ec2_regions(via, "aws"),

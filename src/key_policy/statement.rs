@@ -159,7 +159,10 @@ pub(super) fn render(
     statement.insert("Principal".into(), principal);
     statement.insert("Action".into(), action);
     statement.insert("Resource".into(), json!("*"));
-    statement.insert("Condition".into(), Value::Object(condition));
+    // The accounts' DescribeKey statement has none: its principals are the accounts themselves.
+    if !condition.is_empty() {
+        statement.insert("Condition".into(), Value::Object(condition));
+    }
     Some(Value::Object(statement))
 }
 

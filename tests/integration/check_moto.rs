@@ -227,7 +227,7 @@ async fn keys_are_judged_by_what_kms_tells_the_receiving_account() {
         "the image is not shared with it either"
     );
 
-    // The default policy (the owner only): KMS refuses, and the check says what that can mean.
+    // The default policy (the owner only): KMS refuses, and the check names the problem.
     let default = json!({
         "Version": "2012-10-17",
         "Statement": [{"Sid": "Owner", "Effect": "Allow",
@@ -240,7 +240,7 @@ async fn keys_are_judged_by_what_kms_tells_the_receiving_account() {
         MEMBER,
         &["--image-id", &image, "--kms-key", &key, "--json"],
     );
-    assert_eq!(refused.status.code(), Some(3), "{}", stdout(&refused));
+    assert_eq!(refused.status.code(), Some(1), "{}", stdout(&refused));
     let answer = json_checks(&refused);
     let key_check = answer["checks"]
         .as_array()
@@ -248,14 +248,48 @@ async fn keys_are_judged_by_what_kms_tells_the_receiving_account() {
         .iter()
         .find(|c| c["check"] == "key")
         .unwrap();
-    assert_eq!(key_check["verdict"], "unknown");
+    assert_eq!(key_check["verdict"], "problem");
     assert!(
         key_check["detail"]
             .as_str()
             .unwrap()
-            .contains("refuses this account a direct DescribeKey"),
+            .contains("does not admit this account"),
         "{answer:#}"
     );
+
+    // The policy ami-share writes when it shares the AMI with the organization: the member may
+    // describe the key (DescribeKey, without kms:ViaService); everything else only through EC2.
+    let config = ami_share::config::Config::parse(&format!(
+        "[[rule]]\nname = \"golden\"\nmatch.name = [\"golden-*\"]\nshare.organizations = [\"{}\"]\n",
+        org["arn"].as_str().unwrap()
+    ))
+    .unwrap();
+    let handler = ami_share::handler::Handler::new(
+        config,
+        ami_share::aws::sdk::SdkAws::new(emulator.sdk_config().await),
+        REGION,
+    );
+    let shared = handler
+        .handle(sample_event("create-image.json", &image, REGION))
+        .await
+        .expect("ami-share shares the AMI");
+    assert_eq!(shared["status"], "done", "{shared:#}");
+    let opened = check(
+        &emulator,
+        MEMBER,
+        &["--image-id", &image, "--kms-key", &key],
+    );
+    assert!(
+        stdout(&opened).contains("is enabled and its policy lets this account call DescribeKey"),
+        "{}",
+        stdout(&opened)
+    );
+    let outsider = check(
+        &emulator,
+        "444455556666",
+        &["--image-id", &image, "--kms-key", &key],
+    );
+    assert_eq!(outsider.status.code(), Some(1));
 
     // A disabled key is a problem, named.
     put_key_policy(&kms, &key, &admits_org.to_string()).await;

@@ -293,6 +293,20 @@ async fn an_ami_on_a_key_nobody_approved_is_not_shared_copied_or_re_encrypted_an
     );
 }
 
+/// Every statement of ami-share's that uses the key does so through EC2 only; the DescribeKey ones
+/// (metadata, for `ami-share check`) grant that one action and nothing else.
+fn assert_through_ec2(statements: &[Value]) {
+    for statement in statements {
+        match statement["Sid"].as_str().unwrap().ends_with("DescribeKey") {
+            true => assert_eq!(statement["Action"], "kms:DescribeKey", "{statement}"),
+            false => assert_eq!(
+                statement["Condition"]["StringLike"]["kms:ViaService"], "ec2.*.amazonaws.com",
+                "{statement}"
+            ),
+        }
+    }
+}
+
 /// ami-share's statements in a key policy.
 fn owned_statements(policy: &str) -> Vec<Value> {
     serde_json::from_str::<Value>(policy).unwrap()["Statement"]
@@ -318,13 +332,8 @@ async fn every_grant_is_through_ec2_only_an_operators_narrowing_survives_and_old
     deliver(&handler, "create-image.json", &first, REGION).await;
     let policy = key_policy(&s.kms, &key).await;
     let statements = owned_statements(&policy);
-    assert_eq!(statements.len(), 2, "{policy}");
-    for statement in &statements {
-        assert_eq!(
-            statement["Condition"]["StringLike"]["kms:ViaService"], "ec2.*.amazonaws.com",
-            "{statement}"
-        );
-    }
+    assert_eq!(statements.len(), 3, "{policy}");
+    assert_through_ec2(&statements);
 
     // An operator narrows the organization statement to principals tagged team=platform.
     let mut document: Value = serde_json::from_str(&policy).unwrap();
@@ -343,7 +352,7 @@ async fn every_grant_is_through_ec2_only_an_operators_narrowing_survives_and_old
     assert_eq!(answer["status"], "done", "{answer:#}");
     let policy = key_policy(&s.kms, &key).await;
     let statements = owned_statements(&policy);
-    assert_eq!(statements.len(), 4, "{policy}");
+    assert_eq!(statements.len(), 6, "{policy}");
     let org = statements
         .iter()
         .find(|s| s["Sid"] == "AmiShareOrganizationsUseKey")
@@ -352,12 +361,7 @@ async fn every_grant_is_through_ec2_only_an_operators_narrowing_survives_and_old
         org["Condition"]["StringEquals"]["aws:PrincipalTag/team"], "platform",
         "the operator's condition is kept: {org}"
     );
-    for statement in &statements {
-        assert_eq!(
-            statement["Condition"]["StringLike"]["kms:ViaService"], "ec2.*.amazonaws.com",
-            "{statement}"
-        );
-    }
+    assert_through_ec2(&statements);
 
     // Statements an earlier version wrote, without kms:ViaService, are limited on the next event.
     let mut legacy: Value = serde_json::from_str(&policy).unwrap();
@@ -378,12 +382,7 @@ async fn every_grant_is_through_ec2_only_an_operators_narrowing_survives_and_old
         .find(|a| a["action"] == "patch_key_policy")
         .unwrap_or_else(|| panic!("{answer:#}"));
     assert_eq!(patch["limit_to_ec2"], true, "{patch}");
-    for statement in owned_statements(&key_policy(&s.kms, &key).await) {
-        assert_eq!(
-            statement["Condition"]["StringLike"]["kms:ViaService"], "ec2.*.amazonaws.com",
-            "{statement}"
-        );
-    }
+    assert_through_ec2(&owned_statements(&key_policy(&s.kms, &key).await));
     let before = s.emulator.requests().len();
     deliver(&partner_handler, "create-image.json", &second, REGION).await;
     assert_eq!(

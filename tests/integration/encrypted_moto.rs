@@ -229,7 +229,7 @@ async fn an_edit_made_after_ami_share_looked_at_the_policy_is_kept() {
         after[1], owners,
         "the owner's statement survives ami-share's write"
     );
-    assert_eq!(after.len(), 2 + 6);
+    assert_eq!(after.len(), 2 + 9);
 }
 
 #[tokio::test]

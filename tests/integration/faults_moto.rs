@@ -355,7 +355,9 @@ async fn ten_concurrent_deliveries_of_one_event_end_as_one_delivery() {
             key_policy::OWNED_SIDS[0],
             key_policy::OWNED_SIDS[1],
             key_policy::OWNED_SIDS[4],
-            key_policy::OWNED_SIDS[5]
+            key_policy::OWNED_SIDS[5],
+            key_policy::OWNED_SIDS[6],
+            key_policy::OWNED_SIDS[8]
         ]
     );
 }

@@ -504,7 +504,9 @@ async fn kms_throttling_is_retried_by_the_sdk_and_the_ami_is_shared() {
             "AmiShareOrganizationsUseKey",
             "AmiShareOrganizationsCreateGrant",
             "AmiShareAccountsUseKey",
-            "AmiShareAccountsCreateGrant"
+            "AmiShareAccountsCreateGrant",
+            "AmiShareOrganizationsDescribeKey",
+            "AmiShareAccountsDescribeKey"
         ],
         "no OU in this config: no OU statements"
     );
