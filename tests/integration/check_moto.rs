@@ -64,20 +64,14 @@ async fn shared_ami(emulator: &Emulator, root: RootVolume<'_>) -> String {
     }
     let ec2 = emulator.ec2().await;
     let (image, _) = create_image_with(&ec2, "golden-1", &[], root).await;
-    ec2.modify_image_attribute()
-        .image_id(&image)
-        .launch_permission(
-            aws_sdk_ec2::types::LaunchPermissionModifications::builder()
-                .add(
-                    aws_sdk_ec2::types::LaunchPermission::builder()
-                        .organization_arn(org["arn"].as_str().unwrap())
-                        .build(),
-                )
-                .build(),
-        )
-        .send()
-        .await
-        .expect("share with the organization");
+    grant_launch(
+        &ec2,
+        &image,
+        aws_sdk_ec2::types::LaunchPermission::builder()
+            .organization_arn(org["arn"].as_str().unwrap())
+            .build(),
+    )
+    .await;
     image
 }
 
@@ -249,6 +243,11 @@ async fn keys_are_judged_by_what_kms_tells_the_receiving_account() {
         .find(|c| c["check"] == "key")
         .unwrap();
     assert_eq!(key_check["verdict"], "problem");
+    stdout(&check(
+        &emulator,
+        MEMBER,
+        &["--image-id", &image, "--kms-key", &key],
+    ));
     assert!(
         key_check["detail"]
             .as_str()

@@ -388,16 +388,7 @@ async fn enable_image_deprecation_is_reported_rounded_to_the_minute() {
 async fn deregistration_protection_is_reported_and_refuses_deregistration_through_its_cooldown() {
     let emulator = Emulator::start();
     let ec2 = emulator.ec2().await;
-    let protection = async |image: &str| {
-        ec2.describe_images()
-            .image_ids(image)
-            .send()
-            .await
-            .unwrap()
-            .images()[0]
-            .deregistration_protection()
-            .map(str::to_string)
-    };
+    let protection = async |image: &str| deregistration_protection(&ec2, image).await;
     let deregister = async |image: &str| ec2.deregister_image().image_id(image).send().await;
     let enable = async |image: &str, cooldown: bool| {
         ec2.enable_image_deregistration_protection()

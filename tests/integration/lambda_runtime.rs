@@ -526,20 +526,14 @@ async fn an_ami_an_exclusive_rule_stops_selecting_loses_that_rules_grants_on_its
         .send()
         .await
         .expect("DeleteTags");
-    ec2.modify_image_attribute()
-        .image_id(&image)
-        .launch_permission(
-            aws_sdk_ec2::types::LaunchPermissionModifications::builder()
-                .add(
-                    aws_sdk_ec2::types::LaunchPermission::builder()
-                        .user_id("333344445555")
-                        .build(),
-                )
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
+    grant_launch(
+        &ec2,
+        &image,
+        aws_sdk_ec2::types::LaunchPermission::builder()
+            .user_id("333344445555")
+            .build(),
+    )
+    .await;
     let mut deleted = sample_event("create-tags.json", &image, REGION);
     deleted["detail"]["eventName"] = json!("DeleteTags");
     let answer = api.invoke(deleted.clone());

@@ -410,17 +410,7 @@ async fn deregistration_protection_covers_the_ami_and_its_copy_once_each_and_hol
         ))
         .await;
     let protection = async |region: &str, image: &str| {
-        s.emulator
-            .ec2_in(region)
-            .await
-            .describe_images()
-            .image_ids(image)
-            .send()
-            .await
-            .unwrap()
-            .images()[0]
-            .deregistration_protection()
-            .map(str::to_string)
+        deregistration_protection(&s.emulator.ec2_in(region).await, image).await
     };
     let protections = |since: usize| -> Vec<String> {
         s.emulator

@@ -479,6 +479,39 @@ fn tag_map(tags: &[Tag]) -> Tags {
         .collect()
 }
 
+/// Adds one launch permission by hand (as a person or another tool would).
+pub async fn grant_launch(
+    ec2: &aws_sdk_ec2::Client,
+    image_id: &str,
+    permission: aws_sdk_ec2::types::LaunchPermission,
+) {
+    ec2.modify_image_attribute()
+        .image_id(image_id)
+        .launch_permission(
+            aws_sdk_ec2::types::LaunchPermissionModifications::builder()
+                .add(permission)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("ModifyImageAttribute");
+}
+
+/// DescribeImages' `DeregistrationProtection` of an image.
+pub async fn deregistration_protection(
+    ec2: &aws_sdk_ec2::Client,
+    image_id: &str,
+) -> Option<String> {
+    ec2.describe_images()
+        .image_ids(image_id)
+        .send()
+        .await
+        .unwrap()
+        .images()[0]
+        .deregistration_protection()
+        .map(str::to_string)
+}
+
 /// Launch permissions as "kind=value" strings, e.g. "org=arn:…", "ou=arn:…", "account=…", "group=all".
 pub async fn launch_permissions(ec2: &aws_sdk_ec2::Client, image_id: &str) -> BTreeSet<String> {
     let output = ec2
