@@ -289,6 +289,21 @@ pub async fn sweep<A: Aws>(
             Err(e) => report.listing_failures.push(e),
         }
     }
+    // The account's snapshots, in pages, once per region: the reconciler reads each image's from here
+    // instead of one DescribeSnapshots per image. A failed listing only costs those calls.
+    let snapshot_listings =
+        futures::future::join_all(report.listed.keys().map(|region| async move {
+            (region, reconciler.aws().list_owned_snapshots(region).await)
+        }))
+        .await;
+    for (region, snapshots) in snapshot_listings {
+        match snapshots {
+            Ok(snapshots) => reconciler.know_snapshots(region, snapshots),
+            Err(e) => {
+                tracing::warn!(region = %region, "could not list the snapshots: {e} (each image reads its own)")
+            }
+        }
+    }
     // Kept for the key audit, which looks at every image (the selection moves them into the reconciler).
     let every_image = listed.clone();
     let selection = selection(listed);
@@ -572,6 +587,67 @@ mod tests {
         let second = sweep(&reconciler(&aws, &config, Mode::Apply), &options, |_| {}).await;
         assert_eq!((second.reconciled, second.changed), (1, 0));
         assert_eq!(aws.writes().len(), writes);
+    }
+
+    #[tokio::test]
+    async fn a_sweep_lists_the_snapshots_once_instead_of_reading_them_per_image() {
+        use crate::sweep::{SweepOptions, sweep};
+        let aws = FakeAws::new(ImageState::Available, None);
+        {
+            let mut state = aws.state.lock().unwrap();
+            for n in 2..=5 {
+                let mut image = state.images[IMAGE].clone();
+                image.image_id = format!("ami-0000000{n}");
+                image.snapshots[0].snapshot_id = format!("snap-{n}");
+                state.images.insert(image.image_id.clone(), image);
+                let facts = state.snapshots["snap-1"].clone();
+                state.snapshots.insert(format!("snap-{n}"), facts);
+            }
+        }
+        let config = config(
+            "[[rule]]\nname = \"golden\"\nmatch.name = [\"golden-*\"]\ntags = { t = \"1\" }\nshare.accounts = [\"210987654321\"]\n",
+        );
+        let options = SweepOptions {
+            regions: vec![REGION.into()],
+            concurrency: 4,
+            stop_starting_at: None,
+        };
+        let snapshot_reads = || {
+            aws.calls()
+                .iter()
+                .filter(|c| **c == "DescribeSnapshots")
+                .count()
+        };
+        let first = sweep(&reconciler(&aws, &config, Mode::Apply), &options, |_| {}).await;
+        assert_eq!(
+            (first.reconciled, first.changed),
+            (5, 5),
+            "{}",
+            first.headline()
+        );
+        let first_reads = snapshot_reads();
+        assert!(
+            first_reads <= 2,
+            "the listing (and the key audit's), not one per image: {:?}",
+            aws.calls()
+        );
+        for n in 1..=5 {
+            assert_eq!(
+                aws.state.lock().unwrap().snapshots[&format!("snap-{n}")].tags["t"],
+                "1"
+            );
+        }
+        // The listing kept the sweep's own tag writes: a second sweep of the same images writes nothing.
+        let writes = aws.writes().len();
+        let second = sweep(&reconciler(&aws, &config, Mode::Apply), &options, |_| {}).await;
+        assert_eq!(
+            (second.reconciled, second.changed),
+            (5, 0),
+            "{}",
+            second.headline()
+        );
+        assert_eq!(aws.writes().len(), writes);
+        assert!(snapshot_reads() - first_reads <= 2);
     }
 
     #[tokio::test]

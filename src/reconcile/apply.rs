@@ -171,7 +171,10 @@ impl<A: Aws> Reconciler<'_, A> {
                 region,
                 resources,
                 tags,
-            } => self.aws.create_tags(region, resources, tags).await?,
+            } => {
+                self.aws.create_tags(region, resources, tags).await?;
+                self.note_tags_written(region, resources, tags);
+            }
             Action::SetStatus {
                 region,
                 image_id,

@@ -28,7 +28,7 @@ use crate::markers::CopyKind;
 use crate::observed::CreatedBy;
 use crate::observed::{
     ImageState, KeyManager, Observed, ObservedCopies, ObservedImage, ObservedKey,
-    ObservedParameter, OtherImages, Tags,
+    ObservedParameter, OtherImages, SnapshotFacts, Tags,
 };
 pub use crate::outcome::Outcome;
 use crate::plan::{self, Action, ImageCopy, desired_for_copy, keys_to_read, reads_needed};
@@ -76,6 +76,10 @@ pub struct Reconciler<'a, A> {
     key_policy_writes: KeyPolicyWrites,
     /// After CopyImage answers with a copy EC2 does not list, how long to wait before each further look.
     copy_read_back: &'static [Duration],
+    /// The account's snapshots by region, when a sweep listed them (in pages, once): observe takes a
+    /// snapshot's facts from here rather than a DescribeSnapshots per image, and the reconciler's own tag
+    /// writes are kept in it. Empty on the event path.
+    snapshot_listing: std::sync::Mutex<BTreeMap<String, BTreeMap<String, SnapshotFacts>>>,
 }
 
 /// At most this many dead answers to one copy's CopyImage in one reconciliation (a dead answer makes no
@@ -101,6 +105,50 @@ impl<'a, A: Aws> Reconciler<'a, A> {
             mode,
             key_policy_writes: KeyPolicyWrites::default(),
             copy_read_back: &COPY_READ_BACK,
+            snapshot_listing: std::sync::Mutex::default(),
+        }
+    }
+
+    /// A sweep's listing of the account's snapshots in `region` (DescribeSnapshots OwnerIds=self, all
+    /// pages): observe reads snapshots from it from now on.
+    pub(crate) fn know_snapshots(&self, region: &str, snapshots: BTreeMap<String, SnapshotFacts>) {
+        self.snapshot_listing
+            .lock()
+            .unwrap()
+            .insert(region.to_string(), snapshots);
+    }
+
+    /// The facts of `snapshot_ids` in `region`: from a sweep's listing when it holds them all, else
+    /// DescribeSnapshots.
+    pub(super) async fn snapshots_of(
+        &self,
+        region: &str,
+        snapshot_ids: &[String],
+    ) -> Result<BTreeMap<String, SnapshotFacts>, AwsError> {
+        let listed: Option<BTreeMap<String, SnapshotFacts>> = {
+            let listing = self.snapshot_listing.lock().unwrap();
+            listing.get(region).and_then(|snapshots| {
+                snapshot_ids
+                    .iter()
+                    .map(|id| Some((id.clone(), snapshots.get(id)?.clone())))
+                    .collect()
+            })
+        };
+        match listed {
+            Some(found) => Ok(found),
+            None => self.aws.describe_snapshots(region, snapshot_ids).await,
+        }
+    }
+
+    /// Keeps a sweep's listing true to the tags this reconciler wrote.
+    pub(super) fn note_tags_written(&self, region: &str, resources: &[String], tags: &Tags) {
+        let mut listing = self.snapshot_listing.lock().unwrap();
+        if let Some(snapshots) = listing.get_mut(region) {
+            for id in resources {
+                if let Some(facts) = snapshots.get_mut(id) {
+                    facts.tags.extend(tags.clone());
+                }
+            }
         }
     }
 

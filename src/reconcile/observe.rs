@@ -176,7 +176,7 @@ impl<A: Aws> Reconciler<'_, A> {
             },
             async {
                 match reads.snapshots {
-                    true => Some(self.aws.describe_snapshots(&region, &snapshot_ids).await),
+                    true => Some(self.snapshots_of(&region, &snapshot_ids).await),
                     false => None,
                 }
             },
