@@ -490,7 +490,7 @@ fn key(view: &KeyView) -> Check {
         // through EC2, by hand, would be refused too: the detail says so.)
         KeyView::Refused { arn, message } => problem(
             "key",
-            format!("KMS refuses this account DescribeKey on {arn} ({message}): the key's policy does not admit this account, so a launch would fail with Client.InternalError (unless its owner admits it only through EC2, which ami-share's statements never do alone)"),
+            format!("KMS refuses this account DescribeKey on {arn} ({message}): most likely the key's policy does not admit this account, and a launch would fail with Client.InternalError; or this account's IAM policy does not allow kms:DescribeKey on it, or the key's policy admits it only through EC2 (a key ami-share opened before it wrote DescribeKey statements, until its next write, or one opened by hand)"),
             format!("the key's policy must admit this account: with ami-share, this account (or its OU or organization) must be among the share targets of a rule that selects the AMI, and the key approved by its owner (the {APPROVAL_TAG}={APPROVAL_TAG_VALUE} tag, or an alias in ApprovedKeyAliases); this account's IAM policy must allow the KMS actions too (README, \"Encrypted AMIs\")"),
         ),
         KeyView::Missing { arn } => problem(

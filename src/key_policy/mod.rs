@@ -25,8 +25,9 @@
 //!   upgraded by the next merge;
 //! - **described directly**: the DescribeKey statements carry no `kms:ViaService`, so a receiving account
 //!   can call DescribeKey itself and see that the key admits it (`ami-share check`). DescribeKey returns
-//!   the key's metadata (ARN, state, spec, dates), never its policy, and uses nothing; keys opened before
-//!   these statements existed gain them on their next merge.
+//!   the key's metadata (ARN, state, spec, dates), never its policy, and uses nothing. They never cause a
+//!   write on their own (keys opened before they existed gain them with the next write that admits a new
+//!   receiver), and give way where the policy would otherwise pass KMS's size limit.
 //!
 //! **An operator may narrow ami-share's statements**, and the merge keeps it: conditions ami-share does not
 //! write (IAM requires every condition of a statement, so an added one can only narrow it), a `kms:ViaService`
@@ -296,33 +297,67 @@ pub fn merge(
     want: &KeyGrantees,
     partition: &str,
 ) -> Result<Option<Merged>, KeyPolicyError> {
-    let (mut document, statements) = parse(current)?;
+    let (document, statements) = parse(current)?;
     let (foreign, owned) = split(statements, partition)?;
-    let missing = want.difference(&owned.complete());
+    // Only what a launch needs decides whether to write: a key that admits its receivers is not
+    // rewritten just to let them describe it (a key kept by a template would drift on every event).
+    let missing = want.difference(&owned.admitted());
     let limited_to_ec2 = !owned.legacy.is_empty();
     if missing.is_empty() && !limited_to_ec2 {
         return Ok(None);
     }
     // Each statement keeps whom it named and gains the wanted: a grantee an operator removed from one
-    // of its two statements comes back only if an AMI wants it again.
+    // of its statements comes back only if an AMI wants it again. The DescribeKey statements go with
+    // any write, where they fit: a policy too large with them is written with those it had.
     let use_key = owned.use_key.union(want);
     let create_grant = owned.create_grant.union(want);
-    let describe_key = owned.describe_key.union(want);
-    let mut statements = foreign;
+    let policy = match render_policy(
+        &document,
+        &foreign,
+        &owned,
+        [&use_key, &create_grant, &owned.describe_key.union(want)],
+        partition,
+    ) {
+        Ok(policy) => policy,
+        Err(_) => render_policy(
+            &document,
+            &foreign,
+            &owned,
+            [&use_key, &create_grant, &owned.describe_key],
+            partition,
+        )?,
+    };
+    Ok(Some(Merged {
+        policy,
+        admitted: missing,
+        limited_to_ec2,
+    }))
+}
+
+/// The policy text with `foreign` first, then ami-share's statements for `grantees` (to use the key, to
+/// create grants, to describe it), pretty when it fits KMS's limit, compact when only that fits.
+fn render_policy(
+    document: &Map<String, Value>,
+    foreign: &[Value],
+    owned: &OwnedGrants,
+    [use_key, create_grant, describe_key]: [&KeyGrantees; 3],
+    partition: &str,
+) -> Result<String, KeyPolicyError> {
+    let mut statements = foreign.to_vec();
     statements.extend(OWNED.iter().filter_map(|(audience, purpose)| {
         let narrowing = owned.narrowings.get(sid_of(*audience, *purpose));
         let grantees = match purpose {
-            Purpose::UseKey => &use_key,
-            Purpose::CreateGrant => &create_grant,
-            Purpose::DescribeKey => &describe_key,
+            Purpose::UseKey => use_key,
+            Purpose::CreateGrant => create_grant,
+            Purpose::DescribeKey => describe_key,
         };
         render(*audience, *purpose, grantees, partition, narrowing)
     }));
+    let mut document = document.clone();
     document
         .entry("Version")
         .or_insert_with(|| json!("2012-10-17"));
     document.insert("Statement".into(), Value::Array(statements));
-
     let document = Value::Object(document);
     // Readable when it fits (the console shows the stored text), compact when only that fits.
     let mut policy = serde_json::to_string_pretty(&document).expect("a JSON value serializes");
@@ -334,11 +369,7 @@ pub fn merge(
             bytes: policy.len(),
         });
     }
-    Ok(Some(Merged {
-        policy,
-        admitted: missing,
-        limited_to_ec2,
-    }))
+    Ok(policy)
 }
 
 /// The grantees the policy document `policy` admits through ami-share's statements: for checking a
@@ -391,12 +422,6 @@ impl OwnedGrants {
     /// A grantee counts as admitted only when both of its statements name it.
     fn admitted(&self) -> KeyGrantees {
         self.use_key.intersection(&self.create_grant)
-    }
-
-    /// Admitted, and able to see so itself: all three statements name it. (Keys opened before the
-    /// DescribeKey statements existed gain them on their next merge.)
-    fn complete(&self) -> KeyGrantees {
-        self.admitted().intersection(&self.describe_key)
     }
 }
 
@@ -565,6 +590,54 @@ mod tests {
             ]
         );
         assert_eq!(admitted(&merged.policy, "aws").unwrap(), want);
+    }
+
+    #[test]
+    fn a_key_that_admits_its_receivers_is_not_rewritten_to_let_them_describe_it() {
+        let want = grantees(&[ORG], &[], &["210987654321"]);
+        let once = merge(&default_policy(), &want, "aws").unwrap().unwrap();
+        // As an earlier version (or a template copied from it) holds it: no DescribeKey statements.
+        let mut document: Value = serde_json::from_str(&once.policy).unwrap();
+        document["Statement"].as_array_mut().unwrap().retain(|s| {
+            !s["Sid"]
+                .as_str()
+                .unwrap_or_default()
+                .ends_with("DescribeKey")
+        });
+        let older = document.to_string();
+        assert_eq!(
+            merge(&older, &want, "aws").unwrap(),
+            None,
+            "no write for DescribeKey alone"
+        );
+        // Any write adds them.
+        let more = grantees(&[ORG], &[], &["210987654321", "111122223333"]);
+        let merged = merge(&older, &more, "aws").unwrap().unwrap();
+        assert_eq!(merged.admitted, grantees(&[], &[], &["111122223333"]));
+        assert!(merged.policy.contains("AmiShareOrganizationsDescribeKey"));
+        assert!(merged.policy.contains("AmiShareAccountsDescribeKey"));
+    }
+
+    #[test]
+    fn the_describe_statements_give_way_when_only_they_would_pass_the_size_limit() {
+        let want = grantees(&[ORG], &[], &[]);
+        let padded = |pad: usize| {
+            json!({"Version": "2012-10-17", "Statement": [
+                {"Sid": "Big", "Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::123456789012:root"},
+                 "Action": "kms:*", "Resource": "*", "Condition": {"StringEquals": {"aws:PrincipalTag/x": "y".repeat(pad)}}}
+            ]})
+            .to_string()
+        };
+        let without_describe = (MAX_POLICY_BYTES - 1_500..MAX_POLICY_BYTES).find_map(|pad| {
+            let merged = merge(&padded(pad), &want, "aws").ok()??;
+            (!merged.policy.contains("AmiShareOrganizationsDescribeKey")
+                && merged.policy.contains("AmiShareOrganizationsUseKey"))
+            .then_some(merged)
+        });
+        let merged =
+            without_describe.expect("a size at which only the DescribeKey statement does not fit");
+        assert!(merged.policy.len() <= MAX_POLICY_BYTES);
+        assert_eq!(merged.admitted, want, "what a launch needs is written");
     }
 
     #[test]
