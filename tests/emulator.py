@@ -874,30 +874,25 @@ class Emulator:
     def control_credentials(self, account):
         """Credentials of a principal in `account` (moto's STS maps an assumed role's keys to the role's
         account)."""
-        import boto3
-
-        sts = boto3.client(
-            "sts",
-            region_name="us-east-1",
-            endpoint_url=self.endpoint,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
-        creds = sts.assume_role(RoleArn=f"arn:aws:iam::{account}:role/receiver", RoleSessionName="check")
+        creds = self.client("sts").assume_role(RoleArn=f"arn:aws:iam::{account}:role/receiver", RoleSessionName="check")
         c = creds["Credentials"]
         return {"access_key_id": c["AccessKeyId"], "secret_access_key": c["SecretAccessKey"],
                 "session_token": c["SessionToken"]}
 
-    def control_organization(self, ous=()):
+    def client(self, service):
+        """A boto3 client of `service` on this emulator, as the default account."""
         import boto3
 
-        org = boto3.client(
-            "organizations",
+        return boto3.client(
+            service,
             region_name="us-east-1",
             endpoint_url=self.endpoint,
             aws_access_key_id="testing",
             aws_secret_access_key="testing",
         )
+
+    def control_organization(self, ous=()):
+        org = self.client("organizations")
         try:
             organization = org.describe_organization()["Organization"]
         except org.exceptions.AWSOrganizationsNotInUseException:

@@ -42,7 +42,6 @@ impl SdkAws {
             }
             _ => Vec::new(),
         };
-        let named = || kms_keys.iter().map(|k| (k.clone(), false));
         let mut keys: Vec<(String, bool)> = Vec::new();
         let mut unseen = Vec::new();
         for key in seen {
@@ -51,14 +50,9 @@ impl SdkAws {
                 Err(snapshot_id) => unseen.push(snapshot_id),
             }
         }
-        if !unseen.is_empty() || image.is_none() {
-            match kms_keys.is_empty() {
-                true => {}
-                false => {
-                    keys.extend(named());
-                    unseen.clear();
-                }
-            }
+        if (!unseen.is_empty() || image.is_none()) && !kms_keys.is_empty() {
+            keys.extend(kms_keys.iter().map(|k| (k.clone(), false)));
+            unseen.clear();
         }
         let mut views: Vec<KeyView> = unseen
             .into_iter()
