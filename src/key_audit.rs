@@ -19,7 +19,7 @@ use serde::Serialize;
 use crate::aws::{Aws, AwsError};
 use crate::key_policy::{self, KeyGrantees};
 use crate::keys::KeyArn;
-use crate::observed::ObservedImage;
+use crate::observed::{ObservedImage, SnapshotFacts};
 use crate::targets::LaunchPermission;
 
 /// One key whose ami-share statements admit grantees no AMI on it is shared with.
@@ -64,18 +64,22 @@ pub fn stale_grantees<'a>(
 /// Audits the keys of `images` (every image of this account listed in `region`; `of_image`: only the keys
 /// of that one). Launch permissions in `known` (by image id) are not read again. A key whose policy the
 /// function may not read (one nobody approved, under the template's IAM) is left out: ami-share never
-/// wrote to it.
+/// wrote to it. `listed`: the owner's snapshots in `region`, when the caller listed them already.
 pub async fn audit<A: Aws>(
     aws: &A,
     region: &str,
     images: &[ObservedImage],
     known: &BTreeMap<String, BTreeSet<LaunchPermission>>,
     of_image: Option<&str>,
+    listed: Option<BTreeMap<String, SnapshotFacts>>,
 ) -> Result<Vec<StaleKey>, AwsError> {
     if !images.iter().any(ObservedImage::may_be_encrypted) {
         return Ok(Vec::new());
     }
-    let snapshots = aws.list_owned_snapshots(region).await?;
+    let snapshots = match listed {
+        Some(snapshots) => snapshots,
+        None => aws.list_owned_snapshots(region).await?,
+    };
     // Key ARN → the images with a snapshot on it.
     let mut on_key: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
     for image in images.iter().filter(|i| i.region == region) {

@@ -290,15 +290,21 @@ pub async fn sweep<A: Aws>(
         }
     }
     // The account's snapshots, in pages, once per region: the reconciler reads each image's from here
-    // instead of one DescribeSnapshots per image. A failed listing only costs those calls.
+    // instead of one DescribeSnapshots per image. A failed listing only costs those calls. And each key
+    // is read once, by the first image on it.
+    reconciler.read_keys_once();
     let snapshot_listings =
         futures::future::join_all(report.listed.keys().map(|region| async move {
             (region, reconciler.aws().list_owned_snapshots(region).await)
         }))
         .await;
+    let mut snapshots_of = BTreeMap::new();
     for (region, snapshots) in snapshot_listings {
         match snapshots {
-            Ok(snapshots) => reconciler.know_snapshots(region, snapshots),
+            Ok(snapshots) => {
+                reconciler.know_snapshots(region, snapshots.clone());
+                snapshots_of.insert(region.clone(), snapshots);
+            }
             Err(e) => {
                 tracing::warn!(region = %region, "could not list the snapshots: {e} (each image reads its own)")
             }
@@ -401,6 +407,7 @@ pub async fn sweep<A: Aws>(
                 &every_image,
                 &known_permissions,
                 None,
+                snapshots_of.remove(&region),
             )
             .await;
             match audited {

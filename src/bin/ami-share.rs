@@ -488,7 +488,7 @@ async fn stale_keys(aws: &SdkAws, outcome: &Outcome) -> Vec<StaleKey> {
             .iter()
             .map(|p| (outcome.image_id.clone(), p.clone()))
             .collect();
-        key_audit::audit(aws, region, &images, &known, Some(&outcome.image_id)).await
+        key_audit::audit(aws, region, &images, &known, Some(&outcome.image_id), None).await
     };
     match audited.await {
         Ok(stale) => stale,

@@ -48,13 +48,55 @@ impl<A: Aws> Reconciler<'_, A> {
             ));
             outcome.not_done.extend(held);
         }
-        self.apply_phase(shares, outcome).await;
+        // The written key policies are read back beside the shares (see `confirm_key_policy`).
+        let written: Vec<(String, String, KeyGrantees)> = outcome
+            .done
+            .iter()
+            .filter_map(|a| match a {
+                Action::PatchKeyPolicy {
+                    region,
+                    key_arn,
+                    grantees,
+                    ..
+                } => Some((region.clone(), key_arn.clone(), grantees.clone())),
+                _ => None,
+            })
+            .collect();
+        let confirmations = join_all(
+            written
+                .iter()
+                .map(|(region, key, grantees)| self.confirm_key_policy(region, key, grantees)),
+        );
+        let ((), confirmed) = futures::join!(self.apply_phase(shares, outcome), confirmations);
+        let confirmed_all = confirmed.iter().all(Result::is_ok);
+        outcome
+            .failures
+            .extend(confirmed.into_iter().filter_map(Result::err));
         let (held, last): (Vec<Action>, Vec<Action>) = last.into_iter().partition(|a| {
             let region = a.region();
             outcome.failures.iter().any(|f| f.region == region)
         });
         outcome.not_done.extend(held);
         self.apply_phase(last, outcome).await;
+        // A writer that read the policy before ours and wrote it after the read-back above dropped our
+        // grantees unseen. Where no delayed re-check is sent for the key (the CLI; see `handler`), the
+        // policy is read once more after a pause, after the shares, so the share waits for nothing.
+        if let (Some(pause), false, true) = (
+            self.key_policy_writes.recheck_after,
+            written.is_empty(),
+            confirmed_all,
+        ) {
+            tokio::time::sleep(pause).await;
+            let confirmed = join_all(
+                written
+                    .iter()
+                    .map(|(region, key, grantees)| self.confirm_key_policy(region, key, grantees)),
+            )
+            .await;
+            outcome
+                .failures
+                .extend(confirmed.into_iter().filter_map(Result::err));
+        }
     }
 
     /// PutParameter, and then the writes made since the version read before deciding. SSM has no
@@ -173,7 +215,7 @@ impl<A: Aws> Reconciler<'_, A> {
                 tags,
             } => {
                 self.aws.create_tags(region, resources, tags).await?;
-                self.note_tags_written(region, resources, tags);
+                self.shared.note_tags_written(region, resources, tags);
             }
             Action::SetStatus {
                 region,
@@ -197,8 +239,12 @@ impl<A: Aws> Reconciler<'_, A> {
                 region,
                 key_arn,
                 grantees,
+                policy,
                 ..
-            } => self.patch_key_policy(region, key_arn, grantees).await?,
+            } => {
+                self.write_key_policy(region, key_arn, grantees, policy)
+                    .await?
+            }
             Action::RemoveLaunchPermissions {
                 region,
                 image_id,
@@ -405,70 +451,117 @@ impl<A: Aws> Reconciler<'_, A> {
         }
     }
 
-    /// Admits `grantees` to the key: reads the policy, merges, writes, and after a pause reads it again to
-    /// confirm, merging and writing again while a concurrent writer has dropped them, at most `max_writes`
-    /// writes in all. Every write merges into a policy read just before it (not the one planning read), so
-    /// what anyone else wrote meanwhile is kept.
-    pub(super) async fn patch_key_policy(
+    /// Admits `grantees` to the key: writes `planned` (the policy as merged into the planning read), or,
+    /// when that read may be old (a sweep reads each key once), merges into a fresh read and writes that.
+    /// [`Self::confirm_key_policy`] then reads it back, beside the shares.
+    pub(super) async fn write_key_policy(
+        &self,
+        region: &str,
+        key_arn: &str,
+        grantees: &KeyGrantees,
+        planned: &str,
+    ) -> Result<(), AwsError> {
+        if !self.shared.reads_keys_once() {
+            return self.aws.put_key_policy(region, key_arn, planned).await;
+        }
+        let partition = self.key_partition(region, key_arn)?;
+        let current = self.aws.get_key_policy(region, key_arn).await?;
+        match key_policy::merge(&current, grantees, &partition) {
+            Ok(None) => Ok(()),
+            Ok(Some(merged)) => {
+                self.aws
+                    .put_key_policy(region, key_arn, &merged.policy)
+                    .await
+            }
+            Err(e) => Err(self.key_policy_error(
+                region,
+                key_arn,
+                format!("the key policy changed into one ami-share cannot merge into: {e}"),
+                false,
+            )),
+        }
+    }
+
+    /// Reads a written key policy back and, while a concurrent writer has dropped `grantees` from it (KMS
+    /// has no conditional write: a writer that read before ours and wrote after it replaced ours), merges
+    /// into what is there now and writes again, at most `max_writes` writes in all. It runs beside the
+    /// shares, with no pause: a writer that replaces the policy after this read is met by the key's
+    /// re-check (the function sends one per key write, delayed; see `handler`), and by every later
+    /// event and sweep on the key.
+    pub(super) async fn confirm_key_policy(
         &self,
         region: &str,
         key_arn: &str,
         grantees: &KeyGrantees,
     ) -> Result<(), AwsError> {
-        let error = |message: String, retryable: bool| AwsError {
-            operation: "PutKeyPolicy",
-            region: region.to_string(),
-            resource: key_arn.to_string(),
-            code: None,
-            message,
-            retryable,
-        };
-        let partition = key_arn
-            .parse::<KeyArn>()
-            .map_err(|e| error(e, false))?
-            .partition()
-            .to_string();
-        let KeyPolicyWrites { settle, max_writes } = self.key_policy_writes;
-        let mut writes = 0;
+        let partition = self.key_partition(region, key_arn)?;
+        let max_writes = self.key_policy_writes.max_writes;
+        let mut writes = 1;
         loop {
             let current = self.aws.get_key_policy(region, key_arn).await?;
             let merged = match key_policy::merge(&current, grantees, &partition) {
-                Ok(None) => return Ok(()),
+                Ok(None) => {
+                    self.shared.note_policy_written(region, key_arn, &current);
+                    return Ok(());
+                }
                 Ok(Some(merged)) => merged,
                 Err(e) => {
-                    return Err(error(
+                    return Err(self.key_policy_error(
+                        region,
+                        key_arn,
                         format!("the key policy changed into one ami-share cannot merge into: {e}"),
                         false,
                     ));
                 }
             };
-            if writes == max_writes {
-                let lost = match merged.admitted.is_empty() {
-                    true => "kms:ViaService limit".to_string(),
-                    false => format!("grantees ({})", merged.admitted),
-                };
-                return Err(error(
+            let lost = match merged.admitted.is_empty() {
+                true => "kms:ViaService limit".to_string(),
+                false => format!("grantees ({})", merged.admitted),
+            };
+            if writes >= max_writes {
+                return Err(self.key_policy_error(
+                    region,
+                    key_arn,
                     format!(
                         "the key policy lost ami-share's {lost} after each of {max_writes} writes: another writer keeps replacing it. If CloudFormation, Terraform or a script manages this key's policy, add ami-share's statements there (README, \"Encrypted AMIs\")"
                     ),
                     true,
                 ));
             }
-            if writes > 0 {
-                tracing::warn!(
-                    key_arn,
-                    writes,
-                    missing = %merged.admitted,
-                    "the policy of {key_arn} lost ami-share's grantees after write {writes}: another writer replaced it; merging again"
-                );
-            }
+            tracing::warn!(
+                key_arn,
+                writes,
+                missing = %lost,
+                "the policy of {key_arn} lost ami-share's {lost} after write {writes}: another writer replaced it; merging again"
+            );
             self.aws
                 .put_key_policy(region, key_arn, &merged.policy)
                 .await?;
             writes += 1;
-            // Longer than another writer's read-merge-write usually takes: it makes a lost write visible
-            // to the read that follows. It narrows the race; without a conditional write, nothing closes it.
-            tokio::time::sleep(settle).await;
+        }
+    }
+
+    fn key_partition(&self, region: &str, key_arn: &str) -> Result<String, AwsError> {
+        key_arn
+            .parse::<KeyArn>()
+            .map(|arn| arn.partition().to_string())
+            .map_err(|e| self.key_policy_error(region, key_arn, e, false))
+    }
+
+    fn key_policy_error(
+        &self,
+        region: &str,
+        key_arn: &str,
+        message: String,
+        retryable: bool,
+    ) -> AwsError {
+        AwsError {
+            operation: "PutKeyPolicy",
+            region: region.to_string(),
+            resource: key_arn.to_string(),
+            code: None,
+            message,
+            retryable,
         }
     }
 }

@@ -8,8 +8,8 @@
 //! Two orderings matter and are kept here:
 //! - an image is shared only after the policies of its snapshots' keys admit the share targets (a share
 //!   the receivers cannot launch from helps nobody, and hides the problem);
-//! - a key policy write is checked by reading it back after a pause, and merged again if a concurrent
-//!   writer replaced it (KMS has no conditional write), a bounded number of times.
+//! - a key policy write is checked by reading it back (beside the shares), and merged again if a
+//!   concurrent writer replaced it (KMS has no conditional write), a bounded number of times.
 //!
 //! `observe` holds the reads, `apply` the writes; this module the flow between them.
 
@@ -39,6 +39,9 @@ use crate::trigger::{EventKind, ImageEvent};
 
 mod apply;
 mod observe;
+mod shared_reads;
+
+use shared_reads::{KeyReads, KeyReadsOf, SharedReads};
 
 /// Whether to make the planned calls, or only report them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,19 +52,22 @@ pub enum Mode {
 
 /// How a key policy write is confirmed. KMS's PutKeyPolicy has no condition: two writers that read the
 /// same policy each write their own version, and the later one drops the other's grant. So after writing,
-/// ami-share waits `settle` (meant to outlast another writer's read-merge-write; nothing guarantees it),
-/// reads the policy back, and merges again if its grantees are missing, up to `max_writes` writes.
+/// ami-share reads the policy back (beside the shares, with no pause) and merges again while its
+/// grantees are missing, up to `max_writes` writes. A writer whose write lands after that read is met
+/// by a re-check: the function sends itself one per written key, delayed ([`crate::recheck`]); without
+/// a queue (the CLI), the policy is read again `recheck_after` the shares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyPolicyWrites {
-    pub settle: Duration,
     pub max_writes: u32,
+    /// `None`: the caller re-checks the written keys later (the function, through its queue).
+    pub recheck_after: Option<Duration>,
 }
 
 impl Default for KeyPolicyWrites {
     fn default() -> Self {
         Self {
-            settle: Duration::from_secs(1),
             max_writes: 5,
+            recheck_after: Some(Duration::from_secs(1)),
         }
     }
 }
@@ -76,10 +82,8 @@ pub struct Reconciler<'a, A> {
     key_policy_writes: KeyPolicyWrites,
     /// After CopyImage answers with a copy EC2 does not list, how long to wait before each further look.
     copy_read_back: &'static [Duration],
-    /// The account's snapshots by region, when a sweep listed them (in pages, once): observe takes a
-    /// snapshot's facts from here rather than a DescribeSnapshots per image, and the reconciler's own tag
-    /// writes are kept in it. Empty on the event path.
-    snapshot_listing: std::sync::Mutex<BTreeMap<String, BTreeMap<String, SnapshotFacts>>>,
+    /// What a sweep reads once for every image (the snapshots, the keys); nothing on the event path.
+    shared: SharedReads,
 }
 
 /// At most this many dead answers to one copy's CopyImage in one reconciliation (a dead answer makes no
@@ -105,17 +109,19 @@ impl<'a, A: Aws> Reconciler<'a, A> {
             mode,
             key_policy_writes: KeyPolicyWrites::default(),
             copy_read_back: &COPY_READ_BACK,
-            snapshot_listing: std::sync::Mutex::default(),
+            shared: SharedReads::default(),
         }
     }
 
     /// A sweep's listing of the account's snapshots in `region` (DescribeSnapshots OwnerIds=self, all
     /// pages): observe reads snapshots from it from now on.
     pub(crate) fn know_snapshots(&self, region: &str, snapshots: BTreeMap<String, SnapshotFacts>) {
-        self.snapshot_listing
-            .lock()
-            .unwrap()
-            .insert(region.to_string(), snapshots);
+        self.shared.know_snapshots(region, snapshots);
+    }
+
+    /// From now on each key is read once (by the first image on it), not once per image: for a sweep.
+    pub(crate) fn read_keys_once(&self) {
+        self.shared.read_keys_once();
     }
 
     /// The facts of `snapshot_ids` in `region`: from a sweep's listing when it holds them all, else
@@ -125,30 +131,9 @@ impl<'a, A: Aws> Reconciler<'a, A> {
         region: &str,
         snapshot_ids: &[String],
     ) -> Result<BTreeMap<String, SnapshotFacts>, AwsError> {
-        let listed: Option<BTreeMap<String, SnapshotFacts>> = {
-            let listing = self.snapshot_listing.lock().unwrap();
-            listing.get(region).and_then(|snapshots| {
-                snapshot_ids
-                    .iter()
-                    .map(|id| Some((id.clone(), snapshots.get(id)?.clone())))
-                    .collect()
-            })
-        };
-        match listed {
+        match self.shared.snapshots(region, snapshot_ids) {
             Some(found) => Ok(found),
             None => self.aws.describe_snapshots(region, snapshot_ids).await,
-        }
-    }
-
-    /// Keeps a sweep's listing true to the tags this reconciler wrote.
-    pub(super) fn note_tags_written(&self, region: &str, resources: &[String], tags: &Tags) {
-        let mut listing = self.snapshot_listing.lock().unwrap();
-        if let Some(snapshots) = listing.get_mut(region) {
-            for id in resources {
-                if let Some(facts) = snapshots.get_mut(id) {
-                    facts.tags.extend(tags.clone());
-                }
-            }
         }
     }
 
@@ -578,15 +563,29 @@ mod tests {
         let outcome = apply(&aws, &sharing_config()).await;
         assert_eq!(outcome.status(), Status::Done, "{}", outcome.headline());
         let calls = aws.calls();
-        // Sharing comes last, after the key policy was written and read back.
-        assert_eq!(calls.last(), Some(&"ModifyImageAttribute"), "{calls:?}");
+        // The share goes out once the key policy is written: beside its read-back, with no pause; the
+        // policy is read once more after the shares (no queue here to re-check it later).
         let put = calls.iter().position(|c| *c == "PutKeyPolicy").unwrap();
+        let share = calls
+            .iter()
+            .position(|c| *c == "ModifyImageAttribute")
+            .unwrap();
+        assert!(put < share, "{calls:?}");
+        assert_eq!(
+            calls[..put]
+                .iter()
+                .filter(|c| **c == "GetKeyPolicy")
+                .count(),
+            1,
+            "the write merges into the planning read: {calls:?}"
+        );
         assert_eq!(
             calls[put + 1..]
                 .iter()
                 .filter(|c| **c == "GetKeyPolicy")
                 .count(),
-            1
+            2,
+            "{calls:?}"
         );
         let admitted = key_policy::admitted(&aws.policy(CMK), "aws").unwrap();
         assert_eq!(admitted.accounts, ["210987654321".to_string()].into());
@@ -640,7 +639,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_policy_that_keeps_being_replaced_is_a_retryable_failure_and_no_share() {
+    async fn a_policy_that_keeps_being_replaced_is_a_retryable_failure_and_no_status() {
         let aws = FakeAws::new(ImageState::Available, Some(CMK));
         aws.state.lock().unwrap().overwrites_left = usize::MAX;
         let outcome = apply(&aws, &sharing_config()).await;
@@ -655,7 +654,10 @@ mod tests {
             failure.contains("after each of 3 writes") && failure.contains("another writer"),
             "{failure}"
         );
-        assert!(!aws.calls().contains(&"ModifyImageAttribute"));
+        // The share went out when the key admitted the partner (the other writer took that back after):
+        // the status claims nothing, and the delivery is retried.
+        assert!(aws.calls().contains(&"ModifyImageAttribute"));
+        assert!(!aws.image(IMAGE).tags.contains_key(markers::STATUS));
     }
 
     #[tokio::test]

@@ -344,9 +344,10 @@ impl<A: Aws> Reconciler<'_, A> {
 
     /// DescribeKey, GetKeyPolicy and what tells whether the key's owner approved ami-share
     /// (ListResourceTags; ListAliases when the config names keys by alias), together, so an encrypted
-    /// AMI costs no extra round trip. The policy is kept only of an enabled customer managed key that
-    /// is approved: no other key's policy is ever changed, and reading it may be denied by the template's
-    /// IAM (as may reading an AWS managed key's tags), which is then no failure.
+    /// AMI costs no extra round trip; in a sweep, once per key ([`SharedReads`]). The policy is kept only
+    /// of an enabled customer managed key that is approved: no other key's policy is ever changed, and
+    /// reading it may be denied by the template's IAM (as may reading an AWS managed key's tags), which is
+    /// then no failure.
     pub(super) async fn observe_key(
         &self,
         region: &str,
@@ -358,24 +359,17 @@ impl<A: Aws> Reconciler<'_, A> {
         let by_arn = parsed
             .as_ref()
             .is_some_and(|a| approved.iter().any(|r| !r.is_alias() && r.names(a, &[])));
-        let by_alias = !by_arn && approved.iter().any(KeyRef::is_alias);
-        let (key, policy, tags, aliases) = futures::join!(
-            self.aws.describe_key(region, arn),
-            self.aws.get_key_policy(region, arn),
-            async {
-                match by_arn {
-                    false => Some(self.aws.list_key_tags(region, arn).await),
-                    true => None,
-                }
-            },
-            async {
-                match by_alias {
-                    true => Some(self.aws.list_key_aliases(region, arn).await),
-                    false => None,
-                }
-            }
-        );
-        let Some(mut key) = key? else {
+        let of = KeyReadsOf {
+            region: region.to_string(),
+            arn: arn.to_string(),
+            tags: !by_arn,
+            aliases: !by_arn && approved.iter().any(KeyRef::is_alias),
+        };
+        let reads = match self.shared.key_cell(&of) {
+            Some(cell) => cell.get_or_try_init(|| self.read_key(&of)).await?.clone(),
+            None => self.read_key(&of).await?,
+        };
+        let Some(mut key) = reads.key else {
             return Ok(ObservedKey {
                 arn: arn.to_string(),
                 manager: KeyManager::Customer,
@@ -385,8 +379,44 @@ impl<A: Aws> Reconciler<'_, A> {
                 aliases: Vec::new(),
             });
         };
+        let is_approved = parsed.is_some_and(|parsed| {
+            keys::approval(&parsed, key.tags.as_ref(), &key.aliases, approved).is_some()
+        });
+        if key.manager == KeyManager::Customer && key.is_enabled() && is_approved {
+            key.policy = Some(reads.policy?);
+        }
+        Ok(key)
+    }
+
+    /// The reads of one key, as [`KeyReadsOf`] says. Fails (and so is not kept for other images) when a
+    /// read that matters failed: the metadata, readable tags or aliases, or the policy of an enabled
+    /// customer managed key for any reason but a denial.
+    async fn read_key(&self, of: &KeyReadsOf) -> Result<KeyReads, AwsError> {
+        let (region, arn) = (of.region.as_str(), of.arn.as_str());
+        let (key, policy, tags, aliases) = futures::join!(
+            self.aws.describe_key(region, arn),
+            self.aws.get_key_policy(region, arn),
+            async {
+                match of.tags {
+                    true => Some(self.aws.list_key_tags(region, arn).await),
+                    false => None,
+                }
+            },
+            async {
+                match of.aliases {
+                    true => Some(self.aws.list_key_aliases(region, arn).await),
+                    false => None,
+                }
+            }
+        );
+        let Some(mut key) = key? else {
+            return Ok(KeyReads { key: None, policy });
+        };
         if key.manager != KeyManager::Customer {
-            return Ok(key);
+            return Ok(KeyReads {
+                key: Some(key),
+                policy,
+            });
         }
         key.tags = tags.map(tolerate_denied).transpose()?.flatten();
         key.aliases = aliases
@@ -394,13 +424,16 @@ impl<A: Aws> Reconciler<'_, A> {
             .transpose()?
             .flatten()
             .unwrap_or_default();
-        let is_approved = parsed.is_some_and(|parsed| {
-            keys::approval(&parsed, key.tags.as_ref(), &key.aliases, approved).is_some()
-        });
-        if key.is_enabled() && is_approved {
-            key.policy = Some(policy?);
+        if let Err(e) = &policy
+            && key.is_enabled()
+            && !e.is_access_denied()
+        {
+            return Err(e.clone());
         }
-        Ok(key)
+        Ok(KeyReads {
+            key: Some(key),
+            policy,
+        })
     }
 }
 

@@ -20,7 +20,6 @@ pub use crate::targets::{LaunchPermission, VolumePermission};
 pub use crate::time::Timestamp;
 use crate::trigger::ImageRef;
 use crate::trigger::{EventKind, ImageEvent};
-use std::time::Duration;
 
 pub const REGION: &str = "eu-west-1";
 pub const IMAGE: &str = "ami-12345678";
@@ -668,8 +667,8 @@ pub fn partner() -> BTreeSet<LaunchPermission> {
 pub fn reconciler<'a>(aws: &'a FakeAws, config: &'a Config, mode: Mode) -> Reconciler<'a, FakeAws> {
     Reconciler::new(config, aws, REGION, mode)
         .with_key_policy_writes(KeyPolicyWrites {
-            settle: Duration::ZERO,
             max_writes: 3,
+            recheck_after: Some(std::time::Duration::ZERO),
         })
         .with_copy_read_back(&[])
 }

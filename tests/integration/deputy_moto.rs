@@ -2,8 +2,6 @@
 //! (and the volumes they can make) would try on ami-share, against the emulator, through the handler, and
 //! what stops it. README "Threat model" lists the same attacks.
 
-use std::time::Duration;
-
 use crate::common::*;
 use ami_share::aws::sdk::SdkAws;
 use ami_share::config::Config;
@@ -73,8 +71,8 @@ impl Setup {
         )
         .with_event_regions(vec![WEST.into()])
         .with_key_policy_writes(KeyPolicyWrites {
-            settle: Duration::from_millis(100),
             max_writes: 5,
+            recheck_after: Some(std::time::Duration::from_millis(100)),
         })
     }
 }

@@ -87,8 +87,8 @@ impl World {
             .build();
         Handler::new(self.config(), SdkAws::new(sdk), REGION).with_key_policy_writes(
             KeyPolicyWrites {
-                settle: Duration::from_millis(100),
                 max_writes: 5,
+                recheck_after: Some(std::time::Duration::from_millis(100)),
             },
         )
     }

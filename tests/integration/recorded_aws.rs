@@ -226,8 +226,8 @@ fn handler_in(config: &str, regions: &[(&str, &[&Rule], &[&Rule])]) -> Handler<S
     }
     Handler::new(Config::parse(config).unwrap(), aws, REGION).with_key_policy_writes(
         KeyPolicyWrites {
-            settle: Duration::ZERO,
             max_writes: 3,
+            recheck_after: Some(std::time::Duration::ZERO),
         },
     )
 }

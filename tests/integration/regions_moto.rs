@@ -6,7 +6,6 @@
 //! describe calls in each region, mutating calls counted from the emulator's request log.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use crate::common::*;
 use ami_share::aws::sdk::SdkAws;
@@ -60,8 +59,8 @@ impl Setup {
         // One stack that handles the events of the regions it copies to (forwarded to it).
         .with_event_regions(vec![WEST.into(), FRANKFURT.into()])
         .with_key_policy_writes(KeyPolicyWrites {
-            settle: Duration::from_millis(100),
             max_writes: 5,
+            recheck_after: Some(std::time::Duration::from_millis(100)),
         })
     }
 

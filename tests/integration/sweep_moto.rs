@@ -197,6 +197,13 @@ async fn a_sweep_converges_200_images_and_a_second_sweep_changes_nothing() {
     assert_eq!(report["changed"], 0);
     assert_eq!(report["listed"][REGION], IMAGES);
     let second_calls = emulator.requests().len() - before;
+    let second_by_action = count_by_action(
+        &emulator
+            .requests()
+            .into_iter()
+            .skip(before)
+            .collect::<Vec<_>>(),
+    );
 
     println!(
         "first sweep: {IMAGES} images ({} selected) in {:.2} s, {:.0} images/s, {} calls ({} mutating: {:?})",
@@ -208,7 +215,7 @@ async fn a_sweep_converges_200_images_and_a_second_sweep_changes_nothing() {
         mutating
     );
     println!(
-        "second sweep: {IMAGES} images in {:.2} s, {:.0} images/s, {second_calls} calls, 0 mutating",
+        "second sweep: {IMAGES} images in {:.2} s, {:.0} images/s, {second_calls} calls, 0 mutating: {second_by_action:?}",
         second_elapsed.as_secs_f64(),
         IMAGES as f64 / second_elapsed.as_secs_f64(),
     );
