@@ -305,19 +305,18 @@ def create_image_from_the_instance_root_volume(self, instance_id, name, descript
 
 
 def block_device_mappings(self):
-    """AWS: DescribeImages reports whether each EBS snapshot is encrypted (Ebs.Encrypted); moto never does."""
-    return [
-        {
-            "DeviceName": self.root_device_name,
-            "Ebs": {
-                "SnapshotId": self.ebs_snapshot.id,
-                "VolumeSize": 15,
-                "DeleteOnTermination": False,
-                "VolumeType": "standard",
-                "Encrypted": bool(self.ebs_snapshot.encrypted),
-            },
-        }
-    ]
+    """AWS: DescribeImages reports whether each EBS snapshot is encrypted (Ebs.Encrypted) and, if so, with
+    which key (Ebs.KmsKeyId, the key's ARN); moto reports neither."""
+    ebs = {
+        "SnapshotId": self.ebs_snapshot.id,
+        "VolumeSize": 15,
+        "DeleteOnTermination": False,
+        "VolumeType": "standard",
+        "Encrypted": bool(self.ebs_snapshot.encrypted),
+    }
+    if self.ebs_snapshot.encrypted and self.ebs_snapshot.kms_key_id:
+        ebs["KmsKeyId"] = self.ebs_snapshot.kms_key_id
+    return [{"DeviceName": self.root_device_name, "Ebs": ebs}]
 
 
 _client_tokens = {}

@@ -163,7 +163,13 @@ impl<A: Aws> Reconciler<'_, A> {
             .iter()
             .map(|s| s.snapshot_id.clone())
             .collect();
-        let (permissions, snapshots, volume_permissions, parameters, public_blocked) = futures::join!(
+        // The keys DescribeImages names are read beside the snapshots (one round trip less before a
+        // share); the snapshots' own word then decides which keys are the image's.
+        let named_keys = match reads.keys {
+            true => keys_to_read(&image),
+            false => Default::default(),
+        };
+        let (permissions, snapshots, volume_permissions, parameters, public_blocked, prefetched) = futures::join!(
             async {
                 match reads.launch_permissions {
                     true => Some(
@@ -218,8 +224,15 @@ impl<A: Aws> Reconciler<'_, A> {
                     true => Some(self.aws.image_block_public_access(&region).await),
                     false => None,
                 }
-            }
+            },
+            join_all(named_keys.iter().map(|arn| self.observe_key(
+                &region,
+                arn,
+                &desired.approved_keys
+            )))
         );
+        let mut prefetched: BTreeMap<String, Result<ObservedKey, AwsError>> =
+            named_keys.into_iter().zip(prefetched).collect();
         image.public_sharing_blocked = public_blocked.transpose()?;
         image.launch_permissions = permissions.transpose()?;
         if let Some(mut by_id) = snapshots.transpose()? {
@@ -248,10 +261,16 @@ impl<A: Aws> Reconciler<'_, A> {
         }
         if reads.keys {
             let arns = keys_to_read(&image);
-            let keys = join_all(
-                arns.iter()
-                    .map(|arn| self.observe_key(&region, arn, &desired.approved_keys)),
-            )
+            let keys = join_all(arns.iter().map(|arn| {
+                let read = prefetched.remove(arn);
+                let region = &region;
+                async move {
+                    match read {
+                        Some(read) => read,
+                        None => self.observe_key(region, arn, &desired.approved_keys).await,
+                    }
+                }
+            }))
             .await;
             for (arn, key) in arns.into_iter().zip(keys) {
                 image.keys.insert(arn, key?);

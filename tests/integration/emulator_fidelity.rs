@@ -166,6 +166,13 @@ async fn an_image_of_an_encrypted_volume_is_encrypted_with_the_volumes_key() {
         "DescribeImages reports Ebs.Encrypted"
     );
     assert_eq!(
+        describe_image(&ec2, &image).await.block_device_mappings()[0]
+            .ebs()
+            .and_then(|ebs| ebs.kms_key_id()),
+        Some(key.as_str()),
+        "and Ebs.KmsKeyId, the snapshot's key"
+    );
+    assert_eq!(
         snapshot_encryption(&ec2, &snapshots[0]).await,
         (true, Some(key)),
         "the snapshot keeps the volume's key"

@@ -463,3 +463,31 @@ async fn concurrent_deliveries_for_amis_on_one_key_all_keep_their_grants() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_new_ami_on_a_key_that_needs_a_patch_is_shared_in_four_round_trips() {
+    // DescribeImages; its launch permissions, snapshots and the key DescribeImages names, together;
+    // PutKeyPolicy (merged into that read); the share, beside the policy's read-back. No pause.
+    let s = setup().await;
+    let handler = s.handler().await;
+    let key = create_key(&s.kms).await;
+    let (image, _) = create_image_with(&s.ec2, "golden-depth-1", &[], RootVolume::Key(&key)).await;
+    // Every request answered 50 ms late, so that calls made together overlap and calls made one after
+    // another do not.
+    s.emulator.set_latency(0.05);
+    let before = s.requests();
+    let answer = deliver(&handler, "create-image.json", &image).await;
+    assert_eq!(answer["status"], "done", "{answer:#}");
+    let depth = s
+        .emulator
+        .depth_until(before, "ec2:ModifyImageAttribute")
+        .unwrap();
+    assert!(depth <= 4, "shared after {depth} sequential round trips");
+    assert_eq!(
+        s.emulator.depth_until(before, "kms:PutKeyPolicy"),
+        Some(3),
+        "the key policy written in the third"
+    );
+    let admitted = key_policy::admitted(&key_policy(&s.kms, &key).await, "aws").unwrap();
+    assert_eq!(admitted.accounts, BTreeSet::from([PARTNER.to_string()]));
+}

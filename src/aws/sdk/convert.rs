@@ -52,7 +52,8 @@ pub(super) fn observed_image(region: &str, image: &ec2::Image) -> ObservedImage 
             Some(ObservedSnapshot {
                 snapshot_id: ebs.snapshot_id()?.to_string(),
                 encrypted: ebs.encrypted(),
-                kms_key_id: None,
+                // What EC2 reports of the snapshot's key; observe takes the snapshot's own word over it.
+                kms_key_id: ebs.kms_key_id().map(str::to_string),
                 tags: None,
                 create_volume_permissions: None,
                 other_images: None,

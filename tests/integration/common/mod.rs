@@ -321,6 +321,43 @@ impl Emulator {
             .collect()
     }
 
+    /// The longest chain of requests after the first `since`, each starting after the one before it
+    /// ended, that ends with the first `operation` ("service:Action"): how many sequential round trips
+    /// it took to get there. `None` if no such request was made.
+    pub fn depth_until(&self, since: usize, operation: &str) -> Option<usize> {
+        let requests = self.control("requests", None);
+        let entries: Vec<(String, f64, f64)> = requests
+            .as_array()
+            .unwrap()
+            .iter()
+            .skip(since)
+            .map(|r| {
+                let name = format!(
+                    "{}:{}",
+                    r["service"].as_str().unwrap_or("?"),
+                    r["action"].as_str().unwrap_or("?")
+                );
+                let start = r["start"].as_f64().unwrap();
+                (name, start, r["end"].as_f64().unwrap_or(f64::MAX))
+            })
+            .collect();
+        let mut depth = vec![0usize; entries.len()];
+        let mut order: Vec<usize> = (0..entries.len()).collect();
+        order.sort_by(|a, b| entries[*a].1.total_cmp(&entries[*b].1));
+        for &i in &order {
+            depth[i] = 1 + order
+                .iter()
+                .filter(|&&j| entries[j].2 <= entries[i].1)
+                .map(|&j| depth[j])
+                .max()
+                .unwrap_or(0);
+        }
+        order
+            .into_iter()
+            .find(|&i| entries[i].0 == operation)
+            .map(|i| depth[i])
+    }
+
     /// The requests after the first `since`, keeping only calls that change something.
     pub fn mutating_requests_since(&self, since: usize) -> Vec<String> {
         self.requests()
@@ -435,7 +472,10 @@ pub async fn image_snapshots(ec2: &aws_sdk_ec2::Client, image_id: &str) -> Vec<S
         .collect()
 }
 
-async fn describe_image(ec2: &aws_sdk_ec2::Client, image_id: &str) -> aws_sdk_ec2::types::Image {
+pub async fn describe_image(
+    ec2: &aws_sdk_ec2::Client,
+    image_id: &str,
+) -> aws_sdk_ec2::types::Image {
     ec2.describe_images()
         .image_ids(image_id)
         .send()
