@@ -23,6 +23,7 @@ use serde_json::{Value, json};
 
 use crate::aws::Aws;
 use crate::config::Config;
+use crate::fanout::{self, WorkQueue, WorkRecord};
 use crate::metrics::Counts;
 use crate::outcome::{Outcome, Status};
 use crate::reconcile::{KeyPolicyWrites, Mode, Reconciler};
@@ -41,7 +42,7 @@ macro_rules! at_level {
 }
 
 /// A scheduled sweep starts no image later than this before the invocation's deadline: time for the
-/// images in flight to finish (a key policy write waits a second and reads back) and be logged.
+/// images in flight to finish (a key policy write, its read-back and its re-check) and be logged.
 pub const SWEEP_MARGIN: Duration = Duration::from_secs(20);
 
 /// Images a scheduled sweep reconciles at once.
@@ -104,6 +105,8 @@ pub struct Handler<A> {
     /// Regions besides `home_region` whose (forwarded) events this function handles.
     event_regions: Vec<String>,
     key_policy_writes: KeyPolicyWrites,
+    /// The function's work queue: sweeps fan out through it, key writes are re-checked through it.
+    queue: Option<WorkQueue>,
 }
 
 impl<A: Aws> Handler<A> {
@@ -114,7 +117,15 @@ impl<A: Aws> Handler<A> {
             home_region: home_region.into(),
             event_regions: Vec::new(),
             key_policy_writes: KeyPolicyWrites::default(),
+            queue: None,
         }
+    }
+
+    /// Sweeps through `queue` ([`crate::fanout`]), and re-checks each key policy write through it
+    /// rather than by reading it again after a pause.
+    pub fn with_work_queue(mut self, queue: WorkQueue) -> Self {
+        self.queue = Some(queue);
+        self
     }
 
     /// Also handles the events of these regions (forwarded to this function's region).
@@ -158,8 +169,12 @@ impl<A: Aws> Handler<A> {
             }
             // Boxed: the sweep's future is large and deep, and the event path need not carry it.
             Trigger::Sweep { event_id } => {
-                return Ok(Box::pin(self.sweep(event_id, deadline)).await);
+                return Ok(match &self.queue {
+                    Some(queue) => self.enqueue_sweep(queue, event_id).await,
+                    None => Box::pin(self.sweep(event_id, deadline)).await,
+                });
             }
+            Trigger::Work(records) => return Box::pin(self.consume(records, deadline)).await,
             Trigger::Images(events) => events,
         };
         let (events, past_cap) = events.split_at(events.len().min(MAX_IMAGES_PER_EVENT));
@@ -219,7 +234,21 @@ impl<A: Aws> Handler<A> {
             log_summary(&outcome, event.event_id.as_deref());
             return ImageAnswer::of(&outcome);
         }
-        let outcome = self.reconciler().reconcile(event).await;
+        let mut outcome = self.reconciler().reconcile(event).await;
+        if let Some(queue) = &self.queue
+            && fanout::wrote_a_key(&outcome)
+            && let Some(recheck) =
+                fanout::key_recheck(&outcome.region, vec![outcome.image_id.clone()], 0)
+        {
+            // Unsent, the event is delivered again: that delivery reads the key afresh.
+            if let Err(e) = self
+                .aws
+                .send_messages(&queue.url, &[recheck.message(queue.key_recheck_delay)])
+                .await
+            {
+                outcome.failures.push(e);
+            }
+        }
         log_summary(&outcome, event.event_id.as_deref());
         emit_metrics(Counts::of(&outcome));
         ImageAnswer::of(&outcome)
@@ -285,8 +314,105 @@ impl<A: Aws> Handler<A> {
     }
 
     fn reconciler(&self) -> Reconciler<'_, A> {
+        let writes = match self.queue {
+            // Re-checked through the queue, later: no pause here.
+            Some(_) => KeyPolicyWrites {
+                recheck_after: None,
+                ..self.key_policy_writes
+            },
+            None => self.key_policy_writes,
+        };
         Reconciler::new(&self.config, &self.aws, &self.home_region, Mode::Apply)
-            .with_key_policy_writes(self.key_policy_writes)
+            .with_key_policy_writes(writes)
+    }
+
+    /// The scheduled sweep, fanned out: the region's images go to the work queue.
+    async fn enqueue_sweep(&self, queue: &WorkQueue, event_id: Option<String>) -> Value {
+        let event_id = event_id.unwrap_or_default();
+        match fanout::enqueue_sweep(&self.aws, queue, &self.home_region).await {
+            Ok((images, messages)) => {
+                let summary = format!(
+                    "sweep of {}: {images} image(s) sent to the work queue in {messages} message(s)",
+                    self.home_region
+                );
+                tracing::info!(
+                    outcome = "sweep_enqueued",
+                    event_id,
+                    images,
+                    messages,
+                    "{summary}"
+                );
+                json!({ "status": "enqueued", "summary": summary, "images": images, "messages": messages })
+            }
+            Err(e) => {
+                // The next schedule is the retry; the ERROR record is what the failure alarm counts.
+                tracing::error!(outcome = "failed", event_id, error = %e, "sweep of {} not sent to the work queue: {e}", self.home_region);
+                json!({ "status": "failed", "summary": format!("sweep not sent to the work queue: {e}") })
+            }
+        }
+    }
+
+    /// Messages of the work queue: each message's images reconciled; the answer names the messages to
+    /// deliver again (the event source mapping's `ReportBatchItemFailures`).
+    async fn consume(
+        &self,
+        records: Vec<WorkRecord>,
+        deadline: Option<SystemTime>,
+    ) -> Result<Value, HandlerError> {
+        let Some(queue) = &self.queue else {
+            return Err(HandlerError::UnsupportedEvent(TriggerError {
+                problem: "work queue messages, but this function has no work queue (AMI_SHARE_WORK_QUEUE_URL)".into(),
+            }));
+        };
+        let mut counts = Counts::default();
+        let consumed = fanout::consume(
+            &self.reconciler(),
+            queue,
+            &records,
+            SWEEP_CONCURRENCY,
+            stop_starting_at(deadline),
+            &mut |progress| {
+                let outcome = match progress {
+                    SweepProgress::Listed { .. } => return,
+                    SweepProgress::Reconciled(outcome) => {
+                        counts.add(Counts::of(outcome));
+                        outcome
+                    }
+                    SweepProgress::Rechecked(outcome) => outcome,
+                };
+                if outcome.is_noteworthy() {
+                    log_summary(outcome, None);
+                }
+            },
+        )
+        .await;
+        emit_metrics(counts);
+        let report = &consumed.report;
+        let level = match consumed.failed.is_empty() {
+            true => tracing::Level::INFO,
+            false => tracing::Level::WARN,
+        };
+        at_level!(
+            level,
+            outcome = "work_done",
+            messages = records.len(),
+            failed = %to_json(&consumed.failed),
+            sent_on = consumed.sent,
+            images = report.reconciled,
+            changed = report.changed,
+            not_started = report.not_started,
+            "{} work message(s), {} to deliver again, {} sent on: {}",
+            records.len(),
+            consumed.failed.len(),
+            consumed.sent,
+            report.headline()
+        );
+        let failures: Vec<Value> = consumed
+            .failed
+            .iter()
+            .map(|(id, _)| json!({ "itemIdentifier": id }))
+            .collect();
+        Ok(json!({ "batchItemFailures": failures }))
     }
 
     /// The scheduled sweep of the function's region.
@@ -294,12 +420,7 @@ impl<A: Aws> Handler<A> {
         let options = SweepOptions {
             regions: vec![self.home_region.clone()],
             concurrency: SWEEP_CONCURRENCY,
-            stop_starting_at: deadline.map(|deadline| {
-                let left = deadline
-                    .duration_since(SystemTime::now())
-                    .unwrap_or_default();
-                Instant::now() + left.saturating_sub(SWEEP_MARGIN)
-            }),
+            stop_starting_at: stop_starting_at(deadline),
         };
         let mut counts = Counts::default();
         let report = sweep::sweep(&self.reconciler(), &options, |progress| {
@@ -330,6 +451,17 @@ impl<A: Aws> Handler<A> {
         };
         json!({ "status": status, "summary": report.headline(), "sweep": report })
     }
+}
+
+/// When a sweep or the work queue's consumer starts no more images: [`SWEEP_MARGIN`] before the
+/// deadline, or half-way to it if that is sooner (a short invocation still makes progress).
+fn stop_starting_at(deadline: Option<SystemTime>) -> Option<Instant> {
+    deadline.map(|deadline| {
+        let left = deadline
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        Instant::now() + left.saturating_sub(SWEEP_MARGIN.min(left / 2))
+    })
 }
 
 /// The sweep's own summary record: `failed` (at ERROR, so the failure alarm sees it) when a region

@@ -16,6 +16,7 @@ pub mod aws;
 pub mod check;
 pub mod config;
 pub mod distribution;
+pub mod fanout;
 pub mod handler;
 mod json;
 pub mod key_audit;

@@ -33,6 +33,17 @@ pub const DEPRECATE_AFTER_DAYS: u32 = 3650;
 /// size: <https://docs.aws.amazon.com/kms/latest/developerguide/resource-limits.html>.
 pub const KEY_POLICY_BYTES: usize = 32 * 1024;
 
+/// Values of one EC2 Describe* filter: a larger list is sent in several calls. EC2 API Reference,
+/// "List and filter your resources" / `Filter`: up to 200 values per filter.
+/// <https://docs.aws.amazon.com/AWSEC2/latest/APIReference/API_Filter.html>
+pub const EC2_FILTER_VALUES: usize = 200;
+
+/// Entries of one SQS SendMessageBatch (Amazon SQS API Reference, `SendMessageBatch`: up to 10).
+/// <https://docs.aws.amazon.com/AWSSimpleQueueService/latest/APIReference/API_SendMessageBatch.html>
+pub const SQS_BATCH_ENTRIES: usize = 10;
+/// The longest SQS message delay, `DelaySeconds` (same API reference: 0 to 900 seconds).
+pub const SQS_MAX_DELAY_SECONDS: u64 = 900;
+
 /// Whether a tag key counts towards [`TAGS_PER_RESOURCE`].
 pub fn counts_as_user_tag(key: &str) -> bool {
     !key.starts_with("aws:")

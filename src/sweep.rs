@@ -26,6 +26,7 @@ use crate::outcome::{Outcome, Status};
 use crate::plan::Action;
 use crate::provenance::{Provenance, provenance};
 use crate::reconcile::Reconciler;
+use crate::targets::LaunchPermission;
 use crate::trigger::{EventKind, ImageEvent, ImageRef};
 
 /// How to sweep.
@@ -124,6 +125,9 @@ pub struct SweepReport {
     pub unreached_copies: usize,
     /// Images not started before the deadline.
     pub not_started: usize,
+    /// Those images, where they are (the work queue's consumer sends them on).
+    #[serde(skip)]
+    pub unstarted: Vec<ImageRef>,
     /// Images reconciled again, one at a time, because they wrote an SSM parameter (see the module).
     pub parameter_rechecks: usize,
     /// Regions whose listing failed: nothing there was swept.
@@ -177,6 +181,15 @@ impl SweepReport {
             _ if self.is_complete() => SweepStatus::Swept,
             _ => SweepStatus::Incomplete,
         }
+    }
+
+    /// An image not started before the deadline.
+    pub fn left_unstarted(&mut self, image: &ObservedImage) {
+        self.not_started += 1;
+        self.unstarted.push(ImageRef {
+            region: Some(image.region.clone()),
+            image_id: image.image_id.clone(),
+        });
     }
 
     /// Adds one image's outcome.
@@ -312,13 +325,59 @@ pub async fn sweep<A: Aws>(
     }
     // Kept for the key audit, which looks at every image (the selection moves them into the reconciler).
     let every_image = listed.clone();
+    let stop_at = options.stop_starting_at;
+    let known_permissions = reconcile_images(
+        reconciler,
+        listed,
+        options.concurrency,
+        stop_at,
+        &mut report,
+        &mut progress,
+    )
+    .await;
+    if stop_at.is_some_and(|at| Instant::now() >= at) {
+        report.key_audit_skipped = true;
+    } else {
+        for region in report.listed.keys().cloned().collect::<Vec<_>>() {
+            let audited = key_audit::audit(
+                reconciler.aws(),
+                &region,
+                &every_image,
+                &known_permissions,
+                None,
+                snapshots_of.remove(&region),
+            )
+            .await;
+            match audited {
+                Ok(stale) => report.stale_keys.extend(stale),
+                Err(e) => report.key_audit_failures.push(e),
+            }
+        }
+    }
+    report.elapsed = started.elapsed();
+    report
+}
+
+/// Reconciles images a listing described, `concurrency` at a time, starting none after `stop_at`: what a
+/// sweep does once it has listed, and what the work queue's consumer does with a message's images
+/// ([`crate::fanout`]). ami-share's copies whose source is among them are left to it, and reconciled on
+/// their own only if its reconciliation did not reach them; the images that wrote an SSM parameter are
+/// then reconciled again, one at a time, newest first (see the module). Returns the launch permissions
+/// seen, by image id.
+pub async fn reconcile_images<A: Aws>(
+    reconciler: &Reconciler<'_, A>,
+    listed: Vec<ObservedImage>,
+    concurrency: usize,
+    stop_at: Option<Instant>,
+    report: &mut SweepReport,
+    progress: &mut impl FnMut(SweepProgress<'_>),
+) -> BTreeMap<String, BTreeSet<LaunchPermission>> {
     let selection = selection(listed);
-    report.left_to_source = selection.left_to_source.len();
+    report.left_to_source += selection.left_to_source.len();
     progress(SweepProgress::Listed {
         to_reconcile: selection.to_reconcile.len(),
     });
 
-    let stop_at = options.stop_starting_at;
     let mut wrote_parameters = Vec::new();
     let mut known_permissions = BTreeMap::new();
     let mut reached = BTreeSet::new();
@@ -326,16 +385,17 @@ pub async fn sweep<A: Aws>(
         let mut outcomes = futures::stream::iter(selection.to_reconcile)
             .map(|image| async move {
                 if stop_at.is_some_and(|at| Instant::now() >= at) {
-                    return None;
+                    return Err(image);
                 }
                 // What a recheck needs: where the image is and how new it is.
                 let key = (image.creation_date, image.region.clone());
-                Some((key, reconciler.reconcile_listed(image).await))
+                Ok((key, reconciler.reconcile_listed(image).await))
             })
-            .buffer_unordered(options.concurrency.max(1));
+            .buffer_unordered(concurrency.max(1));
         while let Some(reconciled) = outcomes.next().await {
             match reconciled {
-                Some((key, outcome)) => {
+                Err(image) => report.left_unstarted(&image),
+                Ok((key, outcome)) => {
                     report.count(&outcome);
                     progress(SweepProgress::Reconciled(&outcome));
                     if let Some(permissions) = &outcome.launch_permissions {
@@ -350,7 +410,6 @@ pub async fn sweep<A: Aws>(
                         wrote_parameters.push((key, outcome.image_id.clone()));
                     }
                 }
-                None => report.not_started += 1,
             }
         }
     }
@@ -360,7 +419,7 @@ pub async fn sweep<A: Aws>(
             continue;
         }
         if stop_at.is_some_and(|at| Instant::now() >= at) {
-            report.not_started += 1;
+            report.left_unstarted(&copy);
             continue;
         }
         let outcome = reconciler.reconcile_unreached_copy(copy).await;
@@ -397,27 +456,7 @@ pub async fn sweep<A: Aws>(
                 .push(format!("{}: {}", outcome.image_id, outcome.headline()));
         }
     }
-    if stop_at.is_some_and(|at| Instant::now() >= at) {
-        report.key_audit_skipped = true;
-    } else {
-        for region in report.listed.keys().cloned().collect::<Vec<_>>() {
-            let audited = key_audit::audit(
-                reconciler.aws(),
-                &region,
-                &every_image,
-                &known_permissions,
-                None,
-                snapshots_of.remove(&region),
-            )
-            .await;
-            match audited {
-                Ok(stale) => report.stale_keys.extend(stale),
-                Err(e) => report.key_audit_failures.push(e),
-            }
-        }
-    }
-    report.elapsed = started.elapsed();
-    report
+    known_permissions
 }
 
 #[cfg(test)]

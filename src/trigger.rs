@@ -16,13 +16,14 @@ use aws_lambda_events::event::eventbridge::EventBridgeEvent;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::fanout::{WorkItem, WorkRecord};
 use crate::json::json_kind;
 use crate::observed::{CreatedBy, ImageState};
 
 pub const CLOUDTRAIL_DETAIL_TYPE: &str = "AWS API Call via CloudTrail";
 pub const STATE_CHANGE_DETAIL_TYPE: &str = "EC2 AMI State Change";
 pub const SCHEDULED_DETAIL_TYPE: &str = "Scheduled Event";
-const EXPECTED: &str = "an EventBridge event from source \"aws.ec2\" with detail-type \"AWS API Call via CloudTrail\" (eventName CreateImage, CopyImage, RegisterImage, CreateTags or DeleteTags) or \"EC2 AMI State Change\", or a \"Scheduled Event\" from source \"aws.events\" (the scheduled sweep)";
+const EXPECTED: &str = "an EventBridge event from source \"aws.ec2\" with detail-type \"AWS API Call via CloudTrail\" (eventName CreateImage, CopyImage, RegisterImage, CreateTags or DeleteTags) or \"EC2 AMI State Change\", or a \"Scheduled Event\" from source \"aws.events\" (the scheduled sweep), or the SQS event of the function's work queue";
 
 /// An image in a region. AMIs are regional: the id alone does not find one.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -66,6 +67,9 @@ pub enum Trigger {
     Ignore { reason: String },
     /// An EventBridge schedule fired: sweep the function's region (every AMI this account owns there).
     Sweep { event_id: Option<String> },
+    /// Messages of the function's work queue, as the SQS event source mapping delivers them: each is
+    /// answered for on its own ([`crate::fanout`]), a malformed one included.
+    Work(Vec<WorkRecord>),
 }
 
 /// An event ami-share cannot use. Says what was found and what was expected.
@@ -130,6 +134,9 @@ pub fn parse(event: Value) -> Result<Trigger, TriggerError> {
             json_kind(&event)
         )));
     }
+    if let Some(records) = event.get("Records") {
+        return parse_work(records).map(Trigger::Work);
+    }
     let envelope: EventBridgeEvent<Value> = serde_json::from_value(event)
         .map_err(|e| unsupported(format!("not an EventBridge envelope ({e})")))?;
     if envelope.source == "aws.events" && envelope.detail_type == SCHEDULED_DETAIL_TYPE {
@@ -145,6 +152,44 @@ pub fn parse(event: Value) -> Result<Trigger, TriggerError> {
         STATE_CHANGE_DETAIL_TYPE => parse_state_change(&envelope),
         other => Err(unsupported(format!("detail-type is {other:?}"))),
     }
+}
+
+/// The records of an SQS event: each its message id and its body read as a work item (or what is wrong
+/// with it). A record without a message id cannot be answered for, so it refuses the whole event.
+fn parse_work(records: &Value) -> Result<Vec<WorkRecord>, TriggerError> {
+    let records = records.as_array().ok_or_else(|| {
+        unsupported(format!(
+            "Records is JSON {}, not an array",
+            json_kind(records)
+        ))
+    })?;
+    if records.is_empty() {
+        return Err(unsupported("Records is empty"));
+    }
+    records
+        .iter()
+        .enumerate()
+        .map(|(n, record)| {
+            let source = record.get("eventSource").and_then(Value::as_str);
+            if source != Some("aws:sqs") {
+                return Err(unsupported(format!(
+                    "Records[{n}].eventSource is {source:?}, not \"aws:sqs\""
+                )));
+            }
+            let message_id = record
+                .get("messageId")
+                .and_then(Value::as_str)
+                .ok_or_else(|| unsupported(format!("Records[{n}] has no messageId")))?;
+            let item = match record.get("body").and_then(Value::as_str) {
+                Some(body) => WorkItem::parse(body),
+                None => Err("the message has no body".to_string()),
+            };
+            Ok(WorkRecord {
+                message_id: message_id.to_string(),
+                item,
+            })
+        })
+        .collect()
 }
 
 fn parse_api_call(envelope: &EventBridgeEvent<Value>) -> Result<Trigger, TriggerError> {

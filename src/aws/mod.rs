@@ -26,6 +26,14 @@ pub struct StoredParameter {
     pub version: i64,
 }
 
+/// One message for the function's work queue ([`crate::fanout`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedMessage {
+    pub body: String,
+    /// SQS DelaySeconds: at most 15 minutes.
+    pub delay: std::time::Duration,
+}
+
 /// What DescribeImages found for an image id in a region.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageLookup {
@@ -52,6 +60,30 @@ pub trait Aws: Send + Sync {
         &self,
         region: &str,
     ) -> impl Future<Output = Result<Vec<ObservedImage>, AwsError>> + Send;
+
+    /// EC2 DescribeImages of this account's images among `image_ids` in `region` (filter `image-id`,
+    /// Owners=self, all pages): an id not answered for is gone, or not this account's.
+    fn list_owned_images_among(
+        &self,
+        region: &str,
+        image_ids: &[String],
+    ) -> impl Future<Output = Result<Vec<ObservedImage>, AwsError>> + Send;
+
+    /// EC2 DescribeSnapshots of this account's snapshots among `snapshot_ids` in `region` (filter
+    /// `snapshot-id`, OwnerIds=self, all pages): a snapshot gone is left out, not an error.
+    fn list_owned_snapshots_among(
+        &self,
+        region: &str,
+        snapshot_ids: &[String],
+    ) -> impl Future<Output = Result<BTreeMap<String, SnapshotFacts>, AwsError>> + Send;
+
+    /// SQS SendMessageBatch: the messages to the function's own work queue, ten to a call, each with
+    /// its delay. Fails unless every message was taken.
+    fn send_messages(
+        &self,
+        queue_url: &str,
+        messages: &[QueuedMessage],
+    ) -> impl Future<Output = Result<(), AwsError>> + Send;
 
     /// EC2 DescribeImages of this account's images in `region` that any of `snapshot_ids` backs
     /// (filter `block-device-mapping.snapshot-id`): several AMIs may be registered on one snapshot.

@@ -6,6 +6,7 @@
 use ami_share::aws::sdk::SdkAws;
 use ami_share::config::Config;
 use ami_share::distribution::RegionName;
+use ami_share::fanout::WorkQueue;
 use ami_share::handler::{Handler, Invocation};
 use lambda_runtime::{LambdaEvent, service_fn};
 use serde_json::Value;
@@ -27,7 +28,17 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let event_regions = event_regions_from_env().inspect_err(|e| {
         tracing::error!(error = %e, "refusing to start: {e}");
     })?;
-    let handler = Handler::new(config, aws, home_region).with_event_regions(event_regions);
+    let queue = WorkQueue::from_env_values(
+        std::env::var("AMI_SHARE_WORK_QUEUE_URL").ok().as_deref(),
+        std::env::var("AMI_SHARE_KEY_RECHECK_SECONDS")
+            .ok()
+            .as_deref(),
+    )
+    .inspect_err(|e| tracing::error!(error = %e, "refusing to start: {e}"))?;
+    let mut handler = Handler::new(config, aws, home_region).with_event_regions(event_regions);
+    if let Some(queue) = queue {
+        handler = handler.with_work_queue(queue);
+    }
     let handler = &handler;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
         let invocation = Invocation {

@@ -538,5 +538,23 @@ fn image_events(target: &Target) -> Result<Vec<ImageEvent>, String> {
             "{} is the scheduled sweep's event, which names no image: run `ami-share sweep --config … --region …` (add --dry-run to plan only)",
             path.display()
         )),
+        Trigger::Work(records) => {
+            let mut events = Vec::new();
+            for record in records {
+                let item = record.item.map_err(|e| {
+                    format!("{}: message {}: {e}", path.display(), record.message_id)
+                })?;
+                events.extend(item.images.into_iter().map(|image_id| trigger::ImageEvent {
+                    image: trigger::ImageRef {
+                        region: Some(target.region.clone().unwrap_or(item.region.clone())),
+                        image_id,
+                    },
+                    kind: trigger::EventKind::Direct,
+                    account: None,
+                    event_id: Some(record.message_id.clone()),
+                }));
+            }
+            Ok(events)
+        }
     }
 }

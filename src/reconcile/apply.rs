@@ -465,6 +465,8 @@ impl<A: Aws> Reconciler<'_, A> {
             return self.aws.put_key_policy(region, key_arn, planned).await;
         }
         let partition = self.key_partition(region, key_arn)?;
+        let writer = self.shared.key_writer(region, key_arn);
+        let _one_writer = writer.lock().await;
         let current = self.aws.get_key_policy(region, key_arn).await?;
         match key_policy::merge(&current, grantees, &partition) {
             Ok(None) => Ok(()),

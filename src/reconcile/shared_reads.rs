@@ -43,6 +43,9 @@ pub(super) struct SharedReads {
     keys_once: AtomicBool,
     /// One cell per key: the first image to need a key reads it, the others on it wait for that read.
     keys: Mutex<BTreeMap<KeyReadsOf, Arc<OnceCell<KeyReads>>>>,
+    /// One writer per key at a time within the run: images on one key planned together (against the
+    /// same read) would otherwise each merge and write the same grantees.
+    key_writers: Mutex<BTreeMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl SharedReads {
@@ -50,7 +53,9 @@ impl SharedReads {
         self.snapshots
             .lock()
             .unwrap()
-            .insert(region.to_string(), snapshots);
+            .entry(region.to_string())
+            .or_default()
+            .extend(snapshots);
     }
 
     /// The facts of every one of `snapshot_ids`, if the listing of `region` holds them all.
@@ -99,6 +104,16 @@ impl SharedReads {
                 .or_default()
                 .clone(),
         )
+    }
+
+    /// The lock of one key's writes in this run.
+    pub fn key_writer(&self, region: &str, arn: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.key_writers
+            .lock()
+            .unwrap()
+            .entry((region.to_string(), arn.to_string()))
+            .or_default()
+            .clone()
     }
 
     /// A key policy this run wrote and read back: what the later images on the key plan against.

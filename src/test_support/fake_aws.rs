@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
-use crate::aws::{Aws, AwsError, ImageLookup, StoredParameter};
+use crate::aws::{Aws, AwsError, ImageLookup, QueuedMessage, StoredParameter};
 use crate::config::Config;
 use crate::markers;
 use crate::markers::CopyKind;
@@ -56,6 +56,8 @@ pub struct FakeState {
     pub volume_permissions: BTreeMap<String, BTreeSet<VolumePermission>>,
     /// (region, name) → value.
     pub parameters: BTreeMap<(String, String), Vec<StoredParameter>>,
+    /// Messages sent to the work queue.
+    pub queued: Vec<QueuedMessage>,
 }
 
 /// An in-memory AWS account in one region: images, snapshots, keys. Records every call and can fail
@@ -244,6 +246,40 @@ impl Aws for FakeAws {
                 ..i.clone()
             })
             .collect())
+    }
+    async fn list_owned_images_among(
+        &self,
+        region: &str,
+        image_ids: &[String],
+    ) -> Result<Vec<ObservedImage>, AwsError> {
+        Ok(self
+            .list_owned_images(region)
+            .await?
+            .into_iter()
+            .filter(|i| image_ids.contains(&i.image_id))
+            .collect())
+    }
+    async fn list_owned_snapshots_among(
+        &self,
+        region: &str,
+        snapshot_ids: &[String],
+    ) -> Result<BTreeMap<String, SnapshotFacts>, AwsError> {
+        let mut snapshots = self.list_owned_snapshots(region).await?;
+        snapshots.retain(|id, _| snapshot_ids.contains(id));
+        Ok(snapshots)
+    }
+    async fn send_messages(
+        &self,
+        _queue_url: &str,
+        messages: &[QueuedMessage],
+    ) -> Result<(), AwsError> {
+        self.call("SendMessageBatch", REGION)?;
+        self.state
+            .lock()
+            .unwrap()
+            .queued
+            .extend(messages.iter().cloned());
+        Ok(())
     }
     async fn images_on_snapshots(
         &self,

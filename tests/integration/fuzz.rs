@@ -227,6 +227,15 @@ fn check_event(event: &Value) {
         }
         Ok(Trigger::Ignore { reason }) => assert!(!reason.is_empty()),
         Ok(Trigger::Sweep { .. }) => {}
+        Ok(Trigger::Work(records)) => {
+            assert!(!records.is_empty(), "a work trigger with no message");
+            for record in &records {
+                assert!(!record.message_id.is_empty() || record.item.is_err());
+                if let Err(problem) = &record.item {
+                    assert!(problem.contains("expected"), "unclear: {problem}");
+                }
+            }
+        }
     }
 }
 

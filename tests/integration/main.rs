@@ -12,6 +12,7 @@ mod deputy_moto;
 mod emulator_fidelity;
 mod encrypted_moto;
 mod event_pattern;
+mod fanout_moto;
 mod faults_moto;
 mod fuzz;
 mod handler_moto;

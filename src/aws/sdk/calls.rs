@@ -10,6 +10,7 @@ use aws_sdk_ec2::types::{
 use aws_sdk_kms::types::KeyManagerType;
 
 use super::*;
+use crate::limits;
 
 /// The policy name KMS uses for a key's one key policy.
 pub(super) const DEFAULT_POLICY: &str = "default";
@@ -65,6 +66,110 @@ impl Aws for SdkAws {
             .await
             .map_err(|e| aws_error("DescribeImages", region, "images owned by self", e))?;
         Ok(images.iter().map(|i| observed_image(region, i)).collect())
+    }
+
+    async fn list_owned_images_among(
+        &self,
+        region: &str,
+        image_ids: &[String],
+    ) -> Result<Vec<ObservedImage>, AwsError> {
+        let mut images = Vec::new();
+        for ids in image_ids.chunks(limits::EC2_FILTER_VALUES) {
+            let page: Vec<ec2::Image> = self
+                .ec2(region)
+                .describe_images()
+                .owners("self")
+                .filters(
+                    Filter::builder()
+                        .name("image-id")
+                        .set_values(Some(ids.to_vec()))
+                        .build(),
+                )
+                .into_paginator()
+                .items()
+                .send()
+                .collect::<Result<_, _>>()
+                .await
+                .map_err(|e| aws_error("DescribeImages", region, &ids.join(","), e))?;
+            images.extend(page.iter().map(|i| observed_image(region, i)));
+        }
+        Ok(images)
+    }
+
+    async fn list_owned_snapshots_among(
+        &self,
+        region: &str,
+        snapshot_ids: &[String],
+    ) -> Result<BTreeMap<String, SnapshotFacts>, AwsError> {
+        let mut facts = BTreeMap::new();
+        for ids in snapshot_ids.chunks(limits::EC2_FILTER_VALUES) {
+            let page: Vec<ec2::Snapshot> = self
+                .ec2(region)
+                .describe_snapshots()
+                .owner_ids("self")
+                .filters(
+                    Filter::builder()
+                        .name("snapshot-id")
+                        .set_values(Some(ids.to_vec()))
+                        .build(),
+                )
+                .into_paginator()
+                .items()
+                .send()
+                .collect::<Result<_, _>>()
+                .await
+                .map_err(|e| aws_error("DescribeSnapshots", region, &ids.join(","), e))?;
+            facts.extend(page.iter().filter_map(snapshot_facts));
+        }
+        Ok(facts)
+    }
+
+    async fn send_messages(
+        &self,
+        queue_url: &str,
+        messages: &[QueuedMessage],
+    ) -> Result<(), AwsError> {
+        const OP: &str = "SendMessageBatch";
+        let region = self.home_region().unwrap_or_default().to_string();
+        for batch in messages.chunks(limits::SQS_BATCH_ENTRIES) {
+            let entries = batch
+                .iter()
+                .enumerate()
+                .map(|(n, m)| {
+                    aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
+                        .id(n.to_string())
+                        .message_body(&m.body)
+                        .delay_seconds(m.delay.as_secs().min(limits::SQS_MAX_DELAY_SECONDS) as i32)
+                        .build()
+                        .expect("id and body are set")
+                })
+                .collect();
+            let output = self
+                .sqs()
+                .send_message_batch()
+                .queue_url(queue_url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| aws_error(OP, &region, queue_url, e))?;
+            if let Some(failed) = output.failed().first() {
+                return Err(AwsError {
+                    operation: OP,
+                    region,
+                    resource: queue_url.to_string(),
+                    code: Some(failed.code().to_string()),
+                    message: format!(
+                        "{} of {} message(s) not taken: {}",
+                        output.failed().len(),
+                        batch.len(),
+                        failed.message().unwrap_or_default()
+                    ),
+                    // SQS says whether the sender is at fault; anything else may pass on a retry.
+                    retryable: !failed.sender_fault(),
+                });
+            }
+        }
+        Ok(())
     }
 
     async fn images_on_snapshots(

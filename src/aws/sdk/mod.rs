@@ -1,5 +1,5 @@
-//! [`Aws`] over aws-sdk-ec2, aws-sdk-kms and aws-sdk-ssm: one client per service and region, made once
-//! and reused across invocations.
+//! [`Aws`] over aws-sdk-ec2, aws-sdk-kms, aws-sdk-ssm and aws-sdk-sqs: one client per service and region,
+//! made once and reused across invocations.
 //!
 //! The SDK retries throttling and transient errors itself (standard retry mode); what reaches here is
 //! final for this invocation and is classified as retryable or not for the caller (`errors`). `convert`
@@ -12,7 +12,7 @@ use aws_config::SdkConfig;
 use aws_sdk_ec2::config::Region;
 use aws_sdk_ec2::types::LaunchPermissionModifications;
 
-use super::{Aws, AwsError, ImageLookup, StoredParameter};
+use super::{Aws, AwsError, ImageLookup, QueuedMessage, StoredParameter};
 use crate::markers::{self, CopyKind};
 use crate::observed::CreatedBy;
 use crate::observed::{
@@ -64,6 +64,8 @@ pub struct SdkAws {
     ec2: RegionalClients<aws_sdk_ec2::Client>,
     kms: RegionalClients<aws_sdk_kms::Client>,
     ssm: RegionalClients<aws_sdk_ssm::Client>,
+    /// The function's work queue is in its own region: one client, built on first use.
+    sqs: std::sync::OnceLock<aws_sdk_sqs::Client>,
 }
 
 impl SdkAws {
@@ -91,6 +93,7 @@ impl SdkAws {
                         .build(),
                 )
             }),
+            sqs: std::sync::OnceLock::new(),
         }
     }
 
@@ -122,6 +125,11 @@ impl SdkAws {
 
     fn ssm(&self, region: &str) -> aws_sdk_ssm::Client {
         self.ssm.get(&self.base, region)
+    }
+
+    fn sqs(&self) -> &aws_sdk_sqs::Client {
+        self.sqs
+            .get_or_init(|| aws_sdk_sqs::Client::new(&self.base))
     }
 
     /// EC2 ModifyImageAttribute launchPermission: one call for an Add or a Remove.

@@ -1,6 +1,7 @@
 //! Test support: the emulator (tests/emulator.py, moto with its AWS-fidelity fixes) started per test on a
 //! free loopback port, SDK clients aimed at it, and fixtures (organization, OUs, images).
 
+pub mod event_source;
 pub mod runtime_api;
 
 use std::collections::BTreeSet;
@@ -192,6 +193,27 @@ impl Emulator {
             .skip(since)
             .filter(|r| r.get("fault").is_some())
             .count()
+    }
+
+    /// Seeds `count` AMIs named `prefix-00000`… (every `encrypted_every`-th on `key`) in the emulator's
+    /// own process; returns their ids.
+    pub fn seed_images(
+        &self,
+        count: usize,
+        prefix: &str,
+        key: Option<&str>,
+        encrypted_every: usize,
+    ) -> Vec<String> {
+        let seeded = self.control(
+            "images",
+            Some(json!({"count": count, "prefix": prefix, "kms_key": key, "encrypted_every": encrypted_every})),
+        );
+        seeded["images"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{seeded}"))
+            .iter()
+            .map(|i| i["image_id"].as_str().unwrap().to_string())
+            .collect()
     }
 
     /// Every request is answered this much later, as over a real network.

@@ -277,3 +277,46 @@ impl Drop for Function {
         let _ = self.child.wait();
     }
 }
+
+/// The function binary under test: `AMI_SHARE_BOOTSTRAP` (CI: the `bootstrap` `sam build` made), else
+/// the one cargo built.
+pub fn binary() -> std::path::PathBuf {
+    let binary = std::env::var_os("AMI_SHARE_BOOTSTRAP")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_ami-share-lambda").into());
+    assert!(
+        binary.is_file(),
+        "no function binary at {}",
+        binary.display()
+    );
+    println!("function binary: {}", binary.display());
+    binary
+}
+
+/// A config file for the function, removed when dropped.
+pub fn write_config(text: &str) -> tempfile_path::TempPath {
+    tempfile_path::TempPath::with(text)
+}
+
+/// A file removed when dropped (no crate needed for this one use).
+mod tempfile_path {
+    pub struct TempPath(pub std::path::PathBuf);
+    impl TempPath {
+        pub fn with(text: &str) -> Self {
+            static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path = std::env::temp_dir()
+                .join(format!("ami-share-test-{}-{n}.toml", std::process::id()));
+            std::fs::write(&path, text).unwrap();
+            Self(path)
+        }
+        pub fn env(&self) -> String {
+            self.0.display().to_string()
+        }
+    }
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
