@@ -128,6 +128,11 @@ impl<A: Aws> Handler<A> {
         self
     }
 
+    /// The config it serves.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     /// Also handles the events of these regions (forwarded to this function's region).
     pub fn with_event_regions(mut self, regions: Vec<String>) -> Self {
         self.event_regions = regions;

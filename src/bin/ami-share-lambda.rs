@@ -13,13 +13,20 @@ use serde_json::Value;
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
+    // What init spends its time on, logged at DEBUG (the benchmark's profile reads it).
+    let started = std::time::Instant::now();
+    let mut split = Vec::new();
+    let mut lap = |step: &'static str| split.push((step, started.elapsed()));
     ami_share::logging::init_json();
+    lap("logging");
     let config = Config::load_from_env().inspect_err(|e| {
         tracing::error!(error = %e, "refusing to start: {e}");
     })?;
-    tracing::debug!(rules = config.rules.len(), "config loaded");
+    lap("config");
     let sdk_config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    lap("sdk_config");
     let aws = SdkAws::new(sdk_config);
+    lap("clients");
     // Lambda always sets AWS_REGION: without it, refuse to start rather than guess.
     let home_region = aws
         .home_region()
@@ -39,6 +46,16 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     if let Some(queue) = queue {
         handler = handler.with_work_queue(queue);
     }
+    lap("handler");
+    let profile: Vec<String> = split
+        .iter()
+        .map(|(step, at)| format!("{step}={}", at.as_micros()))
+        .collect();
+    tracing::debug!(
+        rules = handler.config().rules.len(),
+        init_profile = %profile.join(" "),
+        "init: microseconds from main at the end of each step (the runtime client and the first GET /next follow)"
+    );
     let handler = &handler;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
         let invocation = Invocation {
