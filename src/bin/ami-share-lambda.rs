@@ -23,7 +23,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         tracing::error!(error = %e, "refusing to start: {e}");
     })?;
     lap("config");
-    let sdk_config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let sdk_config = sdk_config().await;
     lap("sdk_config");
     let aws = SdkAws::new(sdk_config);
     lap("clients");
@@ -67,6 +67,21 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         handler.handle_invocation(event.payload, &invocation).await
     }))
     .await
+}
+
+/// The SDK's config as Lambda gives it. The function's credentials are in its environment
+/// (`AWS_ACCESS_KEY_ID`, …): they are read from there, rather than through the default chain, whose web
+/// identity provider builds an STS client and with it the TLS connector (reading every root certificate
+/// of the system) at start. Without them in the environment, the default chain.
+async fn sdk_config() -> aws_config::SdkConfig {
+    let loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    let loader = match std::env::var_os("AWS_ACCESS_KEY_ID") {
+        Some(_) => loader.credentials_provider(
+            aws_config::environment::EnvironmentVariableCredentialsProvider::new(),
+        ),
+        None => loader,
+    };
+    loader.load().await
 }
 
 /// `AMI_SHARE_EVENT_REGIONS` (the stack's ForwardedEventRegions): region codes separated by commas.
