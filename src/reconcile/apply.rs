@@ -536,6 +536,26 @@ impl<A: Aws> Reconciler<'_, A> {
                 missing = %lost,
                 "the policy of {key_arn} lost ami-share's {lost} after write {writes}: another writer replaced it; merging again"
             );
+            // Writers that keep overwriting each other (a burst of AMIs on one key) spread out: each
+            // waits a random part of a window that doubles with each loss, then merges into a fresh read.
+            tokio::time::sleep(jitter(KEY_WRITE_BACKOFF * 2u32.pow(writes - 1))).await;
+            let current = self.aws.get_key_policy(region, key_arn).await?;
+            let merged = match key_policy::merge(&current, grantees, &partition) {
+                // The other writer kept ours after all.
+                Ok(None) => {
+                    self.shared.note_policy_written(region, key_arn, &current);
+                    return Ok(());
+                }
+                Ok(Some(merged)) => merged,
+                Err(e) => {
+                    return Err(self.key_policy_error(
+                        region,
+                        key_arn,
+                        format!("the key policy changed into one ami-share cannot merge into: {e}"),
+                        false,
+                    ));
+                }
+            };
             self.aws
                 .put_key_policy(region, key_arn, &merged.policy)
                 .await?;
@@ -566,6 +586,23 @@ impl<A: Aws> Reconciler<'_, A> {
             retryable,
         }
     }
+}
+
+/// The first backoff window after a key policy write was lost to another writer (then 2×, 4×, …).
+const KEY_WRITE_BACKOFF: Duration = Duration::from_millis(100);
+
+/// A random duration up to `window` ("full jitter"): std's per-process random hash keys, fed the time.
+fn jitter(window: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    let millis = window.as_millis().max(1) as u64;
+    Duration::from_millis(hasher.finish() % millis)
 }
 
 /// At most this many calls of one apply phase run at once: many regions' copies and shares go out

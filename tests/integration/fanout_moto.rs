@@ -222,3 +222,109 @@ async fn a_grant_another_writer_drops_after_the_read_back_is_put_back_by_the_del
     // The re-check that wrote sent one more, which found the grant in place.
     assert_eq!(drained.delivered, 2, "{drained:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_50_amis_on_one_key_all_end_shared_with_each_audience_once_in_the_policy() {
+    // An image factory's release: 50 AMIs on one key, each shared with its own account by its own rule,
+    // delivered at once (each delivery reads, merges and writes the one key policy while the others do),
+    // then the key re-checks the writes sent.
+    const N: usize = 50;
+    let emulator = Emulator::start();
+    let ec2 = emulator.ec2().await;
+    let kms = emulator.kms().await;
+    let key = create_key(&kms).await;
+    let accounts: Vec<String> = (0..N as u64)
+        .map(|i| (700_000_000_000 + i).to_string())
+        .collect();
+    let rules: String = accounts
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            format!("[[rule]]\nname = \"r{i}\"\nmatch.name = [\"team{i:02}-*\"]\nshare.accounts = [\"{a}\"]\n")
+        })
+        .collect();
+    let queue = WorkQueue::create(&emulator, "ami-share-work", 3).await;
+    let handler = ami_share::handler::Handler::new(
+        ami_share::config::Config::parse(&rules).unwrap(),
+        ami_share::aws::sdk::SdkAws::new(emulator.sdk_config().await),
+        REGION,
+    )
+    .with_work_queue(ami_share::fanout::WorkQueue {
+        url: queue.url.clone(),
+        key_recheck_delay: Duration::from_secs(1),
+    });
+    let mut images = Vec::new();
+    for i in 0..N {
+        let name = format!("team{i:02}-base");
+        images.push(
+            create_image_with(&ec2, &name, &[], RootVolume::Key(&key))
+                .await
+                .0,
+        );
+    }
+    let before = emulator.requests().len();
+    let mut pending: Vec<&String> = images.iter().collect();
+    let mut redeliveries = 0;
+    while !pending.is_empty() {
+        let answers = futures::future::join_all(
+            pending
+                .iter()
+                .map(|image| handler.handle(sample_event("create-image.json", image, REGION))),
+        )
+        .await;
+        // A delivery to be retried (a key policy that kept losing its grant) comes again, as Lambda's
+        // asynchronous retry would deliver it.
+        pending = pending
+            .into_iter()
+            .zip(answers)
+            .filter_map(|(image, answer)| answer.is_err().then_some(image))
+            .collect();
+        redeliveries += pending.len();
+    }
+    let handler = &handler;
+    let rechecks = queue
+        .drain_with(
+            10,
+            |event| async move { handler.handle(event).await.unwrap() },
+        )
+        .await;
+    let puts = emulator
+        .mutating_requests_since(before)
+        .into_iter()
+        .filter(|r| r == "kms:PutKeyPolicy")
+        .count();
+    println!(
+        "burst of {N}: {puts} PutKeyPolicy, {redeliveries} redeliveries, {} re-checks delivered",
+        rechecks.delivered
+    );
+    for (image, account) in images.iter().zip(&accounts) {
+        assert_eq!(
+            launch_permissions(&ec2, image).await,
+            BTreeSet::from([format!("account={account}")])
+        );
+    }
+    let policy = key_policy(&kms, &key).await;
+    let admitted = key_policy::admitted(&policy, "aws").unwrap();
+    assert_eq!(
+        admitted.accounts,
+        accounts.iter().cloned().collect::<BTreeSet<_>>()
+    );
+    let statements: Vec<Value> = serde_json::from_str::<Value>(&policy).unwrap()["Statement"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let sids: Vec<&str> = statements
+        .iter()
+        .filter_map(|s| s["Sid"].as_str())
+        .collect();
+    let unique: BTreeSet<&str> = sids.iter().copied().collect();
+    assert_eq!(sids.len(), unique.len(), "each statement once: {sids:?}");
+    for account in &accounts {
+        let principal = format!("arn:aws:iam::{account}:root");
+        for statement in &statements {
+            let named = statement.to_string().matches(&principal).count();
+            assert!(named <= 1, "{account} twice in {statement}");
+        }
+    }
+    assert_eq!(queue.depth(&queue.dead_letters).await, 0);
+}

@@ -111,6 +111,20 @@ impl WorkQueue {
         batch_size: i32,
         time_left: Duration,
     ) -> Drained {
+        self.drain_with(batch_size, |event| {
+            let answer = api.invoke_with(event, time_left);
+            assert_eq!(answer.kind, "response", "{answer:?}");
+            std::future::ready(answer.body)
+        })
+        .await
+    }
+
+    /// The same, delivering each SQS event through `deliver` (e.g. a handler in the test's process).
+    pub async fn drain_with<F, Fut>(&self, batch_size: i32, mut deliver: F) -> Drained
+    where
+        F: FnMut(Value) -> Fut,
+        Fut: std::future::Future<Output = Value>,
+    {
         let mut drained = Drained::default();
         let started = Instant::now();
         loop {
@@ -157,11 +171,10 @@ impl WorkQueue {
                     })
                 })
                 .collect();
-            let answer = api.invoke_with(json!({ "Records": records }), time_left);
-            assert_eq!(answer.kind, "response", "{answer:?}");
+            let answer = deliver(json!({ "Records": records })).await;
             drained.invocations += 1;
             drained.delivered += messages.len();
-            let failed: Vec<&str> = answer.body["batchItemFailures"]
+            let failed: Vec<&str> = answer["batchItemFailures"]
                 .as_array()
                 .unwrap_or_else(|| panic!("no batchItemFailures: {answer:?}"))
                 .iter()
@@ -189,7 +202,7 @@ impl WorkQueue {
                         .unwrap();
                 }
             }
-            drained.answers.push(answer.body);
+            drained.answers.push(answer);
         }
     }
 
