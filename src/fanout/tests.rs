@@ -257,3 +257,50 @@ fn the_queue_comes_from_the_environment_or_refuses_to_start_saying_why() {
     let error = WorkQueue::from_env_values(Some("ami-share-work"), None).unwrap_err();
     assert!(error.contains("expected a queue URL"), "{error}");
 }
+
+#[test]
+fn a_copy_travels_in_its_sources_message_and_a_forged_one_on_its_own_terms() {
+    let mut images = listed(150);
+    // Among the oldest (January): in the last message, which has room; the copies are the newest.
+    let source = images[0].image_id.clone();
+    let copy = |id: &str, ec2_source: Option<&str>| ObservedImage {
+        image_id: id.into(),
+        region: REGION.into(),
+        created_by: crate::observed::CreatedBy::CopyImage,
+        creation_date: crate::time::Timestamp::parse("2026-12-31T00:00:00.000Z"),
+        source: ec2_source.map(|s| crate::observed::SourceImage {
+            image_id: s.into(),
+            region: Some(REGION.into()),
+        }),
+        tags: [
+            (
+                crate::markers::COPY_KIND,
+                crate::markers::CopyKind::Reencrypted.as_str(),
+            ),
+            (crate::markers::SOURCE_IMAGE, source.as_str()),
+            (crate::markers::SOURCE_REGION, REGION),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect(),
+        ..ObservedImage::default()
+    };
+    images.push(copy("ami-00000000000000c0f", Some(&source)));
+    // Marked as the source's copy, but EC2 records no such copy: an image of its own.
+    images.push(copy("ami-0000000000000f0e9", None));
+    assert_eq!(sweep::selection(images.clone()).left_to_source.len(), 1);
+    let items = sweep_items(REGION, images);
+    let home = items.iter().find(|i| i.images.contains(&source)).unwrap();
+    assert!(
+        home.images.contains(&"ami-00000000000000c0f".to_string()),
+        "{items:?}"
+    );
+    let all: Vec<&String> = items.iter().flat_map(|i| &i.images).collect();
+    assert_eq!(all.len(), 152);
+    // The forged one is ordered as an image of its own: the newest, in the first message.
+    assert!(
+        items[0]
+            .images
+            .contains(&"ami-0000000000000f0e9".to_string())
+    );
+}
