@@ -35,6 +35,9 @@ pub(super) struct KeyReadsOf {
     pub aliases: bool,
 }
 
+/// Held while one image of the run writes a key's policy.
+type KeyWriter = Arc<tokio::sync::Mutex<()>>;
+
 #[derive(Default)]
 pub(super) struct SharedReads {
     /// The account's snapshots by region, when a sweep listed them.
@@ -45,7 +48,7 @@ pub(super) struct SharedReads {
     keys: Mutex<BTreeMap<KeyReadsOf, Arc<OnceCell<KeyReads>>>>,
     /// One writer per key at a time within the run: images on one key planned together (against the
     /// same read) would otherwise each merge and write the same grantees.
-    key_writers: Mutex<BTreeMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
+    key_writers: Mutex<BTreeMap<(String, String), KeyWriter>>,
 }
 
 impl SharedReads {
@@ -107,7 +110,7 @@ impl SharedReads {
     }
 
     /// The lock of one key's writes in this run.
-    pub fn key_writer(&self, region: &str, arn: &str) -> Arc<tokio::sync::Mutex<()>> {
+    pub fn key_writer(&self, region: &str, arn: &str) -> KeyWriter {
         self.key_writers
             .lock()
             .unwrap()
