@@ -23,6 +23,7 @@
 //! dead-lettered like any other: a re-check cannot be lost without the alarm seeing it. A re-check that
 //! writes again sends another, at most [`MAX_KEY_RECHECKS`] in a row.
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -337,7 +338,8 @@ async fn consume_one<A: Aws>(
             ),
         }
     }
-    let mut wrote_keys = Vec::new();
+    let mut wrote_keys = BTreeSet::new();
+    let mut to_retry = Vec::new();
     let mut report = SweepReport::default();
     sweep::reconcile_images(
         reconciler,
@@ -346,15 +348,25 @@ async fn consume_one<A: Aws>(
         stop_at,
         &mut report,
         &mut |p| {
-            if let SweepProgress::Reconciled(outcome) | SweepProgress::Rechecked(outcome) = &p
-                && wrote_a_key(outcome)
-            {
-                wrote_keys.push(outcome.image_id.clone());
+            if let SweepProgress::Reconciled(outcome) | SweepProgress::Rechecked(outcome) = &p {
+                if wrote_a_key(outcome) {
+                    wrote_keys.insert(outcome.image_id.clone());
+                }
+                if outcome.is_incomplete() && outcome.retryable() {
+                    to_retry.push(format!("{}: {}", outcome.image_id, outcome.headline()));
+                }
             }
             progress(p)
         },
     )
     .await;
+    merge(&mut consumed.report, report.clone());
+    // An image a retry may still complete: the whole message comes back (what is done is not redone),
+    // and that delivery reads the keys afresh, so nothing is sent on. A failure no retry cures is
+    // logged as failed (the alarm counts it) and does not hold the message.
+    if !to_retry.is_empty() {
+        return Err(to_retry.join("; "));
+    }
     let mut messages = Vec::new();
     if !report.unstarted.is_empty() {
         messages.push(
@@ -373,27 +385,27 @@ async fn consume_one<A: Aws>(
         WorkReason::KeyRecheck => item.recheck,
         WorkReason::Sweep => 0,
     };
-    if !wrote_keys.is_empty() {
-        match key_recheck(region, wrote_keys.clone(), recheck) {
+    let wrote_keys: Vec<String> = wrote_keys.into_iter().collect();
+    for images in wrote_keys.chunks(IMAGES_PER_MESSAGE) {
+        match key_recheck(region, images.to_vec(), recheck) {
             Some(again) => messages.push(again.message(queue.key_recheck_delay)),
-            None => report.incomplete.push(format!(
-                "{}: the key policy lost ami-share's grantees again at each of {MAX_KEY_RECHECKS} re-checks: another writer keeps replacing it (README, \"Encrypted AMIs\")",
-                wrote_keys.join(", ")
-            )),
+            None => {
+                let why = format!(
+                    "{}: the key policy lost ami-share's grantees again at each of {MAX_KEY_RECHECKS} re-checks: another writer keeps replacing it (README, \"Encrypted AMIs\")",
+                    images.join(", ")
+                );
+                tracing::error!(outcome = "failed", region, "{why}");
+                return Err(why);
+            }
         }
     }
-    let incomplete = report.incomplete.clone();
-    merge(&mut consumed.report, report);
     if !messages.is_empty() {
         aws.send_messages(&queue.url, &messages)
             .await
             .map_err(|e| format!("could not send on what is left: {e}"))?;
         consumed.sent += messages.len();
     }
-    match incomplete.is_empty() {
-        true => Ok(()),
-        false => Err(incomplete.join("; ")),
-    }
+    Ok(())
 }
 
 /// Adds one message's report to the invocation's.

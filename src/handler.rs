@@ -306,16 +306,23 @@ impl<A: Aws> Handler<A> {
             ));
         }
         let region = event.image.region.as_deref()?;
-        if region == self.home_region || self.event_regions.iter().any(|r| r == region) {
+        if self.serves(region) {
             return None;
         }
-        let served: Vec<&str> = std::iter::once(self.home_region.as_str())
-            .chain(self.event_regions.iter().map(String::as_str))
-            .collect();
         Some(format!(
             "an event of {region}: this stack serves {} (its own region and ForwardedEventRegions); deploy ami-share in {region}, or add it to ForwardedEventRegions",
-            served.join(", ")
+            self.served_regions().join(", ")
         ))
+    }
+
+    fn serves(&self, region: &str) -> bool {
+        region == self.home_region || self.event_regions.iter().any(|r| r == region)
+    }
+
+    fn served_regions(&self) -> Vec<&str> {
+        std::iter::once(self.home_region.as_str())
+            .chain(self.event_regions.iter().map(String::as_str))
+            .collect()
     }
 
     fn reconciler(&self) -> Reconciler<'_, A> {
@@ -369,6 +376,23 @@ impl<A: Aws> Handler<A> {
                 problem: "work queue messages, but this function has no work queue (AMI_SHARE_WORK_QUEUE_URL)".into(),
             }));
         };
+        // A message of a region this stack does not serve is refused like an event of one (only the
+        // function's role should send here, but anyone IAM lets send must not widen what it serves).
+        let records: Vec<WorkRecord> = records
+            .into_iter()
+            .map(|mut record| {
+                if let Ok(item) = &record.item
+                    && !self.serves(&item.region)
+                {
+                    record.item = Err(format!(
+                        "a work message for {}, which this stack does not serve ({}): expected one of its regions",
+                        item.region,
+                        self.served_regions().join(", ")
+                    ));
+                }
+                record
+            })
+            .collect();
         let mut counts = Counts::default();
         let consumed = fanout::consume(
             &self.reconciler(),

@@ -26,8 +26,9 @@ pub enum Action {
         /// Every grantee the image needs: apply merges them into a fresh read of the policy.
         #[serde(skip)]
         grantees: KeyGrantees,
-        /// The policy as merged into the one planning read: what the plan previews. (Apply writes a merge
-        /// into a policy read just before, in case it changed meanwhile.)
+        /// The policy as merged into the planning read: what the plan previews, and what the event path
+        /// writes (its planning read is made in the round just before). A sweep, whose read of a key
+        /// serves all its images, merges into a fresh read instead.
         #[serde(skip)]
         policy: String,
     },

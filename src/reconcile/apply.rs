@@ -27,6 +27,12 @@ impl<A: Aws> Reconciler<'_, A> {
                 Action::AddLaunchPermissions { .. } | Action::AddCreateVolumePermission { .. }
             ) && patched.iter().any(|r| r == a.region())
         });
+        // Key policy writes first: each merges into a read made just before this phase, and should not
+        // wait behind other calls for a slot.
+        let (mut first, others): (Vec<Action>, Vec<Action>) = first
+            .into_iter()
+            .partition(|a| matches!(a, Action::PatchKeyPolicy { .. }));
+        first.extend(others);
         self.apply_phase(first, outcome).await;
         let key_failed: Vec<String> = outcome
             .not_done
@@ -539,6 +545,8 @@ impl<A: Aws> Reconciler<'_, A> {
             // Writers that keep overwriting each other (a burst of AMIs on one key) spread out: each
             // waits a random part of a window that doubles with each loss, then merges into a fresh read.
             tokio::time::sleep(jitter(KEY_WRITE_BACKOFF * 2u32.pow(writes - 1))).await;
+            let writer = self.shared.key_writer(region, key_arn);
+            let _one_writer = writer.lock().await;
             let current = self.aws.get_key_policy(region, key_arn).await?;
             let merged = match key_policy::merge(&current, grantees, &partition) {
                 // The other writer kept ours after all.

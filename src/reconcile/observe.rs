@@ -243,7 +243,11 @@ impl<A: Aws> Reconciler<'_, A> {
                         snapshot.encrypted = Some(facts.encrypted);
                         snapshot.kms_key_id = facts.kms_key_id;
                     }
-                    None => snapshot.tags = Some(Default::default()),
+                    // Not listed: what DescribeImages said of its key is not taken for the snapshot's word.
+                    None => {
+                        snapshot.tags = Some(Default::default());
+                        snapshot.kms_key_id = None;
+                    }
                 }
             }
         }
