@@ -105,10 +105,22 @@ impl<A: Aws> Reconciler<'_, A> {
         key: Option<&KeyRef>,
         copy_desired: &Desired,
     ) -> Result<ObservedCopies, AwsError> {
-        let found = self
-            .aws
-            .find_copies(region, &source.region, &source.image_id, kind)
-            .await?;
+        // A source made within the hour most likely has no copy yet: its copy's key is read beside the
+        // look for copies (one round trip less before CopyImage), and is unused if a copy turns up.
+        let fresh = source
+            .creation_date
+            .is_some_and(|made| Timestamp::now().secs() - made.secs() < FRESH_SOURCE_SECS);
+        let (found, early_key) = futures::join!(
+            self.aws
+                .find_copies(region, &source.region, &source.image_id, kind),
+            async {
+                match (fresh, key) {
+                    (true, Some(key)) => Some(self.aws.describe_key(region, key.as_str()).await),
+                    _ => None,
+                }
+            }
+        );
+        let found = found?;
         // Found by their marks, which anyone may write: only those EC2 records as copies of the source are
         // taken for its copies. The others are named, and left alone.
         let (mut copies, impostors): (Vec<ObservedImage>, Vec<ObservedImage>) = found
@@ -137,9 +149,10 @@ impl<A: Aws> Reconciler<'_, A> {
                 *copy = self.observe_image(copy.clone(), copy_desired).await?;
                 None
             }
-            None => match key {
-                Some(key) => Some(self.aws.describe_key(region, key.as_str()).await?),
-                None => None,
+            None => match (early_key, key) {
+                (Some(read), _) => Some(read?),
+                (None, Some(key)) => Some(self.aws.describe_key(region, key.as_str()).await?),
+                (None, None) => None,
             },
         };
         Ok(ObservedCopies {
@@ -459,6 +472,10 @@ impl<A: Aws> Reconciler<'_, A> {
         })
     }
 }
+
+/// How new a source must be (by its `CreationDate`) for its copies' keys to be read before knowing whether
+/// a copy exists.
+const FRESH_SOURCE_SECS: i64 = 3600;
 
 /// A read the function's role may be denied (the template scopes KMS reads to approved keys): `None`.
 pub(super) fn tolerate_denied<T>(result: Result<T, AwsError>) -> Result<Option<T>, AwsError> {
