@@ -11,7 +11,10 @@ use ami_share::handler::{Handler, Invocation};
 use lambda_runtime::{LambdaEvent, service_fn};
 use serde_json::Value;
 
-#[tokio::main]
+// One thread: the function waits on AWS, never on its CPU (at 128 MB, Lambda gives it a fraction of a
+// vCPU anyway), and every worker thread of a multi-threaded runtime costs memory of its own (its stack,
+// its malloc arena).
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_runtime::Error> {
     // What init spends its time on, logged at DEBUG (the benchmark's profile reads it).
     let started = std::time::Instant::now();

@@ -213,6 +213,8 @@ impl RuntimeApi {
 pub struct Function {
     child: Child,
     pub log: Arc<Mutex<Vec<String>>>,
+    /// The thread that reads stdout: done once the process closed it.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Function {
@@ -237,19 +239,27 @@ impl Function {
         let log = Arc::new(Mutex::new(Vec::new()));
         let stdout = child.stdout.take().unwrap();
         let lines = log.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 println!("function: {line}");
                 lines.lock().unwrap().push(line);
             }
         });
-        Self { child, log }
+        Self {
+            child,
+            log,
+            reader: Some(reader),
+        }
     }
 
     /// Waits for the process to exit (it must, within 30 s) and returns its exit code.
     pub fn wait_exit(&mut self) -> Option<i32> {
         for _ in 0..300 {
             if let Some(status) = self.child.try_wait().unwrap() {
+                // Every line it wrote, read before the log is looked at.
+                if let Some(reader) = self.reader.take() {
+                    reader.join().unwrap();
+                }
                 return status.code();
             }
             std::thread::sleep(Duration::from_millis(100));
