@@ -10,9 +10,11 @@
 //! image no rule selects, one owned by another account) succeed with the reason.
 //!
 //! A scheduled event ("Scheduled Event" from `aws.events`, the stack's optional `SweepSchedule`) sweeps
-//! the function's region: every AMI the account owns there, newest first, starting none after the
-//! deadline less [`SWEEP_MARGIN`]. It is never retried as a whole (the next schedule is the retry); each
-//! image that changed or failed gets its own summary record, the sweep one more.
+//! the function's region. With a work queue (the stack's `WorkQueue`), it only sends the region's AMIs
+//! there, and the queue's messages (an SQS event) are reconciled as they come, each answered for on its
+//! own ([`crate::fanout`]); without one, every AMI is reconciled in the invocation, newest first, starting
+//! none after the deadline less [`SWEEP_MARGIN`]. A sweep is never retried as a whole (the next schedule
+//! is the retry); each image that changed or failed gets its own summary record, the sweep one more.
 //!
 //! Each image event and each sweep also prints one CloudWatch EMF line of counters ([`crate::metrics`]).
 

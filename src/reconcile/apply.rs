@@ -474,19 +474,13 @@ impl<A: Aws> Reconciler<'_, A> {
         let writer = self.shared.key_writer(region, key_arn);
         let _one_writer = writer.lock().await;
         let current = self.aws.get_key_policy(region, key_arn).await?;
-        match key_policy::merge(&current, grantees, &partition) {
-            Ok(None) => Ok(()),
-            Ok(Some(merged)) => {
+        match self.merge_into(region, key_arn, &current, grantees, &partition)? {
+            None => Ok(()),
+            Some(merged) => {
                 self.aws
                     .put_key_policy(region, key_arn, &merged.policy)
                     .await
             }
-            Err(e) => Err(self.key_policy_error(
-                region,
-                key_arn,
-                format!("the key policy changed into one ami-share cannot merge into: {e}"),
-                false,
-            )),
         }
     }
 
@@ -507,20 +501,10 @@ impl<A: Aws> Reconciler<'_, A> {
         let mut writes = 1;
         loop {
             let current = self.aws.get_key_policy(region, key_arn).await?;
-            let merged = match key_policy::merge(&current, grantees, &partition) {
-                Ok(None) => {
-                    self.shared.note_policy_written(region, key_arn, &current);
-                    return Ok(());
-                }
-                Ok(Some(merged)) => merged,
-                Err(e) => {
-                    return Err(self.key_policy_error(
-                        region,
-                        key_arn,
-                        format!("the key policy changed into one ami-share cannot merge into: {e}"),
-                        false,
-                    ));
-                }
+            let Some(merged) = self.merge_into(region, key_arn, &current, grantees, &partition)?
+            else {
+                self.shared.note_policy_written(region, key_arn, &current);
+                return Ok(());
             };
             let lost = match merged.admitted.is_empty() {
                 true => "kms:ViaService limit".to_string(),
@@ -548,27 +532,36 @@ impl<A: Aws> Reconciler<'_, A> {
             let writer = self.shared.key_writer(region, key_arn);
             let _one_writer = writer.lock().await;
             let current = self.aws.get_key_policy(region, key_arn).await?;
-            let merged = match key_policy::merge(&current, grantees, &partition) {
-                // The other writer kept ours after all.
-                Ok(None) => {
-                    self.shared.note_policy_written(region, key_arn, &current);
-                    return Ok(());
-                }
-                Ok(Some(merged)) => merged,
-                Err(e) => {
-                    return Err(self.key_policy_error(
-                        region,
-                        key_arn,
-                        format!("the key policy changed into one ami-share cannot merge into: {e}"),
-                        false,
-                    ));
-                }
+            // None: the other writer kept ours after all.
+            let Some(merged) = self.merge_into(region, key_arn, &current, grantees, &partition)?
+            else {
+                self.shared.note_policy_written(region, key_arn, &current);
+                return Ok(());
             };
             self.aws
                 .put_key_policy(region, key_arn, &merged.policy)
                 .await?;
             writes += 1;
         }
+    }
+
+    /// `grantees` merged into `current`: `None` when it admits them already.
+    fn merge_into(
+        &self,
+        region: &str,
+        key_arn: &str,
+        current: &str,
+        grantees: &KeyGrantees,
+        partition: &str,
+    ) -> Result<Option<key_policy::Merged>, AwsError> {
+        key_policy::merge(current, grantees, partition).map_err(|e| {
+            self.key_policy_error(
+                region,
+                key_arn,
+                format!("the key policy changed into one ami-share cannot merge into: {e}"),
+                false,
+            )
+        })
     }
 
     fn key_partition(&self, region: &str, key_arn: &str) -> Result<String, AwsError> {
