@@ -363,7 +363,8 @@ async fn consume_one<A: Aws>(
     merge(&mut consumed.report, report.clone());
     // An image a retry may still complete: the whole message comes back (what is done is not redone),
     // and that delivery reads the keys afresh, so nothing is sent on. A failure no retry cures is
-    // logged as failed (the alarm counts it) and does not hold the message.
+    // logged as failed (the alarm counts it) and does not hold the message. (Re-checks that ran out, below,
+    // do hold it: the message goes on to the dead-letter queue, where a person looks at the key.)
     if !to_retry.is_empty() {
         return Err(to_retry.join("; "));
     }

@@ -4,8 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_sdk_ec2::types::{
-    self as ec2, Filter, ImageAttributeName, LaunchPermissionModifications, ResourceType,
-    TagSpecification,
+    self as ec2, ImageAttributeName, LaunchPermissionModifications, ResourceType, TagSpecification,
 };
 use aws_sdk_kms::types::KeyManagerType;
 
@@ -79,12 +78,7 @@ impl Aws for SdkAws {
                 .ec2(region)
                 .describe_images()
                 .owners("self")
-                .filters(
-                    Filter::builder()
-                        .name("image-id")
-                        .set_values(Some(ids.to_vec()))
-                        .build(),
-                )
+                .filters(filter("image-id", ids))
                 .into_paginator()
                 .items()
                 .send()
@@ -107,12 +101,7 @@ impl Aws for SdkAws {
                 .ec2(region)
                 .describe_snapshots()
                 .owner_ids("self")
-                .filters(
-                    Filter::builder()
-                        .name("snapshot-id")
-                        .set_values(Some(ids.to_vec()))
-                        .build(),
-                )
+                .filters(filter("snapshot-id", ids))
                 .into_paginator()
                 .items()
                 .send()
@@ -181,12 +170,7 @@ impl Aws for SdkAws {
             .ec2(region)
             .describe_images()
             .owners("self")
-            .filters(
-                Filter::builder()
-                    .name("block-device-mapping.snapshot-id")
-                    .set_values(Some(snapshot_ids.to_vec()))
-                    .build(),
-            )
+            .filters(filter("block-device-mapping.snapshot-id", snapshot_ids))
             .into_paginator()
             .items()
             .send()
@@ -312,12 +296,8 @@ impl Aws for SdkAws {
         source_image_id: &str,
         kind: CopyKind,
     ) -> Result<Vec<ObservedImage>, AwsError> {
-        let tag_filter = |key: &str, value: &str| {
-            Filter::builder()
-                .name(format!("tag:{key}"))
-                .values(value)
-                .build()
-        };
+        let tag_filter =
+            |key: &str, value: &str| filter(format!("tag:{key}"), &[value.to_string()]);
         let images: Vec<ec2::Image> = self
             .ec2(region)
             .describe_images()

@@ -17,6 +17,14 @@ pub(super) fn tags_of(tags: &[ec2::Tag]) -> Tags {
         .collect()
 }
 
+/// An EC2 Describe* filter: `name` equal to any of `values`.
+pub(super) fn filter(name: impl Into<String>, values: &[String]) -> ec2::Filter {
+    ec2::Filter::builder()
+        .name(name)
+        .set_values(Some(values.to_vec()))
+        .build()
+}
+
 pub(super) fn sdk_tags(tags: &Tags) -> Vec<ec2::Tag> {
     tags.iter()
         .map(|(k, v)| ec2::Tag::builder().key(k).value(v).build())
